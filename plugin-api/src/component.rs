@@ -1,0 +1,405 @@
+//! What a plugin author implements: plain traits with no-op defaults, and the [`Plugin`]
+//! builder that names them. Each is adapted to its FFI trait object here, with every call
+//! guarded by `catch_unwind` compiled into the plugin.
+
+use std::{
+    any::Any,
+    cell::RefCell,
+    panic::{self, AssertUnwindSafe},
+};
+
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RResult, RStr, RString, RVec},
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    abi::{
+        CleanerFfi, CleanerFfi_TO, Component, ComponentDesc, ComponentKind, HostBox,
+        HttpHandlerFfi, HttpHandlerFfi_TO, LifecycleFfi, LifecycleFfi_TO, Manifest,
+        MiddlewareFfi, MiddlewareFfi_TO, PluginError, PluginResult, WorkerInfo, API_VERSION,
+    },
+    http::{Flow, Request, Response},
+};
+
+/// The error a factory or a config helper returns.
+pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Answers HTTP requests on the routes that name it in `server.ron`.
+pub trait HttpHandler: 'static {
+    /// Fill `resp` for `req`. A panic here costs this request a 500 and recreates the instance.
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response);
+}
+
+/// Sees every request before its handler and every response after it.
+pub trait Middleware: 'static {
+    /// Before the handler. Return [`Flow::Respond`] to answer with `resp` now (e.g. a 401).
+    fn on_request(&mut self, req: &Request<'_>, resp: &mut Response) -> Flow {
+        let _ = (req, resp);
+        Flow::Continue
+    }
+    /// After the response was generated: may change its status, headers and body.
+    fn on_response(&mut self, req: &Request<'_>, resp: &mut Response) {
+        let _ = (req, resp);
+    }
+}
+
+/// Runs after every request on its worker, like LaravelS's cleaners.
+pub trait Cleaner: 'static {
+    /// Reset whatever per-request state the plugin keeps.
+    fn clean(&mut self);
+}
+
+/// Lifecycle hooks. Server hooks run once on the main thread; worker hooks on each worker.
+pub trait Lifecycle: 'static {
+    /// The server has started and is accepting.
+    fn on_server_start(&mut self) {}
+    /// The server is stopping.
+    fn on_server_stop(&mut self) {}
+    /// A worker created its instances.
+    fn on_worker_start(&mut self, worker: WorkerInfo) {
+        let _ = worker;
+    }
+    /// A worker is about to drop its instances (stop, or `max_request` recycling).
+    fn on_worker_stop(&mut self, worker: WorkerInfo) {
+        let _ = worker;
+    }
+    /// Plugin code on this worker panicked.
+    fn on_worker_error(&mut self, worker: WorkerInfo, error: &str) {
+        let _ = (worker, error);
+    }
+}
+
+/// The host handle an instance may keep. Cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Host {
+    ffi: HostBox,
+    worker: WorkerInfo,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("worker", &self.worker).finish()
+    }
+}
+
+impl Host {
+    /// The thread this instance lives on.
+    pub fn worker(&self) -> WorkerInfo {
+        self.worker
+    }
+
+    /// The id of the worker thread this instance lives on.
+    pub fn worker_id(&self) -> u32 {
+        self.worker.id
+    }
+
+    /// The `-x` version string given to `plughost start`, empty when none.
+    pub fn app_version(&self) -> String {
+        self.ffi.app_version().into()
+    }
+
+    /// An environment value: the process environment first, then the env file the host read.
+    pub fn env(&self, key: &str) -> Option<String> {
+        self.ffi.env(key.into()).into_option().map(Into::into)
+    }
+}
+
+/// What a factory gets: the component's name and config, and the host handle.
+#[derive(Debug)]
+pub struct Context<'a> {
+    name: &'a str,
+    config: &'a str,
+    host: &'a Host,
+}
+
+impl<'a> Context<'a> {
+    /// The component's name.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// The component's config from `server.ron`, as RON text (empty when none).
+    pub fn config_text(&self) -> &'a str {
+        self.config
+    }
+
+    /// The component's config deserialized into the plugin's own type; the type's default
+    /// when `server.ron` gives none.
+    pub fn config<T: DeserializeOwned + Default>(&self) -> Result<T, Error> {
+        if self.config.trim().is_empty() {
+            return Ok(T::default());
+        }
+        let value: ron::Value = ron::from_str(self.config)?;
+        Ok(value
+            .into_rust()
+            .map_err(|e| format!("config of component {:?}: {e}", self.name))?)
+    }
+
+    /// The host handle (keep a clone in the instance if it needs it later).
+    pub fn host(&self) -> &'a Host {
+        self.host
+    }
+
+    /// The id of the worker thread the instance is created on.
+    pub fn worker_id(&self) -> u32 {
+        self.host.worker_id()
+    }
+}
+
+type Factory = Box<dyn Fn(&Context<'_>) -> Result<Component, Error> + Send + Sync>;
+
+/// A plugin: its name, version and components. Build one in a function and pass that
+/// function to [`export_plugin!`](crate::export_plugin).
+pub struct Plugin {
+    name: String,
+    version: String,
+    components: Vec<(ComponentKind, String, Factory)>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("components", &self.manifest().components)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// A plugin with no components yet; pass `env!("CARGO_PKG_VERSION")` as the version.
+    pub fn new(name: &str, version: &str) -> Self {
+        Plugin {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            components: Vec::new(),
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn add(mut self, kind: ComponentKind, name: &str, factory: Factory) -> Self {
+        assert!(
+            !self.components.iter().any(|(k, n, _)| *k == kind && n == name),
+            "plugin {}: {kind} component {name:?} declared twice",
+            self.name
+        );
+        self.components.push((kind, name.to_owned(), factory));
+        self
+    }
+
+    /// Provides an HTTP handler named `name`, made by `factory` once per worker.
+    pub fn http<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: HttpHandler,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::HttpHandler,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::HttpHandler(HttpHandlerFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
+            }),
+        )
+    }
+
+    /// Provides a middleware named `name`.
+    pub fn middleware<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: Middleware,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::Middleware,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::Middleware(MiddlewareFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
+            }),
+        )
+    }
+
+    /// Provides a cleaner named `name`.
+    pub fn cleaner<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: Cleaner,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::Cleaner,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::Cleaner(CleanerFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
+            }),
+        )
+    }
+
+    /// Provides lifecycle hooks named `name`.
+    pub fn lifecycle<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: Lifecycle,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::Lifecycle,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::Lifecycle(LifecycleFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
+            }),
+        )
+    }
+
+    /// The manifest the host reads.
+    pub fn manifest(&self) -> Manifest {
+        Manifest {
+            name: self.name.as_str().into(),
+            version: self.version.as_str().into(),
+            api_version: API_VERSION.into(),
+            components: self
+                .components
+                .iter()
+                .map(|(kind, name, _)| ComponentDesc {
+                    kind: *kind,
+                    name: name.as_str().into(),
+                })
+                .collect::<RVec<_>>(),
+        }
+    }
+
+    /// Creates one instance; called by the generated root module, inside the panic guard.
+    pub fn instantiate(
+        &self,
+        kind: ComponentKind,
+        name: RStr<'_>,
+        config: RStr<'_>,
+        host: HostBox,
+        worker: WorkerInfo,
+    ) -> PluginResult<Component> {
+        let Some((_, _, factory)) = self
+            .components
+            .iter()
+            .find(|(k, n, _)| *k == kind && n == name.as_str())
+        else {
+            return RResult::RErr(PluginError::UnknownComponent(
+                format!("{kind} {:?} in plugin {}", name.as_str(), self.name).into(),
+            ));
+        };
+        let host = Host { ffi: host, worker };
+        let cx = Context {
+            name: name.as_str(),
+            config: config.as_str(),
+            host: &host,
+        };
+        match guard(|| factory(&cx)) {
+            RResult::ROk(Ok(component)) => RResult::ROk(component),
+            RResult::ROk(Err(e)) => RResult::RErr(PluginError::Failed(e.to_string().into())),
+            RResult::RErr(panic) => RResult::RErr(panic),
+        }
+    }
+}
+
+/// Wraps an author's component so every call into it is guarded.
+struct Guarded<T>(T);
+
+impl<T: HttpHandler> HttpHandlerFfi for Guarded<T> {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<()> {
+        guard(|| self.0.handle(req, resp))
+    }
+}
+
+impl<T: Middleware> MiddlewareFfi for Guarded<T> {
+    fn on_request(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<Flow> {
+        guard(|| self.0.on_request(req, resp))
+    }
+    fn on_response(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<()> {
+        guard(|| self.0.on_response(req, resp))
+    }
+}
+
+impl<T: Cleaner> CleanerFfi for Guarded<T> {
+    fn clean(&mut self) -> PluginResult<()> {
+        guard(|| self.0.clean())
+    }
+}
+
+impl<T: Lifecycle> LifecycleFfi for Guarded<T> {
+    fn on_server_start(&mut self) -> PluginResult<()> {
+        guard(|| self.0.on_server_start())
+    }
+    fn on_server_stop(&mut self) -> PluginResult<()> {
+        guard(|| self.0.on_server_stop())
+    }
+    fn on_worker_start(&mut self, worker: WorkerInfo) -> PluginResult<()> {
+        guard(|| self.0.on_worker_start(worker))
+    }
+    fn on_worker_stop(&mut self, worker: WorkerInfo) -> PluginResult<()> {
+        guard(|| self.0.on_worker_stop(worker))
+    }
+    fn on_worker_error(&mut self, worker: WorkerInfo, error: RStr<'_>) -> PluginResult<()> {
+        guard(|| self.0.on_worker_error(worker, error.as_str()))
+    }
+}
+
+thread_local! {
+    /// The message and location of the last panic on this thread, set by the plugin's hook.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs this plugin's panic hook: it records the message and location for [`guard`]
+/// instead of printing, since the host logs the panic with the plugin's name.
+pub(crate) fn install_panic_hook() {
+    panic::set_hook(Box::new(|info| {
+        let msg = payload_message(info.payload());
+        let text = match info.location() {
+            Some(loc) => format!("{msg} at {}:{}:{}", loc.file(), loc.line(), loc.column()),
+            None => msg,
+        };
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+    }));
+}
+
+fn payload_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Runs plugin code, turning a panic into [`PluginError::Panic`] before it can reach an
+/// `extern "C"` frame (where abi_stable would abort the process).
+pub fn guard<R>(f: impl FnOnce() -> R) -> PluginResult<R> {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => RResult::ROk(r),
+        Err(payload) => {
+            let msg = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_else(|| payload_message(&*payload));
+            // Dropping a payload can itself panic; never let that unwind.
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(payload)));
+            RResult::RErr(PluginError::Panic(RString::from(msg)))
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! hello: the first plugin. An HTTP handler that greets, with a per-instance counter that
+//! shows which worker thread answered.
+//!
+//! Enable it in `server.ron`:
+//!
+//! ```ron
+//! plugins: { "hello": (path: "../target/debug/libhello.so", config: { "hello": (greeting: "hello") }) },
+//! routes: [
+//!     (path: "/hello", handler: "hello.hello"),
+//!     (path: "/hello/{name}", handler: "hello.hello"),
+//! ],
+//! ```
+//!
+//! Try it: `curl localhost:5200/hello` and `curl localhost:5200/hello/ada`. The
+//! `x-worker` and `x-served` headers say which worker answered and how many requests that
+//! worker's instance has served.
+
+use std::io::Write;
+
+use plughost_plugin_api::prelude::*;
+use serde::Deserialize;
+
+/// The component's config in `server.ron`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct Config {
+    /// The word before the name.
+    greeting: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            greeting: "hello".into(),
+        }
+    }
+}
+
+struct Hello {
+    greeting: String,
+    /// Requests this instance served: one instance per worker, so no lock.
+    served: u64,
+}
+
+impl HttpHandler for Hello {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
+        self.served += 1;
+        resp.set_header("content-type", "text/plain; charset=utf-8")
+            .header("x-worker", itoa(req.worker_id as u64).as_str())
+            .header("x-served", itoa(self.served).as_str());
+        let _ = match req.param("name") {
+            Some(name) => writeln!(resp, "{}, {name}!", self.greeting),
+            None => writeln!(resp, "{} from plughost", self.greeting),
+        };
+    }
+}
+
+/// Formats a number into a stack buffer (the hot path stays free of allocation).
+fn itoa(mut n: u64) -> Digits {
+    let mut d = Digits {
+        buf: [0; 20],
+        start: 20,
+    };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return d;
+        }
+    }
+}
+
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
+    }
+}
+
+fn plugin() -> Plugin {
+    Plugin::new("hello", env!("CARGO_PKG_VERSION")).http("hello", |cx| {
+        let config: Config = cx.config()?;
+        log::debug!("hello instance created on worker {}", cx.worker_id());
+        Ok(Hello {
+            greeting: config.greeting,
+            served: 0,
+        })
+    })
+}
+
+export_plugin!(plugin);
