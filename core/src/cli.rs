@@ -1,0 +1,333 @@
+//! `plughost start|stop|restart|reload|info|help`, with LaravelS's flags.
+
+use std::{
+    io::{Read, Write},
+    os::fd::{FromRawFd, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{log_level, Config, Loaded},
+    control,
+    error::StartError,
+    logging, pidfile,
+    server::{self, Options},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plughost",
+    version,
+    about = "An application server for Rust plugins shipped as .so files",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the server.
+    Start(StartArgs),
+    /// Stop a running server gracefully (SIGTERM), waiting for it to exit.
+    Stop(Common),
+    /// Stop the running server if there is one, then start.
+    Restart(StartArgs),
+    /// Ask a running server to reload its plugins (SIGUSR1).
+    Reload(Common),
+    /// Show what a running server is doing.
+    Info(Common),
+}
+
+#[derive(Debug, Args, Clone)]
+struct Common {
+    /// The config file.
+    #[arg(short, long, default_value = "config/server.ron")]
+    config: PathBuf,
+    /// Environment: loads server.ENV.ron beside the config when it exists.
+    #[arg(short, long)]
+    env: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+struct StartArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Run in the background; logs go to log.file (default RUNTIME_DIR/plughost.log).
+    #[arg(short, long)]
+    daemonize: bool,
+    /// Ignore an existing pid file.
+    #[arg(short, long)]
+    ignore: bool,
+    /// A version string for your application, readable by plugins.
+    #[arg(short = 'x', long = "x-version", value_name = "VERSION")]
+    x_version: Option<String>,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Start(args) => start(&args),
+        Command::Stop(c) => match load(&c) {
+            Ok(l) => stop(&l, true),
+            Err(code) => code,
+        },
+        Command::Restart(args) => match load(&args.common) {
+            Ok(l) => {
+                let code = stop(&l, false);
+                if code != 0 {
+                    return code;
+                }
+                start(&args)
+            }
+            Err(code) => code,
+        },
+        Command::Reload(c) => match load(&c) {
+            Ok(l) => reload(&l),
+            Err(code) => code,
+        },
+        Command::Info(c) => match load(&c) {
+            Ok(l) => info(&l),
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(c: &Common) -> Result<Loaded, i32> {
+    Config::load(&c.config, c.env.as_deref()).map_err(|e| {
+        eprintln!("plughost: {e}");
+        2
+    })
+}
+
+fn start(args: &StartArgs) -> i32 {
+    let loaded = match load(&args.common) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let config = &loaded.config;
+    let level = log_level(&config.log.level).expect("validated");
+    let log_file = match (&config.log.file, args.daemonize) {
+        (Some(f), _) => Some(f.clone()),
+        (None, true) => Some(config.runtime_dir.join("plughost.log")),
+        (None, false) => None,
+    };
+    if let Err(e) = logging::init(level, log_file.as_deref()) {
+        eprintln!("plughost: cannot open the log file: {e}");
+        return 1;
+    }
+    let report = |e: &StartError| {
+        log::error!("{e}");
+        if log_file.is_some() {
+            // The log goes to a file; say it on the terminal too.
+            eprintln!("plughost: {e}");
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&config.runtime_dir) {
+        report(&StartError::Io {
+            what: format!("cannot create the runtime folder {}", config.runtime_dir.display()),
+            source: e,
+        });
+        return 1;
+    }
+    let pid_path = pidfile::path(&config.runtime_dir);
+    if !args.ignore {
+        if let Some(pid) = pidfile::read(&pid_path) {
+            if pid != std::process::id() as i32 && pidfile::alive(pid) {
+                report(&StartError::AlreadyRunning {
+                    pid,
+                    pidfile: pid_path,
+                });
+                return 1;
+            }
+            log::warn!(
+                "replacing stale pid file {} (pid {pid} is not running)",
+                pid_path.display()
+            );
+        }
+    }
+    let notify = if args.daemonize {
+        match daemonize() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                report(&StartError::Io {
+                    what: "cannot daemonize".into(),
+                    source: e,
+                });
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
+    let mut notify = notify.map(std::fs::File::from);
+    if let Err(e) = pidfile::write(&pid_path) {
+        let e = StartError::Io {
+            what: format!("cannot write the pid file {}", pid_path.display()),
+            source: e,
+        };
+        report(&e);
+        if let Some(n) = notify.as_mut() {
+            let _ = writeln!(n, "{e}");
+        }
+        return 1;
+    }
+    let options = Options {
+        app_version: args.x_version.clone().unwrap_or_default(),
+    };
+    let result = server::run(loaded.clone(), options, |addr| {
+        if let Some(mut n) = notify.take() {
+            let _ = writeln!(n, "ok plughost started in the background: listening on http://{addr}, pid {}", std::process::id());
+        }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            pidfile::remove(&pid_path);
+            report(&e);
+            if let Some(n) = notify.as_mut() {
+                let _ = writeln!(n, "{e}");
+            }
+            1
+        }
+    }
+}
+
+/// Forks into the background. The parent waits for the child to say it is serving (or why
+/// not), prints that, and exits; the child returns the pipe to say it on.
+fn daemonize() -> std::io::Result<OwnedFd> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned here.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet (start forks before spawning any).
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            drop(read);
+            // SAFETY: plain syscalls on our own process and descriptors.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                    if null > 2 {
+                        libc::close(null);
+                    }
+                }
+            }
+            Ok(write)
+        }
+        _ => {
+            drop(write);
+            let mut answer = String::new();
+            let _ = std::fs::File::from(read).read_to_string(&mut answer);
+            let answer = answer.trim();
+            match answer.strip_prefix("ok ") {
+                Some(msg) => {
+                    println!("{msg}");
+                    std::process::exit(0)
+                }
+                None if answer.is_empty() => {
+                    eprintln!("plughost: the background server exited during start; see its log");
+                    std::process::exit(1)
+                }
+                None => {
+                    eprintln!("plughost: {answer}");
+                    std::process::exit(1)
+                }
+            }
+        }
+    }
+}
+
+/// The pid of the running server, or a message why there is none.
+fn running(l: &Loaded) -> Result<i32, String> {
+    let path = pidfile::path(&l.config.runtime_dir);
+    match pidfile::read(&path) {
+        Some(pid) if pidfile::alive(pid) => Ok(pid),
+        Some(pid) => Err(format!(
+            "plughost is not running (stale pid file {} names pid {pid})",
+            path.display()
+        )),
+        None => Err(format!(
+            "plughost is not running (no pid file at {})",
+            path.display()
+        )),
+    }
+}
+
+fn stop(l: &Loaded, must_run: bool) -> i32 {
+    let pid = match running(l) {
+        Ok(pid) => pid,
+        Err(msg) if must_run => {
+            eprintln!("{msg}");
+            return 1;
+        }
+        Err(_) => return 0,
+    };
+    if let Err(e) = pidfile::signal(pid, libc::SIGTERM) {
+        eprintln!("plughost: cannot signal pid {pid}: {e}");
+        return 1;
+    }
+    let patience = Duration::from_secs(l.config.max_wait_time + 10);
+    let started = Instant::now();
+    while pidfile::alive(pid) {
+        if started.elapsed() > patience {
+            eprintln!(
+                "plughost: pid {pid} is still running {}s after SIGTERM",
+                patience.as_secs()
+            );
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("plughost stopped (pid {pid})");
+    0
+}
+
+fn reload(l: &Loaded) -> i32 {
+    match running(l) {
+        Ok(pid) => match pidfile::signal(pid, libc::SIGUSR1) {
+            Ok(()) => {
+                println!("asked plughost (pid {pid}) to reload");
+                0
+            }
+            Err(e) => {
+                eprintln!("plughost: cannot signal pid {pid}: {e}");
+                1
+            }
+        },
+        Err(msg) => {
+            eprintln!("{msg}");
+            1
+        }
+    }
+}
+
+fn info(l: &Loaded) -> i32 {
+    let socket = control::socket_path(&l.config.runtime_dir);
+    match control::ask(&socket, "info") {
+        Ok(answer) => {
+            print!("{answer}");
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "plughost is not running or not answering (control socket {}: {e})",
+                socket.display()
+            );
+            1
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! `server.ron`: the one config file. Parsed with serde + ron into structs with defaults, then
+//! validated; every error names the file, and where it can the line, column and key path.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The whole config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP listener; port 0 picks a free port.
+    pub listen: String,
+    /// HTTP worker threads; 0 = one per core.
+    pub worker_num: usize,
+    /// After this many requests a worker recreates its plugin instances; 0 = never.
+    pub max_request: u64,
+    /// Seconds a graceful stop waits for in-flight requests.
+    pub max_wait_time: u64,
+    /// Folder for the pid file, the control socket and the copies of loaded plugins.
+    pub runtime_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+    /// HTTP limits.
+    pub limits: Limits,
+    /// A `KEY=value` file whose values plugins read through the host API (after the process
+    /// environment).
+    pub env_file: Option<PathBuf>,
+    /// Plugins by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Routes, matched exact first, then in order.
+    pub routes: Vec<RouteConfig>,
+    /// Middleware components, in order.
+    pub middleware: Vec<String>,
+    /// Cleaner components, run after every request.
+    pub cleaners: Vec<String>,
+    /// Lifecycle hook components.
+    pub hooks: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:5200".into(),
+            worker_num: 0,
+            max_request: 0,
+            max_wait_time: 5,
+            runtime_dir: "run".into(),
+            log: LogConfig::default(),
+            limits: Limits::default(),
+            env_file: None,
+            plugins: BTreeMap::new(),
+            routes: Vec::new(),
+            middleware: Vec::new(),
+            cleaners: Vec::new(),
+            hooks: Vec::new(),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub level: String,
+    /// Log to this file instead of stderr (always used with `-d`).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+/// HTTP limits.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request head (request line + headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header lines; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body; larger gets 413.
+    pub max_body_bytes: usize,
+    /// A head not complete this long after its first byte gets 408.
+    pub header_read_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 8192,
+            max_headers: 64,
+            max_body_bytes: 1 << 20,
+            header_read_timeout_ms: 10_000,
+            keepalive_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// One plugin.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The `.so` file.
+    pub path: PathBuf,
+    /// Loaded only when true.
+    #[serde(default = "yes")]
+    pub enable: bool,
+    /// Per-component config, by component name, handed to the plugin as RON.
+    #[serde(default)]
+    pub config: BTreeMap<String, ron::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `/exact`, `/with/{param}`, or `/prefix/*`.
+    pub path: String,
+    /// `plugin.component` of an HTTP handler.
+    pub handler: String,
+    /// Allowed methods; empty = any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// A `plugin.component` reference, split.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComponentRef {
+    /// The plugin's name in `plugins`.
+    pub plugin: String,
+    /// The component's name inside the plugin.
+    pub component: String,
+}
+
+impl ComponentRef {
+    /// Parses `plugin.component`.
+    pub fn parse(s: &str) -> Option<ComponentRef> {
+        let (plugin, component) = s.split_once('.')?;
+        (!plugin.is_empty() && !component.is_empty()).then(|| ComponentRef {
+            plugin: plugin.to_owned(),
+            component: component.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for ComponentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.plugin, self.component)
+    }
+}
+
+/// A config as loaded: the values, and where they came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The parsed, validated config with every path made absolute.
+    pub config: Config,
+    /// The file it was read from (absolute).
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// Reads `path`, or `server.ENV.ron` beside it when `env` is given and that file exists.
+    pub fn load(path: &Path, env: Option<&str>) -> Result<Loaded, ConfigError> {
+        let path = match env {
+            Some(env) => {
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("server");
+                let candidate = path.with_file_name(format!("{stem}.{env}.ron"));
+                if candidate.exists() {
+                    candidate
+                } else {
+                    path.to_path_buf()
+                }
+            }
+            None => path.to_path_buf(),
+        };
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config = Config::parse(&text, &path)?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        Ok(Loaded {
+            config: config.resolve_paths(base),
+            path,
+        })
+    }
+
+    /// Parses and validates config text; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let options = ron::Options::default();
+        let config: Config = match options.from_str(text) {
+            Ok(c) => c,
+            Err(err) => {
+                // A second pass with serde_path_to_error finds the key path of the error.
+                let key = ron::Deserializer::from_str(text)
+                    .ok()
+                    .and_then(|mut de| {
+                        serde_path_to_error::deserialize::<_, Config>(&mut de)
+                            .err()
+                            .map(|e| e.path().to_string())
+                    })
+                    .filter(|k| k != "." && !k.is_empty());
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    line: err.position.line,
+                    column: err.position.col,
+                    key,
+                    message: err.code.to_string(),
+                });
+            }
+        };
+        config.validate(text, path)
+    }
+
+    /// Checks what serde cannot: values in range and references that resolve.
+    pub fn validate(self, text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: String, needle: &str, message: String| {
+            let (line, column) = locate(text, needle);
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "listen".into(),
+                &self.listen,
+                format!("{:?} is not an address such as \"127.0.0.1:5200\"", self.listen),
+            ));
+        }
+        if log_level(&self.log.level).is_none() {
+            return Err(invalid(
+                "log.level".into(),
+                &self.log.level,
+                format!(
+                    "{:?} is not one of off, error, warn, info, debug, trace",
+                    self.log.level
+                ),
+            ));
+        }
+        let l = &self.limits;
+        for (key, value, min) in [
+            ("limits.max_header_bytes", l.max_header_bytes as u64, 256),
+            ("limits.max_headers", l.max_headers as u64, 1),
+            ("limits.header_read_timeout_ms", l.header_read_timeout_ms, 1),
+            ("limits.keepalive_timeout_ms", l.keepalive_timeout_ms, 1),
+        ] {
+            if value < min {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                return Err(invalid(key.into(), name, format!("must be at least {min}")));
+            }
+        }
+        let check_ref = |key: String, s: &str| -> Result<ComponentRef, ConfigError> {
+            let Some(r) = ComponentRef::parse(s) else {
+                return Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} is not a component reference \"plugin.component\""),
+                ));
+            };
+            match self.plugins.get(&r.plugin) {
+                None => Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} names plugin {:?}, which is not in plugins", r.plugin),
+                )),
+                Some(p) if !p.enable => Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} names plugin {:?}, which is not enabled", r.plugin),
+                )),
+                Some(_) => Ok(r),
+            }
+        };
+        for (i, route) in self.routes.iter().enumerate() {
+            check_ref(format!("routes[{i}].handler"), &route.handler)?;
+            if let Err(why) = crate::router::check_pattern(&route.path) {
+                return Err(invalid(format!("routes[{i}].path"), &route.path, why));
+            }
+            for m in &route.methods {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(invalid(
+                        format!("routes[{i}].methods"),
+                        m,
+                        format!("{m:?} is not a method such as \"GET\""),
+                    ));
+                }
+            }
+        }
+        for (list, name) in [
+            (&self.middleware, "middleware"),
+            (&self.cleaners, "cleaners"),
+            (&self.hooks, "hooks"),
+        ] {
+            for (i, s) in list.iter().enumerate() {
+                check_ref(format!("{name}[{i}]"), s)?;
+            }
+        }
+        Ok(self)
+    }
+
+    fn resolve_paths(mut self, base: &Path) -> Config {
+        let abs = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        self.runtime_dir = abs(&self.runtime_dir);
+        self.log.file = self.log.file.as_deref().map(abs);
+        self.env_file = self.env_file.as_deref().map(abs);
+        for p in self.plugins.values_mut() {
+            p.path = abs(&p.path);
+        }
+        self
+    }
+
+    /// The number of worker threads to run.
+    pub fn workers(&self) -> usize {
+        if self.worker_num == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.worker_num
+        }
+    }
+
+    /// The enabled plugins.
+    pub fn enabled_plugins(&self) -> impl Iterator<Item = (&String, &PluginConfig)> {
+        self.plugins.iter().filter(|(_, p)| p.enable)
+    }
+
+    /// The RON text of a component's config, empty when it has none.
+    pub fn component_config(&self, r: &ComponentRef) -> String {
+        self.plugins
+            .get(&r.plugin)
+            .and_then(|p| p.config.get(&r.component))
+            .and_then(|v| ron::to_string(v).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The `log` filter for a level name.
+pub fn log_level(s: &str) -> Option<log::LevelFilter> {
+    s.parse().ok()
+}
+
+/// Line and column (1-based) of the first quoted occurrence of `needle`, else of its bare
+/// occurrence, else 0:0.
+fn locate(text: &str, needle: &str) -> (usize, usize) {
+    let quoted = format!("\"{needle}\"");
+    let at = text.find(&quoted).or_else(|| text.find(needle));
+    match at {
+        Some(i) => {
+            let before = &text[..i];
+            let line = before.matches('\n').count() + 1;
+            let column = i - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            (line, column)
+        }
+        None => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("server.ron"))
+    }
+
+    const PLUGIN: &str = r#"plugins: { "hello": (path: "libhello.so") },"#;
+
+    #[test]
+    fn empty_config_takes_defaults() {
+        assert_eq!(parse("()").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_column() {
+        let err = parse("(\n  listen: \"127.0.0.1:1\",\n  worker_num: ,\n)").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("server.ron:3:"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("(\n  limits: (max_body: 3),\n)").unwrap_err().to_string();
+        assert!(err.contains("server.ron:2:"), "{err}");
+        assert!(err.contains("max_body"), "{err}");
+        assert!(err.contains("limits"), "{err}");
+    }
+
+    #[test]
+    fn route_to_unknown_plugin_is_rejected() {
+        let err = parse(&format!(
+            "({PLUGIN}\n routes: [(path: \"/x\", handler: \"nope.x\")])"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("routes[0].handler"), "{err}");
+        assert!(err.contains("nope"), "{err}");
+        assert!(err.contains("server.ron:2:"), "{err}");
+    }
+
+    #[test]
+    fn disabled_plugin_cannot_be_referenced() {
+        let err = parse(
+            r#"(plugins: { "hello": (path: "x.so", enable: false) }, middleware: ["hello.m"])"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not enabled"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_and_level_are_rejected() {
+        assert!(parse(r#"(listen: "nowhere")"#).is_err());
+        assert!(parse(r#"(log: (level: "loud"))"#).is_err());
+    }
+
+    #[test]
+    fn zero_max_headers_is_rejected() {
+        let err = parse("(limits: (max_headers: 0))").unwrap_err().to_string();
+        assert!(err.contains("limits.max_headers"), "{err}");
+    }
+
+    #[test]
+    fn bad_route_pattern_is_rejected() {
+        let err = parse(&format!(
+            "({PLUGIN} routes: [(path: \"no-slash\", handler: \"hello.h\")])"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("routes[0].path"), "{err}");
+    }
+
+    #[test]
+    fn component_config_round_trips_as_ron() {
+        let c = parse(
+            r#"(plugins: { "hello": (path: "x.so", config: { "hello": (greeting: "hi", n: 3) }) })"#,
+        )
+        .unwrap();
+        let text = c.component_config(&ComponentRef::parse("hello.hello").unwrap());
+        let v: ron::Value = ron::from_str(&text).unwrap();
+        #[derive(Deserialize)]
+        struct G {
+            greeting: String,
+            n: u32,
+        }
+        let g: G = v.into_rust().unwrap();
+        assert_eq!((g.greeting.as_str(), g.n), ("hi", 3));
+    }
+
+    #[test]
+    fn env_file_is_preferred() {
+        let dir = std::env::temp_dir().join(format!("plughost-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("server.ron"), "(worker_num: 1)").unwrap();
+        std::fs::write(dir.join("server.prod.ron"), "(worker_num: 7)").unwrap();
+        let base = Config::load(&dir.join("server.ron"), Some("prod")).unwrap();
+        assert_eq!(base.config.worker_num, 7);
+        let other = Config::load(&dir.join("server.ron"), Some("dev")).unwrap();
+        assert_eq!(other.config.worker_num, 1);
+        assert!(other.config.runtime_dir.starts_with(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,97 @@
+//! The control socket in the runtime folder (mode 0600): `plughost info` asks the running
+//! server over it.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use crate::server::State;
+
+/// The socket's path in a runtime folder.
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("plughost.sock")
+}
+
+/// Listens on `path` and answers commands on a thread of its own.
+pub fn serve(path: &Path, state: Arc<State>) -> std::io::Result<thread::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                let mut reader = BufReader::new(&stream);
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let answer = match line.trim() {
+                    "info" => info(&state),
+                    other => format!("unknown command {other:?}; known: info\n"),
+                };
+                let _ = (&stream).write_all(answer.as_bytes());
+            }
+        })
+}
+
+/// Sends `command` to the server behind `path` and returns its answer.
+pub fn ask(path: &Path, command: &str) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn info(state: &State) -> String {
+    let stats = &state.stats;
+    let registry = state.registry.read().map(|r| r.clone()).ok();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "plughost {} (plugin-api {})",
+        env!("CARGO_PKG_VERSION"),
+        plughost_plugin_api::API_VERSION
+    );
+    let _ = writeln!(
+        s,
+        "app version: {}",
+        if state.app_version.is_empty() { "-" } else { &state.app_version }
+    );
+    let _ = writeln!(s, "pid: {}", std::process::id());
+    let _ = writeln!(s, "config: {}", state.config_path.display());
+    let _ = writeln!(s, "listen: http://{}", state.listen);
+    let _ = writeln!(s, "workers: {}", state.workers);
+    let _ = writeln!(s, "uptime: {}s", stats.started.elapsed().as_secs());
+    let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));
+    let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
+    let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
+    let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
+    if let Some(registry) = registry {
+        let _ = writeln!(s, "plugins:");
+        for (name, lib) in &registry.libraries {
+            let _ = writeln!(
+                s,
+                "  {name} {} (plugin-api {}) {}",
+                lib.manifest.version, lib.manifest.api_version,
+                lib.path.display()
+            );
+            for c in lib.manifest.components.iter() {
+                let _ = writeln!(s, "    {} {}", c.kind, c.name);
+            }
+        }
+        let (count, bytes) = registry.held();
+        let _ = writeln!(s, "libraries held: {count} ({} kB)", bytes / 1024);
+    }
+    s
+}

@@ -1,0 +1,102 @@
+//! The host API plugins call: logging, the `-x` version string, env values. One value shared
+//! by every instance; callable from any thread.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RArc, ROption, RStr, RString},
+};
+use plughost_plugin_api::abi::{HostBox, HostFfi, HostFfi_TO, LogLevel};
+
+/// What the host offers plugins.
+#[derive(Debug, Clone)]
+pub struct Host {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    app_version: String,
+    env_file: HashMap<String, String>,
+}
+
+impl Host {
+    /// A host with the `-x` version string and the values of an env file, if any.
+    pub fn new(app_version: String, env_file: Option<&Path>) -> Host {
+        let env_file = env_file.map(read_env_file).unwrap_or_default();
+        Host {
+            inner: Arc::new(Shared {
+                app_version,
+                env_file,
+            }),
+        }
+    }
+
+    /// The handle given to plugins.
+    pub fn boxed(&self) -> HostBox {
+        HostFfi_TO::from_ptr(RArc::new(self.clone()), TD_Opaque)
+    }
+}
+
+/// Reads `KEY=value` lines; `#` comments and blank lines are skipped, quotes are stripped.
+fn read_env_file(path: &Path) -> HashMap<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| {
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
+                (k.trim().to_owned(), v.to_owned())
+            })
+            .collect(),
+        Err(e) => {
+            log::warn!("cannot read env file {}: {e}", path.display());
+            HashMap::new()
+        }
+    }
+}
+
+fn level(l: LogLevel) -> log::Level {
+    match l {
+        0 | 1 => log::Level::Error,
+        2 => log::Level::Warn,
+        3 => log::Level::Info,
+        4 => log::Level::Debug,
+        _ => log::Level::Trace,
+    }
+}
+
+impl HostFfi for Host {
+    fn log(&self, l: LogLevel, target: RStr<'_>, message: RStr<'_>) {
+        log::logger().log(
+            &log::Record::builder()
+                .level(level(l))
+                .target(target.as_str())
+                .args(format_args!("{}", message.as_str()))
+                .build(),
+        );
+    }
+
+    fn max_level(&self) -> LogLevel {
+        log::max_level() as usize as LogLevel
+    }
+
+    fn app_version(&self) -> RString {
+        self.inner.app_version.as_str().into()
+    }
+
+    fn env(&self, key: RStr<'_>) -> ROption<RString> {
+        std::env::var(key.as_str())
+            .ok()
+            .or_else(|| self.inner.env_file.get(key.as_str()).cloned())
+            .map(RString::from)
+            .into()
+    }
+}

@@ -1,0 +1,46 @@
+//! The pid file in the runtime folder: written by `start`, read by `stop`, `reload` and a
+//! second `start`, removed on exit.
+
+use std::path::{Path, PathBuf};
+
+/// The pid file of a runtime folder.
+pub fn path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("plughost.pid")
+}
+
+/// The pid in the file, if there is a readable one.
+pub fn read(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether a process with this pid exists.
+pub fn alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Writes our pid.
+pub fn write(path: &Path) -> std::io::Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id()))
+}
+
+/// Removes the file if it still holds our pid.
+pub fn remove(path: &Path) {
+    if read(path) == Some(std::process::id() as i32) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: i32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,341 @@
+//! What runs for a request: the [`Plan`] (routes and component slots, shared by the workers)
+//! and each worker's [`Instances`] of the components. Middleware request hooks run in order,
+//! then the handler, then the response hooks of the middleware that ran, in reverse, then the
+//! cleaners. A panic anywhere costs that request a 500 and recreates that one instance.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use abi_stable::std_types::RResult;
+use plughost_plugin_api::{
+    abi::{
+        CleanerBox, Component, ComponentKind, HostBox, HttpHandlerBox, LifecycleBox,
+        MiddlewareBox, PluginError as FfiError, WorkerInfo,
+    },
+    Flow, Request, Response,
+};
+
+use crate::{
+    config::{ComponentRef, Config, Limits},
+    error::PluginError,
+    plugin::{Registry, Slot},
+    router::{Match, Router},
+    stats::WorkerStats,
+};
+
+/// Routes and component slots of one config.
+#[derive(Debug)]
+pub struct Plan {
+    /// Route table; its handler indexes point into `handlers`.
+    pub router: Router,
+    /// HTTP handlers, one slot per distinct component.
+    pub handlers: Vec<Slot>,
+    /// Middleware, in order.
+    pub middleware: Vec<Slot>,
+    /// Cleaners.
+    pub cleaners: Vec<Slot>,
+    /// Lifecycle hooks.
+    pub hooks: Vec<Slot>,
+    /// HTTP limits.
+    pub limits: Limits,
+    /// Requests after which a worker recreates its instances (0 = never).
+    pub max_request: u64,
+}
+
+impl Plan {
+    /// Resolves every component the config names against the loaded plugins.
+    pub fn build(config: &Config, registry: &Registry) -> Result<Plan, PluginError> {
+        let mut router = Router::default();
+        let mut handlers: Vec<Slot> = Vec::new();
+        for route in &config.routes {
+            let r = ComponentRef::parse(&route.handler).expect("validated");
+            let index = match handlers.iter().position(|s| s.reference == r) {
+                Some(i) => i,
+                None => {
+                    handlers.push(registry.slot(config, &r, ComponentKind::HttpHandler)?);
+                    handlers.len() - 1
+                }
+            };
+            router.add(&route.path, &route.methods, index);
+        }
+        let slots = |list: &[String], kind| -> Result<Vec<Slot>, PluginError> {
+            list.iter()
+                .map(|s| registry.slot(config, &ComponentRef::parse(s).expect("validated"), kind))
+                .collect()
+        };
+        Ok(Plan {
+            router,
+            handlers,
+            middleware: slots(&config.middleware, ComponentKind::Middleware)?,
+            cleaners: slots(&config.cleaners, ComponentKind::Cleaner)?,
+            hooks: slots(&config.hooks, ComponentKind::Lifecycle)?,
+            limits: config.limits,
+            max_request: config.max_request,
+        })
+    }
+}
+
+/// One worker's instances of every component of a plan.
+pub struct Instances {
+    plan: Arc<Plan>,
+    host: HostBox,
+    worker: WorkerInfo,
+    handlers: Vec<Option<HttpHandlerBox>>,
+    middleware: Vec<Option<MiddlewareBox>>,
+    cleaners: Vec<Option<CleanerBox>>,
+    hooks: Vec<Option<LifecycleBox>>,
+    /// Requests since the instances were created (for `max_request`).
+    served: u64,
+}
+
+impl std::fmt::Debug for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instances")
+            .field("worker", &self.worker)
+            .field("served", &self.served)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a request stands after the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response was produced normally (any status).
+    Done,
+    /// Plugin code panicked; the response is a 500.
+    Panicked,
+}
+
+macro_rules! take_kind {
+    ($c:expr, $variant:ident) => {
+        match $c {
+            Component::$variant(x) => x,
+            _ => unreachable!("Slot::instantiate checks the kind"),
+        }
+    };
+}
+
+impl Instances {
+    /// Creates every instance of `plan` on this thread and runs the worker-start hooks.
+    pub fn create(plan: Arc<Plan>, host: HostBox, worker: WorkerInfo) -> Result<Instances, PluginError> {
+        let make = |s: &Slot| s.instantiate(&host, worker);
+        let handlers = plan
+            .handlers
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, HttpHandler))))
+            .collect::<Result<_, _>>()?;
+        let middleware = plan
+            .middleware
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, Middleware))))
+            .collect::<Result<_, _>>()?;
+        let cleaners = plan
+            .cleaners
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, Cleaner))))
+            .collect::<Result<_, _>>()?;
+        let hooks = plan
+            .hooks
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, Lifecycle))))
+            .collect::<Result<_, _>>()?;
+        let mut it = Instances {
+            plan,
+            host,
+            worker,
+            handlers,
+            middleware,
+            cleaners,
+            hooks,
+            served: 0,
+        };
+        it.each_hook("on_worker_start", |h, w| h.on_worker_start(w));
+        Ok(it)
+    }
+
+    /// The plan these instances were made from.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Runs the worker-stop hooks; the instances are dropped with `self`.
+    pub fn stop(mut self) {
+        self.each_hook("on_worker_stop", |h, w| h.on_worker_stop(w));
+    }
+
+    fn each_hook(
+        &mut self,
+        what: &str,
+        call: impl Fn(&mut LifecycleBox, WorkerInfo) -> RResult<(), FfiError>,
+    ) {
+        for (i, hook) in self.hooks.iter_mut().enumerate() {
+            if let Some(h) = hook {
+                if let RResult::RErr(e) = call(h, self.worker) {
+                    log::error!(
+                        "{} {}: hook {what} of {} failed: {e}",
+                        self.worker.kind.as_str(),
+                        self.worker.id,
+                        self.plan.hooks[i].reference
+                    );
+                }
+            }
+        }
+    }
+
+    /// Requests served since creation.
+    pub fn served(&self) -> u64 {
+        self.served
+    }
+
+    /// Runs the pipeline for one request. `route` is the router's answer for it.
+    pub fn run(
+        &mut self,
+        req: &Request<'_>,
+        route: &Match,
+        resp: &mut Response,
+        stats: &WorkerStats,
+    ) -> Outcome {
+        resp.reset();
+        self.served += 1;
+        let mut outcome = Outcome::Done;
+        let mut ran = 0;
+        let mut answered = false;
+        for i in 0..self.middleware.len() {
+            let Some(m) = self.middleware[i].as_mut() else {
+                unavailable(resp);
+                answered = true;
+                break;
+            };
+            match m.on_request(req, resp) {
+                RResult::ROk(Flow::Continue) => ran = i + 1,
+                RResult::ROk(Flow::Respond) => {
+                    ran = i + 1;
+                    answered = true;
+                    break;
+                }
+                RResult::RErr(e) => {
+                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
+                    outcome = Outcome::Panicked;
+                    answered = true;
+                    break;
+                }
+            }
+        }
+        if !answered {
+            match route {
+                Match::Found(h) => match self.handlers[*h].as_mut() {
+                    Some(handler) => {
+                        if let RResult::RErr(e) = handler.handle(req, resp) {
+                            self.failed(ComponentKind::HttpHandler, *h, &e, resp, stats);
+                            outcome = Outcome::Panicked;
+                        }
+                    }
+                    None => {
+                        self.handlers[*h] = self.remake(ComponentKind::HttpHandler, *h);
+                        unavailable(resp)
+                    }
+                },
+                Match::NotFound => {
+                    resp.text(404, "not found\n");
+                }
+                Match::MethodNotAllowed(allow) => {
+                    resp.text(405, "method not allowed\n").set_header("allow", allow);
+                }
+            }
+        }
+        for i in (0..ran).rev() {
+            if let Some(m) = self.middleware[i].as_mut() {
+                if let RResult::RErr(e) = m.on_response(req, resp) {
+                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
+                    outcome = Outcome::Panicked;
+                }
+            }
+        }
+        for i in 0..self.cleaners.len() {
+            if let Some(c) = self.cleaners[i].as_mut() {
+                if let RResult::RErr(e) = c.clean() {
+                    // The response stands; a cleaner runs after it was decided.
+                    self.failed(ComponentKind::Cleaner, i, &e, &mut Response::new(), stats);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn slot(&self, kind: ComponentKind, i: usize) -> &Slot {
+        match kind {
+            ComponentKind::HttpHandler => &self.plan.handlers[i],
+            ComponentKind::Middleware => &self.plan.middleware[i],
+            ComponentKind::Cleaner => &self.plan.cleaners[i],
+            ComponentKind::Lifecycle => &self.plan.hooks[i],
+        }
+    }
+
+    /// A call into an instance failed: log, count, tell the hooks, answer 500, recreate it.
+    fn failed(
+        &mut self,
+        kind: ComponentKind,
+        i: usize,
+        error: &FfiError,
+        resp: &mut Response,
+        stats: &WorkerStats,
+    ) {
+        stats.panics.fetch_add(1, Ordering::Relaxed);
+        let reference = self.slot(kind, i).reference.clone();
+        log::error!(
+            "plugin {}: {kind} {:?} on worker {} {error}; answering 500 and recreating the instance",
+            reference.plugin,
+            reference.component,
+            self.worker.id
+        );
+        resp.reset();
+        resp.text(500, "internal server error\n");
+        let message = format!("{kind} {reference} {error}");
+        self.each_hook("on_worker_error", |h, w| {
+            h.on_worker_error(w, message.as_str().into())
+        });
+        match kind {
+            ComponentKind::HttpHandler => self.handlers[i] = self.remake(kind, i),
+            ComponentKind::Middleware => self.middleware[i] = self.remake(kind, i),
+            ComponentKind::Cleaner => self.cleaners[i] = self.remake(kind, i),
+            ComponentKind::Lifecycle => self.hooks[i] = self.remake(kind, i),
+        }
+    }
+
+    /// A new instance of one slot, or `None` (logged) if its factory fails now.
+    fn remake<T: FromComponent>(&self, kind: ComponentKind, i: usize) -> Option<T> {
+        match self.slot(kind, i).instantiate(&self.host, self.worker) {
+            Ok(c) => T::from_component(c),
+            Err(e) => {
+                log::error!("worker {}: {e}; answering 503 until it succeeds", self.worker.id);
+                None
+            }
+        }
+    }
+}
+
+/// Unwraps a component of a known kind.
+trait FromComponent: Sized {
+    fn from_component(c: Component) -> Option<Self>;
+}
+
+macro_rules! from_component {
+    ($ty:ty, $variant:ident) => {
+        impl FromComponent for $ty {
+            fn from_component(c: Component) -> Option<Self> {
+                match c {
+                    Component::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+from_component!(HttpHandlerBox, HttpHandler);
+from_component!(MiddlewareBox, Middleware);
+from_component!(CleanerBox, Cleaner);
+from_component!(LifecycleBox, Lifecycle);
+
+fn unavailable(resp: &mut Response) {
+    resp.reset();
+    resp.text(503, "service unavailable: a plugin instance could not be created\n");
+}

@@ -1,0 +1,122 @@
+//! Loads one plugin library the way abi_stable allows us to: copy the `.so` to a unique path
+//! (glibc dedupes by path and inode, and cargo's output is a hard link), then
+//! `lib_header_from_path` + `init_root_module`. Never `RootModule::load_from*`, which caches
+//! one module per type. Libraries are never unloaded: abi_stable keeps pointers into them.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use plughost_plugin_api::abi::{Manifest, PluginModRef, API_VERSION};
+
+use crate::error::PluginError;
+
+/// A loaded (and leaked) plugin library.
+pub struct Library {
+    /// The plugin's name in the config.
+    pub name: String,
+    /// The file named in the config.
+    pub path: PathBuf,
+    /// The copy that was loaded.
+    pub copy: PathBuf,
+    /// Size of the copy in bytes.
+    pub size: u64,
+    /// The root module.
+    pub module: PluginModRef,
+    /// What the plugin says it provides.
+    pub manifest: Manifest,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("copy", &self.copy)
+            .field("manifest", &self.manifest)
+            .finish_non_exhaustive()
+    }
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Copies `path` into `runtime_dir/plugins/` and loads it.
+pub fn load(name: &str, path: &Path, runtime_dir: &Path) -> Result<Library, PluginError> {
+    let dir = runtime_dir.join("plugins");
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let copy = dir.join(format!("{name}-{}-{seq}.so", std::process::id()));
+    let copy_err = |source| PluginError::Copy {
+        name: name.to_owned(),
+        path: path.to_path_buf(),
+        to: copy.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(copy_err)?;
+    let size = std::fs::copy(path, &copy).map_err(copy_err)?;
+    let load_err = |reason: String| PluginError::Load {
+        name: name.to_owned(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    let header = lib_header_from_path(&copy).map_err(|e| load_err(describe(&e, None)))?;
+    let theirs = header.version_strings().version.to_string();
+    let module = header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| load_err(describe(&e, Some(&theirs))))?;
+    let manifest = match (module.manifest())() {
+        abi_stable::std_types::RResult::ROk(m) => m,
+        abi_stable::std_types::RResult::RErr(e) => {
+            return Err(PluginError::Manifest {
+                name: name.to_owned(),
+                path: path.to_path_buf(),
+                reason: format!("reading its manifest failed: {e}"),
+            })
+        }
+    };
+    Ok(Library {
+        name: name.to_owned(),
+        path: path.to_path_buf(),
+        copy,
+        size,
+        module,
+        manifest,
+    })
+}
+
+/// The useful part of abi_stable's error: its layout dumps run to hundreds of lines, so keep
+/// the head and the tail, and say which plugin-api each side was built with.
+fn describe(e: &LibraryError, plugin_api: Option<&str>) -> String {
+    let versions = match plugin_api {
+        Some(theirs) => format!(" (server plugin-api {API_VERSION}, plugin built with plugin-api {theirs})"),
+        None => String::new(),
+    };
+    match e {
+        LibraryError::OpenError { err, .. } => {
+            format!("not a loadable library: {err}")
+        }
+        LibraryError::GetSymbolError { .. } => {
+            "not a plughost plugin: it exports no abi_stable root module (did the crate call export_plugin!?)".to_owned()
+        }
+        LibraryError::IncompatibleVersionNumber { .. } => format!(
+            "incompatible plugin-api version{versions}; rebuild the plugin against plugin-api {API_VERSION}"
+        ),
+        LibraryError::AbiInstability(_) => {
+            let text = e.to_string();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = if lines.len() > 14 {
+                let mut kept: Vec<&str> = lines[..4].to_vec();
+                kept.push("...");
+                kept.extend_from_slice(&lines[lines.len() - 10..]);
+                kept.join("\n    ")
+            } else {
+                lines.join("\n    ")
+            };
+            format!(
+                "incompatible plugin ABI{versions}; rebuild the plugin against this server's plugin-api. abi_stable says:\n    {tail}"
+            )
+        }
+        other => format!("{other}{versions}"),
+    }
+}

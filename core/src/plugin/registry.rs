@@ -1,0 +1,139 @@
+//! The loaded plugins, and the component slots the config uses from them: which library,
+//! which component, with what config text. Built on the main thread, shared read-only with the
+//! workers, which create their own instances from the slots.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use abi_stable::std_types::RResult;
+use plughost_plugin_api::abi::{Component, ComponentKind, HostBox, WorkerInfo};
+
+use crate::{
+    config::{ComponentRef, Config},
+    error::PluginError,
+    plugin::{loader, Library},
+};
+
+/// One component the config uses: where to make instances of it from.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// `plugin.component`.
+    pub reference: ComponentRef,
+    /// Its kind.
+    pub kind: ComponentKind,
+    /// The RON text of its config.
+    pub config: String,
+    /// The library that provides it.
+    pub library: Arc<Library>,
+}
+
+impl Slot {
+    /// Creates an instance on the calling thread.
+    pub fn instantiate(&self, host: &HostBox, worker: WorkerInfo) -> Result<Component, PluginError> {
+        let result = (self.library.module.instantiate())(
+            self.kind,
+            self.reference.component.as_str().into(),
+            self.config.as_str().into(),
+            host.clone(),
+            worker,
+        );
+        let fail = |reason: String| PluginError::Instantiate {
+            plugin: self.reference.plugin.clone(),
+            kind: self.kind.as_str(),
+            component: self.reference.component.clone(),
+            reason,
+        };
+        match result {
+            RResult::ROk(c) if c.kind() == self.kind => Ok(c),
+            RResult::ROk(c) => Err(fail(format!("the plugin returned a {} instead", c.kind()))),
+            RResult::RErr(e) => Err(fail(e.to_string())),
+        }
+    }
+}
+
+/// Every loaded plugin by name, and the slots of the current config.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Loaded libraries by plugin name (the current version of each).
+    pub libraries: BTreeMap<String, Arc<Library>>,
+}
+
+impl Registry {
+    /// Loads every enabled plugin of `config`.
+    pub fn load(config: &Config) -> Result<Registry, PluginError> {
+        let mut libraries = BTreeMap::new();
+        for (name, p) in config.enabled_plugins() {
+            let lib = loader::load(name, &p.path, &config.runtime_dir)?;
+            log::info!(
+                "loaded plugin {name} ({} {}, plugin-api {}) from {}: {}",
+                lib.manifest.name,
+                lib.manifest.version,
+                lib.manifest.api_version,
+                p.path.display(),
+                describe_components(&lib)
+            );
+            libraries.insert(name.clone(), Arc::new(lib));
+        }
+        Ok(Registry { libraries })
+    }
+
+    /// The slot for `reference` as a `kind`, checked against the plugin's manifest.
+    pub fn slot(
+        &self,
+        config: &Config,
+        reference: &ComponentRef,
+        kind: ComponentKind,
+    ) -> Result<Slot, PluginError> {
+        let library = self.libraries.get(&reference.plugin).ok_or_else(|| {
+            PluginError::Manifest {
+                name: reference.plugin.clone(),
+                path: Default::default(),
+                reason: "not loaded".into(),
+            }
+        })?;
+        let provided = library
+            .manifest
+            .components
+            .iter()
+            .any(|c| c.kind == kind && c.name.as_str() == reference.component);
+        if !provided {
+            return Err(PluginError::Manifest {
+                name: reference.plugin.clone(),
+                path: library.path.clone(),
+                reason: format!(
+                    "the config uses {kind} component {:?}, but the plugin provides {}",
+                    reference.component,
+                    describe_components(library)
+                ),
+            });
+        }
+        Ok(Slot {
+            reference: reference.clone(),
+            kind,
+            config: config.component_config(reference),
+            library: library.clone(),
+        })
+    }
+
+    /// Number of libraries held and their total size in bytes.
+    pub fn held(&self) -> (usize, u64) {
+        (
+            self.libraries.len(),
+            self.libraries.values().map(|l| l.size).sum(),
+        )
+    }
+}
+
+/// `http hello, middleware timing` — for logs and errors.
+pub fn describe_components(lib: &Library) -> String {
+    let list: Vec<String> = lib
+        .manifest
+        .components
+        .iter()
+        .map(|c| format!("{} {}", c.kind, c.name))
+        .collect();
+    if list.is_empty() {
+        "no components".to_owned()
+    } else {
+        list.join(", ")
+    }
+}

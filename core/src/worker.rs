@@ -1,0 +1,345 @@
+//! An HTTP worker: one thread, one smol `LocalExecutor`, its own `SO_REUSEPORT` listener and
+//! its own instance of every component. Instances never leave the thread, so plugin code
+//! needs no locks. A handler call is synchronous; the IO around it is async.
+//!
+//! A sweeper task keeps a coarse clock and the `date` header, and closes connections that
+//! overstay a timeout (it half-closes the socket's read side, which wakes the connection's
+//! pending read), so the hot path sets no timers.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    net::{Shutdown as SockShutdown, TcpListener, TcpStream},
+    rc::Rc,
+    sync::{atomic::Ordering, mpsc, Arc},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_io::{Async, Timer};
+use futures_lite::{future, StreamExt};
+use plughost_plugin_api::{
+    abi::{HostBox, ThreadKind, WorkerInfo},
+    Request, Response,
+};
+use smol::LocalExecutor;
+
+use crate::{
+    config::Limits,
+    pipeline::{Instances, Plan},
+    router::{Match, Router},
+    server::{http, Shutdown},
+    stats::{Stats, WorkerStats},
+};
+
+/// Messages from the main thread.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop, gracefully or not.
+    Stop(Shutdown),
+}
+
+/// Where a connection stands, for timeouts and draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the first byte of a request (keep-alive timeout).
+    Idle,
+    /// Reading a request head (header read timeout).
+    ReadingHead,
+    /// Reading a request body (header read timeout).
+    ReadingBody,
+    /// Running plugins or writing the response.
+    Busy,
+}
+
+/// One open connection, shared by its task and the worker's registry.
+#[derive(Debug)]
+pub struct Conn {
+    /// Global connection id: worker id in the high 16 bits.
+    pub id: u64,
+    /// The socket.
+    pub stream: Async<TcpStream>,
+    phase: Cell<Phase>,
+    since: Cell<Instant>,
+    timed_out: Cell<bool>,
+}
+
+impl Conn {
+    /// Moves to `phase`, restarting its clock when it changes.
+    pub fn set_phase(&self, phase: Phase, worker: &Worker) {
+        if self.phase.get() != phase {
+            self.phase.set(phase);
+            self.since.set(worker.now.get());
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Whether the sweeper closed the read side for a timeout.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.get()
+    }
+
+    fn cut(&self) {
+        self.timed_out.set(true);
+        let _ = self.stream.get_ref().shutdown(SockShutdown::Read);
+    }
+}
+
+/// The worker's state, owned by its thread.
+pub struct Worker {
+    info: WorkerInfo,
+    plan: RefCell<Arc<Plan>>,
+    host: HostBox,
+    /// `None` after instances could not be recreated; retried on the next request.
+    instances: RefCell<Option<Instances>>,
+    conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    next_conn: Cell<u64>,
+    now: Cell<Instant>,
+    date: RefCell<[u8; 29]>,
+    draining: Cell<bool>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// This worker's id.
+    pub fn id(&self) -> u32 {
+        self.info.id
+    }
+
+    fn my_stats(&self) -> &WorkerStats {
+        &self.stats.workers[self.info.id as usize]
+    }
+
+    /// The HTTP limits now in force.
+    pub fn limits(&self) -> Limits {
+        self.plan.borrow().limits
+    }
+
+    /// Whether a graceful stop is under way.
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Runs `f` with the current router.
+    pub fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
+        f(&self.plan.borrow().router)
+    }
+
+    /// The current `date` header value.
+    pub fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.date.borrow()[..])
+    }
+
+    /// Runs the plugin pipeline for one request, and recycles the instances after
+    /// `max_request` requests.
+    pub fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response) {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.instances.borrow_mut();
+        if slot.is_none() {
+            *slot = self.create_instances();
+        }
+        let Some(inst) = slot.as_mut() else {
+            resp.reset();
+            resp.text(503, "service unavailable: plugin instances could not be created\n");
+            return;
+        };
+        inst.run(req, route, resp, stats);
+        let max = inst.plan().max_request;
+        if max > 0 && inst.served() >= max {
+            log::debug!("worker {}: recycling instances after {max} requests", self.info.id);
+            stats.recycles.fetch_add(1, Ordering::Relaxed);
+            if let Some(old) = slot.take() {
+                old.stop();
+            }
+            *slot = self.create_instances();
+        }
+    }
+
+    fn create_instances(&self) -> Option<Instances> {
+        let plan = self.plan.borrow().clone();
+        match Instances::create(plan, self.host.clone(), self.info) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                log::error!("worker {}: {e}", self.info.id);
+                None
+            }
+        }
+    }
+
+    fn refresh_clock(&self) {
+        let now = Instant::now();
+        self.now.set(now);
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        if date.len() == 29 {
+            self.date.borrow_mut().copy_from_slice(date.as_bytes());
+        }
+    }
+
+    /// Closes connections that overstayed their phase's timeout.
+    fn sweep(&self) {
+        let limits = self.limits();
+        let now = self.now.get();
+        for conn in self.conns.borrow().values() {
+            let limit = match conn.phase() {
+                Phase::Idle => Duration::from_millis(limits.keepalive_timeout_ms),
+                Phase::ReadingHead | Phase::ReadingBody => {
+                    Duration::from_millis(limits.header_read_timeout_ms)
+                }
+                Phase::Busy => continue,
+            };
+            if !conn.timed_out() && now.duration_since(conn.since.get()) >= limit {
+                conn.cut();
+            }
+        }
+    }
+}
+
+/// Starts worker `id` on its own thread. It reports on `ready` once its instances exist and
+/// it is accepting, or why it could not start.
+pub fn spawn(
+    id: u32,
+    listener: TcpListener,
+    plan: Arc<Plan>,
+    host: HostBox,
+    stats: Arc<Stats>,
+    control: async_channel::Receiver<Control>,
+    ready: mpsc::Sender<(u32, Result<(), String>)>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("worker-{id}"))
+        .spawn(move || {
+            let info = WorkerInfo {
+                kind: ThreadKind::Worker,
+                id,
+            };
+            let instances = match Instances::create(plan.clone(), host.clone(), info) {
+                Ok(i) => i,
+                Err(e) => {
+                    let _ = ready.send((id, Err(e.to_string())));
+                    return;
+                }
+            };
+            let listener = match Async::new(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready.send((id, Err(format!("cannot register the listener: {e}"))));
+                    return;
+                }
+            };
+            let worker = Rc::new(Worker {
+                info,
+                plan: RefCell::new(plan),
+                host,
+                instances: RefCell::new(Some(instances)),
+                conns: RefCell::new(HashMap::new()),
+                next_conn: Cell::new(0),
+                now: Cell::new(Instant::now()),
+                date: RefCell::new([b' '; 29]),
+                draining: Cell::new(false),
+                stats,
+            });
+            worker.refresh_clock();
+            let _ = ready.send((id, Ok(())));
+            let ex = Rc::new(LocalExecutor::new());
+            future::block_on(ex.run(run(ex.clone(), worker.clone(), listener, control)));
+            if let Some(inst) = worker.instances.borrow_mut().take() {
+                inst.stop();
+            }
+            log::debug!("worker {id} stopped");
+        })
+}
+
+async fn run(
+    ex: Rc<LocalExecutor<'static>>,
+    worker: Rc<Worker>,
+    listener: Async<TcpListener>,
+    control: async_channel::Receiver<Control>,
+) {
+    let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
+    let _sweeper = ex.spawn(sweeper(worker.clone()));
+    let stop = match control.recv().await {
+        Ok(Control::Stop(how)) => how,
+        Err(_) => Shutdown::Fast,
+    };
+    // Stop accepting: dropping the task drops the listener.
+    drop(accept);
+    worker.draining.set(true);
+    let deadline = match stop {
+        Shutdown::Graceful(wait) => Instant::now() + wait,
+        Shutdown::Fast => Instant::now(),
+    };
+    loop {
+        // Idle connections close now; busy ones close after their response.
+        for conn in worker.conns.borrow().values() {
+            if conn.phase() == Phase::Idle {
+                conn.cut();
+            }
+        }
+        if worker.conns.borrow().is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        Timer::after(Duration::from_millis(5)).await;
+    }
+    let left = worker.conns.borrow().len();
+    if left > 0 {
+        log::warn!(
+            "worker {}: {left} connection(s) still busy after max_wait_time; closing them",
+            worker.id()
+        );
+    }
+}
+
+async fn accept_loop(ex: Rc<LocalExecutor<'static>>, worker: Rc<Worker>, listener: Async<TcpListener>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.get_ref().set_nodelay(true);
+                let local = worker.next_conn.get();
+                worker.next_conn.set(local + 1);
+                let conn = Rc::new(Conn {
+                    id: ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1)),
+                    stream,
+                    phase: Cell::new(Phase::ReadingHead),
+                    since: Cell::new(worker.now.get()),
+                    timed_out: Cell::new(false),
+                });
+                worker.conns.borrow_mut().insert(conn.id, conn.clone());
+                worker.my_stats().connections.fetch_add(1, Ordering::Relaxed);
+                let w = worker.clone();
+                ex.spawn(async move {
+                    http::serve(w.clone(), conn.clone(), peer).await;
+                    w.conns.borrow_mut().remove(&conn.id);
+                    w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
+                })
+                .detach();
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: say so, back off, keep going.
+                log::error!("worker {}: accept failed: {e}", worker.id());
+                Timer::after(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn sweeper(worker: Rc<Worker>) {
+    let limits = worker.limits();
+    let shortest = limits.header_read_timeout_ms.min(limits.keepalive_timeout_ms);
+    let tick = Duration::from_millis((shortest / 4).clamp(10, 500));
+    let mut ticks = Timer::interval(tick);
+    while ticks.next().await.is_some() {
+        worker.refresh_clock();
+        worker.sweep();
+    }
+}
