@@ -77,6 +77,9 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
     let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
+    if let Some(n) = crate::alloc::count() {
+        let _ = writeln!(s, "allocations: {n}");
+    }
     if let Some(registry) = registry {
         let _ = writeln!(s, "plugins:");
         for (name, lib) in &registry.libraries {

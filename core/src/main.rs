@@ -1,19 +1,9 @@
-//! plughost: an application server for Rust plugins shipped as `.so` files.
+//! The `plughost` command.
 
-mod cli;
-mod config;
-mod control;
-mod error;
-mod host;
-mod logging;
-mod pidfile;
-mod pipeline;
-mod plugin;
-mod router;
-mod server;
-mod stats;
-mod worker;
+#[cfg(feature = "alloc-stats")]
+#[global_allocator]
+static ALLOC: plughost::alloc::Counting = plughost::alloc::Counting;
 
 fn main() {
-    std::process::exit(cli::main());
+    std::process::exit(plughost::cli::main());
 }

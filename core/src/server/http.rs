@@ -336,7 +336,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                     while b.read.pending().len() < head.len + n {
                         conn.set_phase(Phase::ReadingBody, worker);
                         if read_some(stream, &mut b.read).await? == 0 {
-                            return Ok(());
+                            return body_cut(conn, b).await;
                         }
                     }
                     Some(n)
@@ -346,7 +346,13 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                     b.read.end = b.read.start + head.len;
                     b.body.resize(n, 0);
                     conn.set_phase(Phase::ReadingBody, worker);
-                    stream_read_exact(stream, &mut b.body[have..]).await?;
+                    let mut got = have;
+                    while got < n {
+                        match (&conn.stream).read(&mut b.body[got..]).await? {
+                            0 => return body_cut(conn, b).await,
+                            k => got += k,
+                        }
+                    }
                     None
                 }
             }
@@ -440,8 +446,13 @@ async fn read_some(stream: &Async<TcpStream>, buf: &mut ReadBuf) -> io::Result<u
     Ok(n)
 }
 
-async fn stream_read_exact(stream: &Async<TcpStream>, out: &mut [u8]) -> io::Result<()> {
-    (&*stream).read_exact(out).await
+/// The input ended inside a body: a timeout gets its 408, a client that left gets nothing.
+async fn body_cut(conn: &Conn, b: &mut Buffers) -> io::Result<()> {
+    if conn.timed_out() {
+        refuse(conn, b, Refusal::Timeout).await
+    } else {
+        Ok(())
+    }
 }
 
 /// Decodes a chunked body that starts `head_len` bytes into the pending input, into `b.body`.

@@ -1,0 +1,19 @@
+//! plughost: an application server for Rust plugins shipped as `.so` files.
+//!
+//! The binary is `plughost` ([`cli::main`]); the modules are public so benchmarks and tools
+//! can reach the router, the config and the HTTP parser.
+
+pub mod alloc;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod host;
+pub mod logging;
+pub mod pidfile;
+pub mod pipeline;
+pub mod plugin;
+pub mod router;
+pub mod server;
+pub mod stats;
+pub mod worker;
