@@ -42,6 +42,30 @@ pub struct Config {
     pub cleaners: Vec<String>,
     /// Lifecycle hook components.
     pub hooks: Vec<String>,
+    /// Hot reload.
+    pub reload: ReloadConfig,
+}
+
+/// Hot reload.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch the plugin files and this config with inotify and apply changes live.
+    pub inotify: bool,
+    /// Wait this long after the last change before reloading (a build writes several files).
+    pub debounce_ms: u64,
+    /// More files or folders whose changes reload every plugin.
+    pub watch: Vec<PathBuf>,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            inotify: false,
+            debounce_ms: 100,
+            watch: Vec::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -60,6 +84,7 @@ impl Default for Config {
             middleware: Vec::new(),
             cleaners: Vec::new(),
             hooks: Vec::new(),
+            reload: ReloadConfig::default(),
         }
     }
 }
@@ -335,6 +360,9 @@ impl Config {
         self.env_file = self.env_file.as_deref().map(abs);
         for p in self.plugins.values_mut() {
             p.path = abs(&p.path);
+        }
+        for w in self.reload.watch.iter_mut() {
+            *w = abs(w);
         }
         self
     }

@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     thread,
     time::Duration,
 };
@@ -77,6 +77,18 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
     let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
+    let _ = writeln!(
+        s,
+        "reloads: {} ok, {} failed",
+        stats.reloads.load(Ordering::Relaxed),
+        stats.reload_failures.load(Ordering::Relaxed)
+    );
+    let (count, bytes) = crate::plugin::loader::held();
+    let _ = writeln!(
+        s,
+        "library versions held: {count} ({} kB; old versions stay mapped, abi_stable cannot unload)",
+        bytes / 1024
+    );
     if let Some(n) = crate::alloc::count() {
         let _ = writeln!(s, "allocations: {n}");
     }
@@ -93,8 +105,6 @@ fn info(state: &State) -> String {
                 let _ = writeln!(s, "    {} {}", c.kind, c.name);
             }
         }
-        let (count, bytes) = registry.held();
-        let _ = writeln!(s, "libraries held: {count} ({} kB)", bytes / 1024);
     }
     s
 }

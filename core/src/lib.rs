@@ -13,6 +13,7 @@ pub mod logging;
 pub mod pidfile;
 pub mod pipeline;
 pub mod plugin;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod stats;

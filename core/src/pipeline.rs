@@ -181,6 +181,63 @@ impl Instances {
         }
     }
 
+    /// Moves to `plan` between two requests: instances whose slot is unchanged (same
+    /// component, same library version, same config) are kept; the others are created anew.
+    /// Nothing changes unless every new instance could be created. Replaced lifecycle hooks get
+    /// `on_worker_stop` (old) and `on_worker_start` (new).
+    pub fn rebuild(&mut self, plan: Arc<Plan>) -> Result<usize, PluginError> {
+        let old_plan = self.plan.clone();
+        let mut created = 0;
+        let mut reuse_or_make = |old_slots: &[Slot], new: &Slot| -> Result<Result<usize, Component>, PluginError> {
+            match old_slots.iter().position(|o| o.same_as(new)) {
+                Some(i) => Ok(Ok(i)),
+                None => {
+                    created += 1;
+                    new.instantiate(&self.host, self.worker).map(Err)
+                }
+            }
+        };
+        let handlers: Vec<_> = plan.handlers.iter().map(|s| reuse_or_make(&old_plan.handlers, s)).collect::<Result<_, _>>()?;
+        let middleware: Vec<_> = plan.middleware.iter().map(|s| reuse_or_make(&old_plan.middleware, s)).collect::<Result<_, _>>()?;
+        let cleaners: Vec<_> = plan.cleaners.iter().map(|s| reuse_or_make(&old_plan.cleaners, s)).collect::<Result<_, _>>()?;
+        let hooks: Vec<_> = plan.hooks.iter().map(|s| reuse_or_make(&old_plan.hooks, s)).collect::<Result<_, _>>()?;
+
+        // Every new instance exists: swap. Replaced hooks say goodbye first.
+        let kept_hooks: Vec<usize> = hooks.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
+        for (i, hook) in self.hooks.iter_mut().enumerate() {
+            if !kept_hooks.contains(&i) {
+                if let Some(h) = hook {
+                    let _ = h.on_worker_stop(self.worker);
+                }
+            }
+        }
+        fn assemble<T: FromComponent>(
+            old: &mut [Option<T>],
+            new: Vec<Result<usize, Component>>,
+        ) -> Vec<Option<T>> {
+            new.into_iter()
+                .map(|n| match n {
+                    Ok(i) => old[i].take(),
+                    Err(c) => T::from_component(c),
+                })
+                .collect()
+        }
+        self.handlers = assemble(&mut self.handlers, handlers);
+        self.middleware = assemble(&mut self.middleware, middleware);
+        self.cleaners = assemble(&mut self.cleaners, cleaners);
+        let new_hooks: Vec<bool> = hooks.iter().map(|h| h.is_err()).collect();
+        self.hooks = assemble(&mut self.hooks, hooks);
+        for (i, hook) in self.hooks.iter_mut().enumerate() {
+            if new_hooks[i] {
+                if let Some(h) = hook {
+                    let _ = h.on_worker_start(self.worker);
+                }
+            }
+        }
+        self.plan = plan;
+        Ok(created)
+    }
+
     /// Requests served since creation.
     pub fn served(&self) -> u64 {
         self.served

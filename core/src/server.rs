@@ -4,9 +4,10 @@
 pub mod http;
 
 use std::{
+    collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{mpsc, Arc, RwLock},
+    sync::{atomic::Ordering, mpsc, Arc, RwLock},
     thread,
     time::{Duration, Instant},
 };
@@ -20,13 +21,17 @@ use signal_hook::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    config::Loaded,
+    config::{Config, Loaded},
     control,
     error::StartError,
     host::Host,
     pidfile,
     pipeline::Plan,
     plugin::Registry,
+    reload::{
+        self,
+        watcher::{watch_key, Watcher},
+    },
     stats::Stats,
     worker::{self, Control},
 };
@@ -191,29 +196,90 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
     );
     ready(listen);
 
-    let max_wait = Duration::from_secs(config.max_wait_time);
-    for signal in signals.forever() {
-        match signal {
-            SIGUSR1 => {
-                log::info!("reload requested (SIGUSR1): hot reload of plugins is not available in this build; restart to pick up changes");
+    let (events_tx, events) = mpsc::channel();
+    let signal_tx = events_tx.clone();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal_tx.send(Event::Signal(signal)).is_err() {
+                    return;
+                }
             }
-            SIGINT | SIGTERM | SIGQUIT => {
-                let name = match signal {
-                    SIGINT => "SIGINT",
-                    SIGQUIT => "SIGQUIT",
-                    _ => "SIGTERM",
-                };
+        })
+        .map_err(StartError::io("cannot start the signal thread"))?;
+    let mut live = Live {
+        config: loaded.config.clone(),
+        config_path: loaded.path.clone(),
+        registry: state.registry.read().map(|r| r.clone()).unwrap_or_default(),
+        plan,
+        host,
+        watcher: None,
+    };
+    if live.config.reload.inotify {
+        match Watcher::start(events_tx.clone(), Event::Changed) {
+            Ok(w) => {
+                live.watcher = Some(w);
+                live.watch_all();
                 log::info!(
-                    "stopping ({name}): no new connections, waiting up to {}s for in-flight requests",
-                    config.max_wait_time
+                    "hot reload: watching the plugin files and {} (debounce {} ms)",
+                    live.config_path.display(),
+                    live.config.reload.debounce_ms
                 );
-                break;
             }
-            _ => {}
+            Err(e) => log::error!("hot reload: cannot start the inotify watcher: {e}"),
         }
     }
+    drop(events_tx);
+
+    let mut pending: Option<Event> = None;
+    let stop_signal = loop {
+        let Some(event) = pending.take().or_else(|| events.recv().ok()) else {
+            break SIGTERM;
+        };
+        match event {
+            Event::Signal(SIGUSR1) => {
+                log::info!("reload requested (SIGUSR1): re-reading the config and reloading every plugin");
+                live.apply(&reload::Trigger::All, &workers, &state);
+            }
+            Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT].contains(&signal) => break signal,
+            Event::Signal(_) => {}
+            Event::Changed(first) => {
+                // Debounce: a build writes several files; act once it has been quiet.
+                let mut changed = BTreeSet::from([first]);
+                let quiet = Duration::from_millis(live.config.reload.debounce_ms);
+                loop {
+                    match events.recv_timeout(quiet) {
+                        Ok(Event::Changed(p)) => {
+                            changed.insert(p);
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Some(trigger) = live.trigger_for(&changed) {
+                    log::info!("change detected: {}", describe_trigger(&trigger));
+                    live.apply(&trigger, &workers, &state);
+                }
+            }
+        }
+    };
+    let name = match stop_signal {
+        SIGINT => "SIGINT",
+        SIGQUIT => "SIGQUIT",
+        _ => "SIGTERM",
+    };
+    let max_wait = Duration::from_secs(live.config.max_wait_time);
+    log::info!(
+        "stopping ({name}): no new connections, waiting up to {}s for in-flight requests",
+        live.config.max_wait_time
+    );
     let started = Instant::now();
     stop_workers(workers, Shutdown::Graceful(max_wait));
+    drop(live);
     for (r, h) in hooks.iter_mut() {
         if let RResult::RErr(e) = h.on_server_stop() {
             log::error!("hook on_server_stop of {r} failed: {e}");
@@ -239,5 +305,157 @@ fn stop_workers(workers: Vec<(async_channel::Sender<Control>, thread::JoinHandle
         if handle.join().is_err() {
             log::error!("a worker thread panicked while stopping");
         }
+    }
+}
+
+/// What the main thread waits for.
+#[derive(Debug)]
+enum Event {
+    Signal(i32),
+    Changed(PathBuf),
+}
+
+fn describe_trigger(t: &reload::Trigger) -> String {
+    match t {
+        reload::Trigger::All => "reloading every plugin".into(),
+        reload::Trigger::Config => "the config changed".into(),
+        reload::Trigger::Plugins(names) => format!(
+            "plugin file of {} changed",
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// What is in force now, and how to change it.
+struct Live {
+    config: Config,
+    config_path: PathBuf,
+    registry: Arc<Registry>,
+    plan: Arc<Plan>,
+    host: Host,
+    watcher: Option<Watcher>,
+}
+
+impl Live {
+    /// Watches the folders of the config, the enabled plugins and `reload.watch`.
+    fn watch_all(&mut self) {
+        let Some(w) = self.watcher.as_mut() else { return };
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        dirs.extend(self.config_path.parent().map(PathBuf::from));
+        for (_, p) in self.config.enabled_plugins() {
+            dirs.extend(p.path.parent().map(PathBuf::from));
+        }
+        for extra in &self.config.reload.watch {
+            if extra.is_dir() {
+                dirs.push(extra.clone());
+            } else {
+                dirs.extend(extra.parent().map(PathBuf::from));
+            }
+        }
+        for dir in dirs {
+            if let Err(e) = w.watch(&dir) {
+                log::warn!("hot reload: cannot watch {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// What a set of changed files means, if anything.
+    fn trigger_for(&self, changed: &BTreeSet<PathBuf>) -> Option<reload::Trigger> {
+        let config_key = watch_key(&self.config_path);
+        if changed.iter().any(|p| Some(p) == config_key.as_ref()) {
+            return Some(reload::Trigger::Config);
+        }
+        for extra in &self.config.reload.watch {
+            let hit = match extra.canonicalize() {
+                Ok(dir) if dir.is_dir() => changed.iter().any(|p| p.starts_with(&dir)),
+                _ => watch_key(extra).is_some_and(|k| changed.contains(&k)),
+            };
+            if hit {
+                return Some(reload::Trigger::All);
+            }
+        }
+        let plugins: BTreeSet<String> = self
+            .config
+            .enabled_plugins()
+            .filter(|(_, p)| watch_key(&p.path).is_some_and(|k| changed.contains(&k)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        (!plugins.is_empty()).then_some(reload::Trigger::Plugins(plugins))
+    }
+
+    /// Prepares the reload on this thread, then has every worker swap.
+    fn apply(
+        &mut self,
+        trigger: &reload::Trigger,
+        workers: &[(async_channel::Sender<Control>, thread::JoinHandle<()>)],
+        state: &State,
+    ) {
+        let started = Instant::now();
+        let fail = |why: String| {
+            state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+            log::error!("reload refused, the running version keeps serving: {why}");
+        };
+        let new_config = match trigger {
+            reload::Trigger::Plugins(_) => None,
+            _ => match Config::load(&self.config_path, None) {
+                Ok(l) => Some(l.config),
+                Err(e) => {
+                    if *trigger == reload::Trigger::Config {
+                        return fail(format!("{e}; keeping the running config"));
+                    }
+                    log::error!("{e}; keeping the running config");
+                    None
+                }
+            },
+        };
+        let prepared = match reload::prepare(
+            &self.config,
+            &self.registry,
+            &self.plan,
+            new_config,
+            trigger,
+            &self.host,
+        ) {
+            Ok(p) => p,
+            Err(why) => return fail(why),
+        };
+        let (reply_tx, replies) = mpsc::channel();
+        for (tx, _) in workers {
+            let _ = tx.try_send(Control::Reload(prepared.plan.clone(), reply_tx.clone()));
+        }
+        drop(reply_tx);
+        let mut swapped = 0;
+        let deadline = Instant::now() + Duration::from_secs(self.config.max_wait_time + 30);
+        for _ in workers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match replies.recv_timeout(left) {
+                Ok((_, Ok(_))) => swapped += 1,
+                Ok((id, Err(e))) => log::error!("worker {id} kept its old instances: {e}"),
+                Err(_) => {
+                    log::error!("a worker did not answer the reload in time");
+                    break;
+                }
+            }
+        }
+        self.config = prepared.config;
+        self.registry = prepared.registry;
+        self.plan = prepared.plan;
+        if let Ok(mut r) = state.registry.write() {
+            *r = self.registry.clone();
+        }
+        self.watch_all();
+        state.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        let (held, bytes) = crate::plugin::loader::held();
+        let what = if prepared.loaded.is_empty() {
+            "config".to_owned()
+        } else {
+            format!("plugin {}", prepared.loaded.join(", "))
+        };
+        log::info!(
+            "reloaded {what} on {swapped}/{} workers in {} ms; library versions held: {held} ({} kB)",
+            workers.len(),
+            started.elapsed().as_millis(),
+            bytes / 1024
+        );
     }
 }

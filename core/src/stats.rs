@@ -27,6 +27,10 @@ pub struct Stats {
     pub started: Instant,
     /// Per worker.
     pub workers: Vec<WorkerStats>,
+    /// Reloads applied.
+    pub reloads: AtomicU64,
+    /// Reloads refused (the old version kept serving).
+    pub reload_failures: AtomicU64,
 }
 
 impl Stats {
@@ -35,6 +39,8 @@ impl Stats {
         Stats {
             started: Instant::now(),
             workers: (0..workers).map(|_| WorkerStats::default()).collect(),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
         }
     }
 

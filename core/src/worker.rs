@@ -17,7 +17,7 @@ use std::{
 };
 
 use async_io::{Async, Timer};
-use futures_lite::{future, StreamExt};
+use futures_lite::future;
 use plughost_plugin_api::{
     abi::{HostBox, ThreadKind, WorkerInfo},
     Request, Response,
@@ -37,6 +37,9 @@ use crate::{
 pub enum Control {
     /// Stop, gracefully or not.
     Stop(Shutdown),
+    /// Move to a new plan between two requests; the reply says how many instances were
+    /// created, or why the old ones stay.
+    Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
 }
 
 /// Where a connection stands, for timeouts and draining.
@@ -177,6 +180,23 @@ impl Worker {
         }
     }
 
+    /// Swaps to `plan`. Runs between requests: handler calls are synchronous, so no call is
+    /// in flight on this thread while this runs.
+    fn reload(&self, plan: Arc<Plan>) -> Result<usize, String> {
+        let mut slot = self.instances.borrow_mut();
+        let created = match slot.as_mut() {
+            Some(inst) => inst.rebuild(plan.clone()).map_err(|e| e.to_string())?,
+            None => {
+                let inst = Instances::create(plan.clone(), self.host.clone(), self.info)
+                    .map_err(|e| e.to_string())?;
+                *slot = Some(inst);
+                usize::MAX
+            }
+        };
+        *self.plan.borrow_mut() = plan;
+        Ok(created)
+    }
+
     fn refresh_clock(&self) {
         let now = Instant::now();
         self.now.set(now);
@@ -268,9 +288,14 @@ async fn run(
 ) {
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
-    let stop = match control.recv().await {
-        Ok(Control::Stop(how)) => how,
-        Err(_) => Shutdown::Fast,
+    let stop = loop {
+        match control.recv().await {
+            Ok(Control::Stop(how)) => break how,
+            Ok(Control::Reload(plan, reply)) => {
+                let _ = reply.send((worker.id(), worker.reload(plan)));
+            }
+            Err(_) => break Shutdown::Fast,
+        }
     };
     // Stop accepting: dropping the task drops the listener.
     drop(accept);
@@ -334,11 +359,11 @@ async fn accept_loop(ex: Rc<LocalExecutor<'static>>, worker: Rc<Worker>, listene
 }
 
 async fn sweeper(worker: Rc<Worker>) {
-    let limits = worker.limits();
-    let shortest = limits.header_read_timeout_ms.min(limits.keepalive_timeout_ms);
-    let tick = Duration::from_millis((shortest / 4).clamp(10, 500));
-    let mut ticks = Timer::interval(tick);
-    while ticks.next().await.is_some() {
+    loop {
+        // Limits can change on reload, so the tick follows them.
+        let limits = worker.limits();
+        let shortest = limits.header_read_timeout_ms.min(limits.keepalive_timeout_ms);
+        Timer::after(Duration::from_millis((shortest / 4).clamp(10, 500))).await;
         worker.refresh_clock();
         worker.sweep();
     }

@@ -19,7 +19,7 @@ pub struct Library {
     pub name: String,
     /// The file named in the config.
     pub path: PathBuf,
-    /// The copy that was loaded.
+    /// The copy that was loaded (removed once mapped).
     pub copy: PathBuf,
     /// Size of the copy in bytes.
     pub size: u64,
@@ -41,6 +41,16 @@ impl std::fmt::Debug for Library {
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
+static HELD_COUNT: AtomicU64 = AtomicU64::new(0);
+static HELD_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Library versions mapped into the process (never unmapped) and their total file size.
+pub fn held() -> (u64, u64) {
+    (
+        HELD_COUNT.load(Ordering::Relaxed),
+        HELD_BYTES.load(Ordering::Relaxed),
+    )
+}
 
 /// Copies `path` into `runtime_dir/plugins/` and loads it.
 pub fn load(name: &str, path: &Path, runtime_dir: &Path) -> Result<Library, PluginError> {
@@ -60,7 +70,12 @@ pub fn load(name: &str, path: &Path, runtime_dir: &Path) -> Result<Library, Plug
         path: path.to_path_buf(),
         reason,
     };
-    let header = lib_header_from_path(&copy).map_err(|e| load_err(describe(&e, None)))?;
+    let header = lib_header_from_path(&copy);
+    // The mapping outlives the file: the copy is only needed for the dlopen.
+    let _ = std::fs::remove_file(&copy);
+    let header = header.map_err(|e| load_err(describe(&e, None)))?;
+    HELD_COUNT.fetch_add(1, Ordering::Relaxed);
+    HELD_BYTES.fetch_add(size, Ordering::Relaxed);
     let theirs = header.version_strings().version.to_string();
     let module = header
         .init_root_module::<PluginModRef>()

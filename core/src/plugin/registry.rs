@@ -2,7 +2,10 @@
 //! which component, with what config text. Built on the main thread, shared read-only with the
 //! workers, which create their own instances from the slots.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use abi_stable::std_types::RResult;
 use plughost_plugin_api::abi::{Component, ComponentKind, HostBox, WorkerInfo};
@@ -27,6 +30,15 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Whether an instance made from `self` can serve for `other`: same component of the same
+    /// library version with the same config.
+    pub fn same_as(&self, other: &Slot) -> bool {
+        self.reference == other.reference
+            && self.kind == other.kind
+            && self.config == other.config
+            && Arc::ptr_eq(&self.library, &other.library)
+    }
+
     /// Creates an instance on the calling thread.
     pub fn instantiate(&self, host: &HostBox, worker: WorkerInfo) -> Result<Component, PluginError> {
         let result = (self.library.module.instantiate())(
@@ -60,20 +72,41 @@ pub struct Registry {
 impl Registry {
     /// Loads every enabled plugin of `config`.
     pub fn load(config: &Config) -> Result<Registry, PluginError> {
+        let all = config.enabled_plugins().map(|(n, _)| n.clone()).collect();
+        Registry::default().update(config, &all).map(|(r, _)| r)
+    }
+
+    /// The registry for `config`: plugins in `force`, new ones and ones whose path changed are
+    /// loaded (beside the old versions, which stay mapped); the others are kept. Also returns
+    /// the names loaded.
+    pub fn update(
+        &self,
+        config: &Config,
+        force: &BTreeSet<String>,
+    ) -> Result<(Registry, Vec<String>), PluginError> {
         let mut libraries = BTreeMap::new();
+        let mut loaded = Vec::new();
         for (name, p) in config.enabled_plugins() {
-            let lib = loader::load(name, &p.path, &config.runtime_dir)?;
-            log::info!(
-                "loaded plugin {name} ({} {}, plugin-api {}) from {}: {}",
-                lib.manifest.name,
-                lib.manifest.version,
-                lib.manifest.api_version,
-                p.path.display(),
-                describe_components(&lib)
-            );
-            libraries.insert(name.clone(), Arc::new(lib));
+            match self.libraries.get(name) {
+                Some(lib) if lib.path == p.path && !force.contains(name) => {
+                    libraries.insert(name.clone(), lib.clone());
+                }
+                _ => {
+                    let lib = loader::load(name, &p.path, &config.runtime_dir)?;
+                    log::info!(
+                        "loaded plugin {name} ({} {}, plugin-api {}) from {}: {}",
+                        lib.manifest.name,
+                        lib.manifest.version,
+                        lib.manifest.api_version,
+                        p.path.display(),
+                        describe_components(&lib)
+                    );
+                    libraries.insert(name.clone(), Arc::new(lib));
+                    loaded.push(name.clone());
+                }
+            }
         }
-        Ok(Registry { libraries })
+        Ok((Registry { libraries }, loaded))
     }
 
     /// The slot for `reference` as a `kind`, checked against the plugin's manifest.
@@ -114,13 +147,6 @@ impl Registry {
         })
     }
 
-    /// Number of libraries held and their total size in bytes.
-    pub fn held(&self) -> (usize, u64) {
-        (
-            self.libraries.len(),
-            self.libraries.values().map(|l| l.size).sum(),
-        )
-    }
 }
 
 /// `http hello, middleware timing` — for logs and errors.
