@@ -5,9 +5,11 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RArc, ROption, RStr, RString},
+    std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
 };
-use plughost_plugin_api::abi::{HostBox, HostFfi, HostFfi_TO, LogLevel};
+use plughost_plugin_api::{
+    abi::{HostBox, HostError, HostFfi, HostFfi_TO, LogLevel, Message, WorkerInfo},
+};
 
 /// What the host offers plugins.
 #[derive(Debug, Clone)]
@@ -98,5 +100,50 @@ impl HostFfi for Host {
             .or_else(|| self.inner.env_file.get(key.as_str()).cloned())
             .map(RString::from)
             .into()
+    }
+
+    fn ws_push(&self, _conn: u64, _message: Message<'_>) -> RResult<(), HostError> {
+        RResult::RErr(HostError::NotEnabled)
+    }
+
+    fn ws_broadcast(&self, _message: Message<'_>, _route: RStr<'_>, _except: u64) -> u64 {
+        0
+    }
+
+    fn ws_close(&self, _conn: u64, _code: u16, _reason: RStr<'_>) -> RResult<(), HostError> {
+        RResult::RErr(HostError::NotEnabled)
+    }
+
+    fn ws_is_established(&self, _conn: u64) -> bool {
+        false
+    }
+
+    fn ws_connections(&self, _route: RStr<'_>) -> RVec<u64> {
+        RVec::new()
+    }
+
+    fn deliver(
+        &self,
+        _task: RStr<'_>,
+        _payload: RSlice<'_, u8>,
+        _delay_ms: u64,
+        _tries: u32,
+        _origin: WorkerInfo,
+    ) -> RResult<u64, HostError> {
+        RResult::RErr(HostError::NotEnabled)
+    }
+
+    fn fire(
+        &self,
+        _event: RStr<'_>,
+        _payload: RSlice<'_, u8>,
+        _delay_ms: u64,
+        _tries: u32,
+    ) -> RResult<u64, HostError> {
+        RResult::RErr(HostError::NotEnabled)
+    }
+
+    fn send_to_process(&self, _process: RStr<'_>, _payload: RSlice<'_, u8>) -> RResult<u64, HostError> {
+        RResult::RErr(HostError::NotEnabled)
     }
 }

@@ -324,6 +324,7 @@ impl Instances {
             ComponentKind::Middleware => &self.plan.middleware[i],
             ComponentKind::Cleaner => &self.plan.cleaners[i],
             ComponentKind::Lifecycle => &self.plan.hooks[i],
+            other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
 
@@ -355,6 +356,7 @@ impl Instances {
             ComponentKind::Middleware => self.middleware[i] = self.remake(kind, i),
             ComponentKind::Cleaner => self.cleaners[i] = self.remake(kind, i),
             ComponentKind::Lifecycle => self.hooks[i] = self.remake(kind, i),
+            other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
 

@@ -12,7 +12,7 @@ use abi_stable::{
     package_version_strings,
     sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RArc, RBox, ROption, RResult, RStr, RString, RVec},
+    std_types::{RArc, RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -30,6 +30,16 @@ pub enum ComponentKind {
     Cleaner,
     /// Server start/stop and worker start/stop/error hooks.
     Lifecycle,
+    /// WebSocket connections on the routes that name it.
+    WebSocket,
+    /// A cron job run by the timer thread.
+    CronJob,
+    /// Runs delivered tasks on the task workers.
+    TaskHandler,
+    /// Listens to fired events on the task workers.
+    EventListener,
+    /// A long-running custom process on a thread of its own.
+    Process,
 }
 
 impl ComponentKind {
@@ -40,6 +50,11 @@ impl ComponentKind {
             ComponentKind::Middleware => "middleware",
             ComponentKind::Cleaner => "cleaner",
             ComponentKind::Lifecycle => "lifecycle",
+            ComponentKind::WebSocket => "websocket",
+            ComponentKind::CronJob => "cron",
+            ComponentKind::TaskHandler => "task",
+            ComponentKind::EventListener => "listener",
+            ComponentKind::Process => "process",
         }
     }
 }
@@ -109,6 +124,12 @@ pub enum ThreadKind {
     Main,
     /// An HTTP worker.
     Worker,
+    /// A task worker (tasks and events).
+    TaskWorker,
+    /// The timer thread (cron jobs).
+    Timer,
+    /// A custom process's thread.
+    Process,
 }
 
 impl ThreadKind {
@@ -117,6 +138,9 @@ impl ThreadKind {
         match self {
             ThreadKind::Main => "main",
             ThreadKind::Worker => "worker",
+            ThreadKind::TaskWorker => "task worker",
+            ThreadKind::Timer => "timer",
+            ThreadKind::Process => "process",
         }
     }
 }
@@ -173,6 +197,186 @@ pub trait LifecycleFfi {
     fn on_worker_error(&mut self, worker: WorkerInfo, error: RStr<'_>) -> PluginResult<()>;
 }
 
+/// Whether a WebSocket message is text or binary.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// UTF-8 text.
+    Text,
+    /// Bytes.
+    Binary,
+}
+
+/// A WebSocket message, borrowed for one call.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// Text or binary.
+    pub kind: MessageKind,
+    /// The payload (UTF-8 for text).
+    pub data: RSlice<'a, u8>,
+}
+
+impl<'a> Message<'a> {
+    /// A text message.
+    pub fn text(s: &'a str) -> Self {
+        Message {
+            kind: MessageKind::Text,
+            data: RSlice::from_slice(s.as_bytes()),
+        }
+    }
+
+    /// A binary message.
+    pub fn binary(b: &'a [u8]) -> Self {
+        Message {
+            kind: MessageKind::Binary,
+            data: RSlice::from_slice(b),
+        }
+    }
+
+    /// The payload as text, when it is UTF-8.
+    pub fn as_text(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.data.as_slice()).ok()
+    }
+}
+
+/// A WebSocket handler's answer to an upgrade request.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Upgrade (with any headers the handler added to the response).
+    Accept,
+    /// Answer with the response the handler filled (its status, 403 if it left 200).
+    Refuse,
+}
+
+/// Whether a cron job keeps its schedule.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Run again at the next tick.
+    Continue,
+    /// Stop this job's schedule.
+    Stop,
+}
+
+/// Whether an event goes on to the next listener.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// Run the next listener.
+    Continue,
+    /// Skip the remaining listeners.
+    Stop,
+}
+
+/// Why the host could not do what a plugin asked.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostError {
+    /// No such connection (never existed, or closed).
+    NotFound,
+    /// The connection is closing.
+    Closed,
+    /// A bounded queue is full (a slow WebSocket reader, or the task queue).
+    QueueFull,
+    /// No task handler of that name is configured.
+    UnknownTask,
+    /// No listeners are configured for that event.
+    UnknownEvent,
+    /// No custom process of that name is running.
+    UnknownProcess,
+    /// The feature is not enabled in the server's config.
+    NotEnabled,
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostError::NotFound => "no such connection",
+            HostError::Closed => "the connection is closing",
+            HostError::QueueFull => "the queue is full",
+            HostError::UnknownTask => "no such task handler",
+            HostError::UnknownEvent => "no listeners for that event",
+            HostError::UnknownProcess => "no such custom process",
+            HostError::NotEnabled => "not enabled in server.ron",
+        })
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// WebSocket handler, as a trait object.
+#[sabi_trait]
+pub trait WebSocketFfi {
+    /// Decide on an upgrade request; may add headers (e.g. a subprotocol) to `resp`.
+    fn on_handshake(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<Handshake>;
+    /// The connection is open.
+    fn on_open(&mut self, conn: u64, req: &Request<'_>) -> PluginResult<()>;
+    /// A message arrived.
+    fn on_message(&mut self, conn: u64, message: Message<'_>) -> PluginResult<()>;
+    /// The connection closed.
+    #[sabi(last_prefix_field)]
+    fn on_close(&mut self, conn: u64, code: u16, reason: RStr<'_>) -> PluginResult<()>;
+}
+
+/// Cron job, as a trait object.
+#[sabi_trait]
+pub trait CronJobFfi {
+    /// One tick.
+    #[sabi(last_prefix_field)]
+    fn run(&mut self) -> PluginResult<Schedule>;
+}
+
+/// Task handler, as a trait object.
+#[sabi_trait]
+pub trait TaskHandlerFfi {
+    /// Runs a task on a task worker; `Err` is retried while tries remain.
+    fn handle(&mut self, payload: RSlice<'_, u8>, attempt: u32)
+        -> PluginResult<RResult<RVec<u8>, RString>>;
+    /// Back on the delivering worker, with `handle`'s result.
+    #[sabi(last_prefix_field)]
+    fn finish(&mut self, result: RSlice<'_, u8>) -> PluginResult<()>;
+}
+
+/// Event listener, as a trait object.
+#[sabi_trait]
+pub trait EventListenerFfi {
+    /// Handles one event; `Err` is retried while tries remain.
+    #[sabi(last_prefix_field)]
+    fn on_event(
+        &mut self,
+        event: RStr<'_>,
+        payload: RSlice<'_, u8>,
+    ) -> PluginResult<RResult<Propagation, RString>>;
+}
+
+/// What a custom process's `run` reads from. Callable from the process's thread.
+#[sabi_trait]
+pub trait ProcessCtxFfi: Send + Sync + 'static {
+    /// Whether `run` should return now (stop or reload).
+    fn should_stop(&self) -> bool;
+    /// The next message sent to this process, waiting up to `timeout_ms`.
+    #[sabi(last_prefix_field)]
+    fn recv(&self, timeout_ms: u64) -> ROption<RVec<u8>>;
+}
+
+/// A process context as it crosses the boundary.
+pub type ProcessCtxBox = ProcessCtxFfi_TO<RArc<()>>;
+
+/// Custom process, as a trait object.
+#[sabi_trait]
+pub trait ProcessFfi {
+    /// Runs until `ctx.should_stop()`; started again after `restart_interval` if it returns
+    /// early or panics.
+    fn run(&mut self, ctx: ProcessCtxBox) -> PluginResult<()>;
+    /// Before the process is restarted with a new version of its plugin.
+    fn on_reload(&mut self) -> PluginResult<()>;
+    /// Before the server stops.
+    #[sabi(last_prefix_field)]
+    fn on_stop(&mut self) -> PluginResult<()>;
+}
+
 /// A boxed HTTP handler instance.
 pub type HttpHandlerBox = HttpHandlerFfi_TO<'static, RBox<()>>;
 /// A boxed middleware instance.
@@ -181,6 +385,16 @@ pub type MiddlewareBox = MiddlewareFfi_TO<'static, RBox<()>>;
 pub type CleanerBox = CleanerFfi_TO<'static, RBox<()>>;
 /// A boxed lifecycle instance.
 pub type LifecycleBox = LifecycleFfi_TO<'static, RBox<()>>;
+/// A boxed WebSocket handler instance.
+pub type WebSocketBox = WebSocketFfi_TO<'static, RBox<()>>;
+/// A boxed cron job instance.
+pub type CronJobBox = CronJobFfi_TO<'static, RBox<()>>;
+/// A boxed task handler instance.
+pub type TaskHandlerBox = TaskHandlerFfi_TO<'static, RBox<()>>;
+/// A boxed event listener instance.
+pub type EventListenerBox = EventListenerFfi_TO<'static, RBox<()>>;
+/// A boxed custom process instance.
+pub type ProcessBox = ProcessFfi_TO<'static, RBox<()>>;
 
 /// One live instance of a component. Instances stay on the thread that created them.
 #[repr(u8)]
@@ -194,6 +408,16 @@ pub enum Component {
     Cleaner(CleanerBox),
     /// Lifecycle hooks.
     Lifecycle(LifecycleBox),
+    /// A WebSocket handler.
+    WebSocket(WebSocketBox),
+    /// A cron job.
+    CronJob(CronJobBox),
+    /// A task handler.
+    TaskHandler(TaskHandlerBox),
+    /// An event listener.
+    EventListener(EventListenerBox),
+    /// A custom process.
+    Process(ProcessBox),
 }
 
 impl std::fmt::Debug for Component {
@@ -210,6 +434,11 @@ impl Component {
             Component::Middleware(_) => ComponentKind::Middleware,
             Component::Cleaner(_) => ComponentKind::Cleaner,
             Component::Lifecycle(_) => ComponentKind::Lifecycle,
+            Component::WebSocket(_) => ComponentKind::WebSocket,
+            Component::CronJob(_) => ComponentKind::CronJob,
+            Component::TaskHandler(_) => ComponentKind::TaskHandler,
+            Component::EventListener(_) => ComponentKind::EventListener,
+            Component::Process(_) => ComponentKind::Process,
         }
     }
 }
@@ -227,8 +456,38 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// The `-x` version string given to `plughost start`, empty when none.
     fn app_version(&self) -> RString;
     /// An environment value: the process environment first, then the env file the host read.
-    #[sabi(last_prefix_field)]
     fn env(&self, key: RStr<'_>) -> ROption<RString>;
+    /// Queues a message to a WebSocket connection owned by any worker.
+    fn ws_push(&self, conn: u64, message: Message<'_>) -> RResult<(), HostError>;
+    /// Queues a message to every connection of a route (empty: all), except `except` (0: none);
+    /// returns how many were reached.
+    fn ws_broadcast(&self, message: Message<'_>, route: RStr<'_>, except: u64) -> u64;
+    /// Closes a WebSocket connection with a close code and reason.
+    fn ws_close(&self, conn: u64, code: u16, reason: RStr<'_>) -> RResult<(), HostError>;
+    /// Whether a WebSocket connection is open.
+    fn ws_is_established(&self, conn: u64) -> bool;
+    /// Ids of the open connections of a route (empty: all).
+    fn ws_connections(&self, route: RStr<'_>) -> RVec<u64>;
+    /// Queues a task for a task worker; returns the task's id.
+    fn deliver(
+        &self,
+        task: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        delay_ms: u64,
+        tries: u32,
+        origin: WorkerInfo,
+    ) -> RResult<u64, HostError>;
+    /// Queues an event for its listeners; returns the event's id.
+    fn fire(
+        &self,
+        event: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        delay_ms: u64,
+        tries: u32,
+    ) -> RResult<u64, HostError>;
+    /// Sends a message to every instance of a custom process; returns how many took it.
+    #[sabi(last_prefix_field)]
+    fn send_to_process(&self, process: RStr<'_>, payload: RSlice<'_, u8>) -> RResult<u64, HostError>;
 }
 
 /// The host handle as it crosses the boundary.

@@ -10,15 +10,18 @@ use std::{
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RResult, RStr, RString, RVec},
+    std_types::{RResult, RSlice, RStr, RString, RVec},
 };
 use serde::de::DeserializeOwned;
 
 use crate::{
     abi::{
-        CleanerFfi, CleanerFfi_TO, Component, ComponentDesc, ComponentKind, HostBox,
-        HttpHandlerFfi, HttpHandlerFfi_TO, LifecycleFfi, LifecycleFfi_TO, Manifest,
-        MiddlewareFfi, MiddlewareFfi_TO, PluginError, PluginResult, WorkerInfo, API_VERSION,
+        CleanerFfi, CleanerFfi_TO, Component, ComponentDesc, ComponentKind, CronJobFfi,
+        CronJobFfi_TO, EventListenerFfi, EventListenerFfi_TO, Handshake, HostBox, HostError,
+        HttpHandlerFfi, HttpHandlerFfi_TO, LifecycleFfi, LifecycleFfi_TO, Manifest, Message,
+        MiddlewareFfi, MiddlewareFfi_TO, PluginError, PluginResult, ProcessCtxBox, ProcessFfi,
+        ProcessFfi_TO, Propagation, Schedule, TaskHandlerFfi, TaskHandlerFfi_TO, WebSocketFfi,
+        WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
     http::{Flow, Request, Response},
 };
@@ -71,6 +74,92 @@ pub trait Lifecycle: 'static {
     }
 }
 
+/// Handles WebSocket connections on the routes that name it in `server.ron`.
+pub trait WebSocketHandler: 'static {
+    /// An upgrade request arrived (after the middleware). Add headers to `resp` (e.g.
+    /// `sec-websocket-protocol`), or fill it with a status and body and return
+    /// [`Handshake::Refuse`].
+    fn on_handshake(&mut self, req: &Request<'_>, resp: &mut Response) -> Handshake {
+        let _ = (req, resp);
+        Handshake::Accept
+    }
+    /// The connection `conn` is open; `req` is the upgrade request.
+    fn on_open(&mut self, conn: u64, req: &Request<'_>) {
+        let _ = (conn, req);
+    }
+    /// A message arrived on `conn`. A panic here closes that connection with 1011.
+    fn on_message(&mut self, conn: u64, message: Message<'_>) {
+        let _ = (conn, message);
+    }
+    /// `conn` closed with this code and reason.
+    fn on_close(&mut self, conn: u64, code: u16, reason: &str) {
+        let _ = (conn, code, reason);
+    }
+}
+
+/// A job the timer thread runs every `interval_ms`.
+pub trait CronJob: 'static {
+    /// One tick. Return [`Schedule::Stop`] to end this job's schedule.
+    fn run(&mut self) -> Schedule;
+}
+
+/// Runs tasks delivered with [`Host::deliver`], on the task workers.
+pub trait TaskHandler: 'static {
+    /// Runs one task (`attempt` counts from 1). An `Err` or a panic is retried with backoff
+    /// while tries remain; the `Ok` bytes go to [`finish`](Self::finish).
+    fn handle(&mut self, payload: &[u8], attempt: u32) -> Result<Vec<u8>, String>;
+    /// Runs on the worker that delivered the task (when that was an HTTP worker), with the
+    /// result of `handle`.
+    fn finish(&mut self, result: &[u8]) {
+        let _ = result;
+    }
+}
+
+/// Listens to events fired with [`Host::fire`], on the task workers, in configured order.
+pub trait EventListener: 'static {
+    /// Handles one event. [`Propagation::Stop`] skips the listeners after this one; an `Err`
+    /// or a panic is retried while tries remain.
+    fn on_event(&mut self, event: &str, payload: &[u8]) -> Result<Propagation, String>;
+}
+
+/// A long-running custom process, on a thread of its own.
+pub trait Process: 'static {
+    /// Runs until `ctx.should_stop()`; check it often (or block in `ctx.recv`). If it returns
+    /// early or panics, it is started again after `restart_interval_ms`.
+    fn run(&mut self, ctx: &ProcessContext);
+    /// Before the process is restarted with a new version of its plugin.
+    fn on_reload(&mut self) {}
+    /// Before the server stops.
+    fn on_stop(&mut self) {}
+}
+
+/// What a custom process reads from.
+pub struct ProcessContext {
+    ffi: ProcessCtxBox,
+}
+
+impl std::fmt::Debug for ProcessContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessContext").finish_non_exhaustive()
+    }
+}
+
+impl ProcessContext {
+    /// Whether `run` should return now (the server stops or reloads this process).
+    pub fn should_stop(&self) -> bool {
+        self.ffi.should_stop()
+    }
+
+    /// The next message sent with [`Host::send_to_process`], waiting up to `timeout`; `None`
+    /// on timeout or when the process should stop.
+    pub fn recv(&self, timeout: std::time::Duration) -> Option<Vec<u8>> {
+        self.ffi
+            .recv(timeout.as_millis().min(u64::MAX as u128) as u64)
+            .into_option()
+            .map(Into::into)
+    }
+}
+
 /// The host handle an instance may keep. Cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct Host {
@@ -103,6 +192,58 @@ impl Host {
     /// An environment value: the process environment first, then the env file the host read.
     pub fn env(&self, key: &str) -> Option<String> {
         self.ffi.env(key.into()).into_option().map(Into::into)
+    }
+
+    /// Queues a message to WebSocket connection `conn`, whichever worker owns it.
+    pub fn push(&self, conn: u64, message: Message<'_>) -> Result<(), HostError> {
+        self.ffi.ws_push(conn, message).into_result()
+    }
+
+    /// Queues a text message to `conn`.
+    pub fn push_text(&self, conn: u64, text: &str) -> Result<(), HostError> {
+        self.push(conn, Message::text(text))
+    }
+
+    /// Queues a message to every connection on `route` (`""`: every route), except `except`
+    /// (0: none). Returns how many connections it reached.
+    pub fn broadcast(&self, message: Message<'_>, route: &str, except: u64) -> u64 {
+        self.ffi.ws_broadcast(message, route.into(), except)
+    }
+
+    /// Closes connection `conn` with a close code and reason.
+    pub fn close(&self, conn: u64, code: u16, reason: &str) -> Result<(), HostError> {
+        self.ffi.ws_close(conn, code, reason.into()).into_result()
+    }
+
+    /// Whether connection `conn` is an open WebSocket.
+    pub fn is_established(&self, conn: u64) -> bool {
+        self.ffi.ws_is_established(conn)
+    }
+
+    /// The open WebSocket connections on `route` (`""`: every route).
+    pub fn connections(&self, route: &str) -> Vec<u64> {
+        self.ffi.ws_connections(route.into()).into()
+    }
+
+    /// Delivers a task to the task handler `task` (`"plugin.component"`), to run on a task
+    /// worker after `delay_ms`, tried up to `tries` times. Returns the task's id.
+    pub fn deliver(&self, task: &str, payload: &[u8], delay_ms: u64, tries: u32) -> Result<u64, HostError> {
+        self.ffi
+            .deliver(task.into(), payload.into(), delay_ms, tries.max(1), self.worker)
+            .into_result()
+    }
+
+    /// Fires `event` to its configured listeners, after `delay_ms`, each listener tried up to
+    /// `tries` times. Returns the event's id.
+    pub fn fire(&self, event: &str, payload: &[u8], delay_ms: u64, tries: u32) -> Result<u64, HostError> {
+        self.ffi
+            .fire(event.into(), payload.into(), delay_ms, tries.max(1))
+            .into_result()
+    }
+
+    /// Sends a message to every instance of custom process `name`; returns how many got it.
+    pub fn send_to_process(&self, name: &str, payload: &[u8]) -> Result<u64, HostError> {
+        self.ffi.send_to_process(name.into(), payload.into()).into_result()
     }
 }
 
@@ -269,6 +410,86 @@ impl Plugin {
         )
     }
 
+    /// Provides a WebSocket handler named `name`.
+    pub fn websocket<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: WebSocketHandler,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::WebSocket,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::WebSocket(WebSocketFfi_TO::from_value(Guarded(it), TD_Opaque)))
+            }),
+        )
+    }
+
+    /// Provides a cron job named `name`.
+    pub fn cron<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: CronJob,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::CronJob,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::CronJob(CronJobFfi_TO::from_value(Guarded(it), TD_Opaque)))
+            }),
+        )
+    }
+
+    /// Provides a task handler named `name`.
+    pub fn task<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: TaskHandler,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::TaskHandler,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::TaskHandler(TaskHandlerFfi_TO::from_value(Guarded(it), TD_Opaque)))
+            }),
+        )
+    }
+
+    /// Provides an event listener named `name`.
+    pub fn listener<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: EventListener,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::EventListener,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::EventListener(EventListenerFfi_TO::from_value(Guarded(it), TD_Opaque)))
+            }),
+        )
+    }
+
+    /// Provides a custom process named `name`.
+    pub fn process<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: Process,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::Process,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::Process(ProcessFfi_TO::from_value(Guarded(it), TD_Opaque)))
+            }),
+        )
+    }
+
     /// The manifest the host reads.
     pub fn manifest(&self) -> Manifest {
         Manifest {
@@ -357,6 +578,69 @@ impl<T: Lifecycle> LifecycleFfi for Guarded<T> {
     }
     fn on_worker_error(&mut self, worker: WorkerInfo, error: RStr<'_>) -> PluginResult<()> {
         guard(|| self.0.on_worker_error(worker, error.as_str()))
+    }
+}
+
+impl<T: WebSocketHandler> WebSocketFfi for Guarded<T> {
+    fn on_handshake(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<Handshake> {
+        guard(|| self.0.on_handshake(req, resp))
+    }
+    fn on_open(&mut self, conn: u64, req: &Request<'_>) -> PluginResult<()> {
+        guard(|| self.0.on_open(conn, req))
+    }
+    fn on_message(&mut self, conn: u64, message: Message<'_>) -> PluginResult<()> {
+        guard(|| self.0.on_message(conn, message))
+    }
+    fn on_close(&mut self, conn: u64, code: u16, reason: RStr<'_>) -> PluginResult<()> {
+        guard(|| self.0.on_close(conn, code, reason.as_str()))
+    }
+}
+
+impl<T: CronJob> CronJobFfi for Guarded<T> {
+    fn run(&mut self) -> PluginResult<Schedule> {
+        guard(|| self.0.run())
+    }
+}
+
+impl<T: TaskHandler> TaskHandlerFfi for Guarded<T> {
+    fn handle(
+        &mut self,
+        payload: RSlice<'_, u8>,
+        attempt: u32,
+    ) -> PluginResult<RResult<RVec<u8>, RString>> {
+        guard(|| match self.0.handle(payload.as_slice(), attempt) {
+            Ok(v) => RResult::ROk(RVec::from(v)),
+            Err(e) => RResult::RErr(RString::from(e)),
+        })
+    }
+    fn finish(&mut self, result: RSlice<'_, u8>) -> PluginResult<()> {
+        guard(|| self.0.finish(result.as_slice()))
+    }
+}
+
+impl<T: EventListener> EventListenerFfi for Guarded<T> {
+    fn on_event(
+        &mut self,
+        event: RStr<'_>,
+        payload: RSlice<'_, u8>,
+    ) -> PluginResult<RResult<Propagation, RString>> {
+        guard(|| match self.0.on_event(event.as_str(), payload.as_slice()) {
+            Ok(p) => RResult::ROk(p),
+            Err(e) => RResult::RErr(RString::from(e)),
+        })
+    }
+}
+
+impl<T: Process> ProcessFfi for Guarded<T> {
+    fn run(&mut self, ctx: ProcessCtxBox) -> PluginResult<()> {
+        let ctx = ProcessContext { ffi: ctx };
+        guard(|| self.0.run(&ctx))
+    }
+    fn on_reload(&mut self) -> PluginResult<()> {
+        guard(|| self.0.on_reload())
+    }
+    fn on_stop(&mut self) -> PluginResult<()> {
+        guard(|| self.0.on_stop())
     }
 }
 

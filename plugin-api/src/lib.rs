@@ -60,8 +60,14 @@ pub mod component;
 pub mod export;
 pub mod http;
 
-pub use abi::{ComponentKind, ThreadKind, WorkerInfo, API_VERSION};
-pub use component::{Cleaner, Context, Error, Host, HttpHandler, Lifecycle, Middleware, Plugin};
+pub use abi::{
+    ComponentKind, Handshake, HostError, Message, MessageKind, Propagation, Schedule, ThreadKind,
+    WorkerInfo, API_VERSION,
+};
+pub use component::{
+    Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
+    Plugin, Process, ProcessContext, TaskHandler, WebSocketHandler,
+};
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 
 /// Re-exported so plugins log through the same `log` the forwarder is installed in.
@@ -72,8 +78,10 @@ pub use abi_stable;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, Error, Flow, Host, HttpHandler, Lifecycle,
-        Middleware, Plugin, Request, Response, WorkerInfo,
+        export_plugin, log, Cleaner, Context, CronJob, Error, EventListener, Flow, Handshake,
+        Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware, Plugin,
+        Process, ProcessContext, Propagation, Request, Response, Schedule, TaskHandler,
+        WebSocketHandler, WorkerInfo,
     };
 }
 
