@@ -44,6 +44,122 @@ pub struct Config {
     pub hooks: Vec<String>,
     /// Hot reload.
     pub reload: ReloadConfig,
+    /// WebSocket on the HTTP port.
+    pub websocket: WebSocketConfig,
+    /// Task worker threads (tasks and events); 0 = task workers disabled.
+    pub task_worker_num: usize,
+    /// Tasks and events waiting (or delayed, or running) at most; more are refused.
+    pub task_queue_size: usize,
+    /// Events by name, each with its listener components in the order they run.
+    pub events: BTreeMap<String, Vec<String>>,
+    /// Millisecond cron jobs.
+    pub timer: TimerConfig,
+    /// Custom processes by name.
+    pub processes: BTreeMap<String, ProcessConfig>,
+}
+
+/// The cron timer.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimerConfig {
+    /// Run the timer thread.
+    pub enable: bool,
+    /// The cron jobs.
+    pub jobs: Vec<CronConfig>,
+    /// Seconds a reload or stop waits for a running job.
+    pub max_wait_time: u64,
+}
+
+impl Default for TimerConfig {
+    fn default() -> Self {
+        TimerConfig {
+            enable: false,
+            jobs: Vec::new(),
+            max_wait_time: 5,
+        }
+    }
+}
+
+/// One cron job.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CronConfig {
+    /// `plugin.component` of a cron job.
+    pub job: String,
+    /// Milliseconds between runs (fixed rate).
+    pub interval_ms: u64,
+    /// Run once at start instead of one interval after it.
+    #[serde(default)]
+    pub immediate: bool,
+}
+
+/// One custom process.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// `plugin.component` of a custom process.
+    pub component: String,
+    /// Instances, each on its own thread.
+    #[serde(default = "one")]
+    pub num: usize,
+    /// Milliseconds before a `run` that returned or panicked is started again.
+    #[serde(default = "restart_interval")]
+    pub restart_interval_ms: u64,
+    /// Started only when true.
+    #[serde(default = "yes")]
+    pub enable: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn restart_interval() -> u64 {
+    1000
+}
+
+/// WebSocket on the HTTP port.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Serve WebSocket upgrades on `routes`.
+    pub enable: bool,
+    /// Paths and their WebSocket handler components.
+    pub routes: Vec<WsRouteConfig>,
+    /// Seconds a silent connection may stay open; 0 = forever.
+    pub heartbeat_idle_time: u64,
+    /// Seconds between checks for silent connections.
+    pub heartbeat_check_interval: u64,
+    /// Largest incoming message in bytes; larger closes the connection with 1009.
+    pub max_message_size: usize,
+    /// Most open WebSocket connections; more are refused with 503.
+    pub max_connections: usize,
+    /// Messages queued to one connection before it counts as a slow reader and is closed.
+    pub send_queue: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            enable: false,
+            routes: Vec::new(),
+            heartbeat_idle_time: 600,
+            heartbeat_check_interval: 60,
+            max_message_size: 1 << 20,
+            max_connections: 10_000,
+            send_queue: 256,
+        }
+    }
+}
+
+/// One WebSocket route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WsRouteConfig {
+    /// An exact path.
+    pub path: String,
+    /// `plugin.component` of a WebSocket handler.
+    pub handler: String,
 }
 
 /// Hot reload.
@@ -85,6 +201,12 @@ impl Default for Config {
             cleaners: Vec::new(),
             hooks: Vec::new(),
             reload: ReloadConfig::default(),
+            websocket: WebSocketConfig::default(),
+            task_worker_num: 0,
+            task_queue_size: 1024,
+            events: BTreeMap::new(),
+            timer: TimerConfig::default(),
+            processes: BTreeMap::new(),
         }
     }
 }
@@ -335,6 +457,24 @@ impl Config {
                 }
             }
         }
+        for (i, route) in self.websocket.routes.iter().enumerate() {
+            check_ref(format!("websocket.routes[{i}].handler"), &route.handler)?;
+            if !route.path.starts_with('/') || route.path.contains(['{', '}', '*']) {
+                return Err(invalid(
+                    format!("websocket.routes[{i}].path"),
+                    &route.path,
+                    format!("{:?} must be an exact path starting with '/'", route.path),
+                ));
+            }
+        }
+        if self.websocket.enable && self.websocket.heartbeat_idle_time > 0 && self.websocket.heartbeat_check_interval == 0 {
+            return Err(invalid(
+                "websocket.heartbeat_check_interval".into(),
+                "heartbeat_check_interval",
+                "must be at least 1 (second) when heartbeat_idle_time is set".into(),
+            ));
+        }
+        self.validate_services(&invalid, &check_ref)?;
         for (list, name) in [
             (&self.middleware, "middleware"),
             (&self.cleaners, "cleaners"),
@@ -345,6 +485,50 @@ impl Config {
             }
         }
         Ok(self)
+    }
+
+    /// Task workers, events, the timer and custom processes.
+    fn validate_services(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+        check_ref: &impl Fn(String, &str) -> Result<ComponentRef, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        if self.task_queue_size == 0 {
+            return Err(invalid(
+                "task_queue_size".into(),
+                "task_queue_size",
+                "must be at least 1".into(),
+            ));
+        }
+        for (event, listeners) in &self.events {
+            if event.is_empty() {
+                return Err(invalid("events".into(), "events", "an event name is empty".into()));
+            }
+            for (i, l) in listeners.iter().enumerate() {
+                check_ref(format!("events.{event}[{i}]"), l)?;
+            }
+        }
+        for (i, job) in self.timer.jobs.iter().enumerate() {
+            check_ref(format!("timer.jobs[{i}].job"), &job.job)?;
+            if job.interval_ms == 0 {
+                return Err(invalid(
+                    format!("timer.jobs[{i}].interval_ms"),
+                    "interval_ms",
+                    "must be at least 1 (millisecond)".into(),
+                ));
+            }
+        }
+        for (name, p) in self.processes.iter().filter(|(_, p)| p.enable) {
+            check_ref(format!("processes.{name}.component"), &p.component)?;
+            if p.num == 0 {
+                return Err(invalid(
+                    format!("processes.{name}.num"),
+                    name,
+                    "must be at least 1 (or set enable: false)".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn resolve_paths(mut self, base: &Path) -> Config {

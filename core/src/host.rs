@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, path::Path, sync::Arc};
 
+use crate::connections::Connections;
+
 use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
@@ -21,6 +23,7 @@ pub struct Host {
 struct Shared {
     app_version: String,
     env_file: HashMap<String, String>,
+    connections: Arc<Connections>,
 }
 
 impl Host {
@@ -31,8 +34,14 @@ impl Host {
             inner: Arc::new(Shared {
                 app_version,
                 env_file,
+                connections: Arc::default(),
             }),
         }
+    }
+
+    /// The WebSocket connections of every worker.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.inner.connections
     }
 
     /// The handle given to plugins.
@@ -102,24 +111,29 @@ impl HostFfi for Host {
             .into()
     }
 
-    fn ws_push(&self, _conn: u64, _message: Message<'_>) -> RResult<(), HostError> {
-        RResult::RErr(HostError::NotEnabled)
+    fn ws_push(&self, conn: u64, message: Message<'_>) -> RResult<(), HostError> {
+        self.inner.connections.push(conn, &message).into()
     }
 
-    fn ws_broadcast(&self, _message: Message<'_>, _route: RStr<'_>, _except: u64) -> u64 {
-        0
+    fn ws_broadcast(&self, message: Message<'_>, route: RStr<'_>, except: u64) -> u64 {
+        self.inner
+            .connections
+            .broadcast(&message, route.as_str(), except)
     }
 
-    fn ws_close(&self, _conn: u64, _code: u16, _reason: RStr<'_>) -> RResult<(), HostError> {
-        RResult::RErr(HostError::NotEnabled)
+    fn ws_close(&self, conn: u64, code: u16, reason: RStr<'_>) -> RResult<(), HostError> {
+        self.inner
+            .connections
+            .close(conn, code, reason.as_str())
+            .into()
     }
 
-    fn ws_is_established(&self, _conn: u64) -> bool {
-        false
+    fn ws_is_established(&self, conn: u64) -> bool {
+        self.inner.connections.is_established(conn)
     }
 
-    fn ws_connections(&self, _route: RStr<'_>) -> RVec<u64> {
-        RVec::new()
+    fn ws_connections(&self, route: RStr<'_>) -> RVec<u64> {
+        self.inner.connections.ids(route.as_str()).into()
     }
 
     fn deliver(

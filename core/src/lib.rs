@@ -6,6 +6,7 @@
 pub mod alloc;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod error;
 pub mod host;

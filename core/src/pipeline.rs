@@ -8,14 +8,14 @@ use std::sync::{atomic::Ordering, Arc};
 use abi_stable::std_types::RResult;
 use plughost_plugin_api::{
     abi::{
-        CleanerBox, Component, ComponentKind, HostBox, HttpHandlerBox, LifecycleBox,
-        MiddlewareBox, PluginError as FfiError, WorkerInfo,
+        CleanerBox, Component, ComponentKind, Handshake, HostBox, HttpHandlerBox, LifecycleBox,
+        Message, MiddlewareBox, PluginError as FfiError, WebSocketBox, WorkerInfo,
     },
     Flow, Request, Response,
 };
 
 use crate::{
-    config::{ComponentRef, Config, Limits},
+    config::{ComponentRef, Config, Limits, WebSocketConfig},
     error::PluginError,
     plugin::{Registry, Slot},
     router::{Match, Router},
@@ -35,6 +35,12 @@ pub struct Plan {
     pub cleaners: Vec<Slot>,
     /// Lifecycle hooks.
     pub hooks: Vec<Slot>,
+    /// WebSocket handlers, one slot per distinct component.
+    pub websocket: Vec<Slot>,
+    /// WebSocket routes: exact path -> index into `websocket` (empty when disabled).
+    pub ws_routes: Vec<(String, usize)>,
+    /// WebSocket settings.
+    pub ws: WebSocketConfig,
     /// HTTP limits.
     pub limits: Limits,
     /// Requests after which a worker recreates its instances (0 = never).
@@ -62,7 +68,25 @@ impl Plan {
                 .map(|s| registry.slot(config, &ComponentRef::parse(s).expect("validated"), kind))
                 .collect()
         };
+        let mut websocket: Vec<Slot> = Vec::new();
+        let mut ws_routes = Vec::new();
+        if config.websocket.enable {
+            for route in &config.websocket.routes {
+                let r = ComponentRef::parse(&route.handler).expect("validated");
+                let index = match websocket.iter().position(|s| s.reference == r) {
+                    Some(i) => i,
+                    None => {
+                        websocket.push(registry.slot(config, &r, ComponentKind::WebSocket)?);
+                        websocket.len() - 1
+                    }
+                };
+                ws_routes.push((route.path.clone(), index));
+            }
+        }
         Ok(Plan {
+            websocket,
+            ws_routes,
+            ws: config.websocket.clone(),
             router,
             handlers,
             middleware: slots(&config.middleware, ComponentKind::Middleware)?,
@@ -83,6 +107,7 @@ pub struct Instances {
     middleware: Vec<Option<MiddlewareBox>>,
     cleaners: Vec<Option<CleanerBox>>,
     hooks: Vec<Option<LifecycleBox>>,
+    websocket: Vec<Option<WebSocketBox>>,
     /// Requests since the instances were created (for `max_request`).
     served: u64,
 }
@@ -138,6 +163,11 @@ impl Instances {
             .iter()
             .map(|s| make(s).map(|c| Some(take_kind!(c, Lifecycle))))
             .collect::<Result<_, _>>()?;
+        let websocket = plan
+            .websocket
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, WebSocket))))
+            .collect::<Result<_, _>>()?;
         let mut it = Instances {
             plan,
             host,
@@ -146,6 +176,7 @@ impl Instances {
             middleware,
             cleaners,
             hooks,
+            websocket,
             served: 0,
         };
         it.each_hook("on_worker_start", |h, w| h.on_worker_start(w));
@@ -201,6 +232,7 @@ impl Instances {
         let middleware: Vec<_> = plan.middleware.iter().map(|s| reuse_or_make(&old_plan.middleware, s)).collect::<Result<_, _>>()?;
         let cleaners: Vec<_> = plan.cleaners.iter().map(|s| reuse_or_make(&old_plan.cleaners, s)).collect::<Result<_, _>>()?;
         let hooks: Vec<_> = plan.hooks.iter().map(|s| reuse_or_make(&old_plan.hooks, s)).collect::<Result<_, _>>()?;
+        let websocket: Vec<_> = plan.websocket.iter().map(|s| reuse_or_make(&old_plan.websocket, s)).collect::<Result<_, _>>()?;
 
         // Every new instance exists: swap. Replaced hooks say goodbye first.
         let kept_hooks: Vec<usize> = hooks.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
@@ -225,6 +257,7 @@ impl Instances {
         self.handlers = assemble(&mut self.handlers, handlers);
         self.middleware = assemble(&mut self.middleware, middleware);
         self.cleaners = assemble(&mut self.cleaners, cleaners);
+        self.websocket = assemble(&mut self.websocket, websocket);
         let new_hooks: Vec<bool> = hooks.iter().map(|h| h.is_err()).collect();
         self.hooks = assemble(&mut self.hooks, hooks);
         for (i, hook) in self.hooks.iter_mut().enumerate() {
@@ -318,12 +351,100 @@ impl Instances {
         outcome
     }
 
+    /// Runs an upgrade request through the middleware and the WebSocket handler `ws`. Returns
+    /// true to accept (with any headers put in `resp`); otherwise `resp` holds the refusal.
+    pub fn handshake(
+        &mut self,
+        req: &Request<'_>,
+        ws: usize,
+        resp: &mut Response,
+        stats: &WorkerStats,
+    ) -> bool {
+        resp.reset();
+        let mut ran = 0;
+        let mut accepted = false;
+        let mut answered = false;
+        for i in 0..self.middleware.len() {
+            let Some(m) = self.middleware[i].as_mut() else {
+                unavailable(resp);
+                answered = true;
+                break;
+            };
+            match m.on_request(req, resp) {
+                RResult::ROk(Flow::Continue) => ran = i + 1,
+                RResult::ROk(Flow::Respond) => {
+                    ran = i + 1;
+                    answered = true;
+                    break;
+                }
+                RResult::RErr(e) => {
+                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
+                    answered = true;
+                    break;
+                }
+            }
+        }
+        if !answered {
+            match self.websocket[ws].as_mut() {
+                None => {
+                    self.websocket[ws] = self.remake(ComponentKind::WebSocket, ws);
+                    unavailable(resp);
+                }
+                Some(h) => match h.on_handshake(req, resp) {
+                    RResult::ROk(Handshake::Accept) => accepted = true,
+                    RResult::ROk(Handshake::Refuse) => {
+                        if resp.status() < 300 {
+                            resp.set_status(403);
+                        }
+                        if resp.body().is_empty() {
+                            resp.set_body("websocket handshake refused\n");
+                        }
+                    }
+                    RResult::RErr(e) => self.failed(ComponentKind::WebSocket, ws, &e, resp, stats),
+                },
+            }
+        }
+        if !accepted {
+            // A refusal is a response like any other: the middleware sees it.
+            for i in (0..ran).rev() {
+                if let Some(m) = self.middleware[i].as_mut() {
+                    if let RResult::RErr(e) = m.on_response(req, resp) {
+                        self.failed(ComponentKind::Middleware, i, &e, resp, stats);
+                    }
+                }
+            }
+        }
+        accepted
+    }
+
+    /// A WebSocket event for handler `ws`; false when the handler panicked (the instance was
+    /// recreated, and the connection should close with 1011).
+    pub fn ws_event(&mut self, ws: usize, stats: &WorkerStats, event: WsEvent<'_, '_>) -> bool {
+        let Some(h) = self.websocket[ws].as_mut() else {
+            self.websocket[ws] = self.remake(ComponentKind::WebSocket, ws);
+            return false;
+        };
+        let result = match event {
+            WsEvent::Open(conn, req) => h.on_open(conn, req),
+            WsEvent::Message(conn, message) => h.on_message(conn, message),
+            WsEvent::Close(conn, code, reason) => h.on_close(conn, code, reason.into()),
+        };
+        match result {
+            RResult::ROk(()) => true,
+            RResult::RErr(e) => {
+                self.failed(ComponentKind::WebSocket, ws, &e, &mut Response::new(), stats);
+                false
+            }
+        }
+    }
+
     fn slot(&self, kind: ComponentKind, i: usize) -> &Slot {
         match kind {
             ComponentKind::HttpHandler => &self.plan.handlers[i],
             ComponentKind::Middleware => &self.plan.middleware[i],
             ComponentKind::Cleaner => &self.plan.cleaners[i],
             ComponentKind::Lifecycle => &self.plan.hooks[i],
+            ComponentKind::WebSocket => &self.plan.websocket[i],
             other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
@@ -356,6 +477,7 @@ impl Instances {
             ComponentKind::Middleware => self.middleware[i] = self.remake(kind, i),
             ComponentKind::Cleaner => self.cleaners[i] = self.remake(kind, i),
             ComponentKind::Lifecycle => self.hooks[i] = self.remake(kind, i),
+            ComponentKind::WebSocket => self.websocket[i] = self.remake(kind, i),
             other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
@@ -370,6 +492,17 @@ impl Instances {
             }
         }
     }
+}
+
+/// Something that happened on a WebSocket connection.
+#[derive(Debug)]
+pub enum WsEvent<'a, 'r> {
+    /// Opened by this upgrade request.
+    Open(u64, &'a Request<'r>),
+    /// A message arrived.
+    Message(u64, Message<'a>),
+    /// Closed with a code and reason.
+    Close(u64, u16, &'a str),
 }
 
 /// Unwraps a component of a known kind.
@@ -393,6 +526,7 @@ from_component!(HttpHandlerBox, HttpHandler);
 from_component!(MiddlewareBox, Middleware);
 from_component!(CleanerBox, Cleaner);
 from_component!(LifecycleBox, Lifecycle);
+from_component!(WebSocketBox, WebSocket);
 
 fn unavailable(resp: &mut Response) {
     resp.reset();

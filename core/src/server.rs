@@ -2,6 +2,7 @@
 //! them from the main thread until a signal says stop.
 
 pub mod http;
+pub mod ws;
 
 use std::{
     collections::BTreeSet,
@@ -125,7 +126,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
             id as u32,
             listener,
             plan.clone(),
-            host.boxed(),
+            host.clone(),
             stats.clone(),
             rx,
             ready_tx.clone(),

@@ -31,6 +31,41 @@ pub struct Stats {
     pub reloads: AtomicU64,
     /// Reloads refused (the old version kept serving).
     pub reload_failures: AtomicU64,
+    /// Task workers, the timer and custom processes.
+    pub services: ServiceStats,
+}
+
+/// Counters of the task workers, the timer and the custom processes.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Tasks accepted by `deliver`.
+    pub tasks_accepted: AtomicU64,
+    /// Deliveries refused (queue full, unknown task, stopping).
+    pub tasks_refused: AtomicU64,
+    /// Tasks whose `handle` succeeded.
+    pub tasks_ok: AtomicU64,
+    /// Tasks that failed every try.
+    pub tasks_failed: AtomicU64,
+    /// Retries scheduled (of tasks and of event listeners).
+    pub tasks_retried: AtomicU64,
+    /// Queued tasks and events dropped at stop.
+    pub tasks_dropped: AtomicU64,
+    /// Events accepted by `fire`.
+    pub events_fired: AtomicU64,
+    /// Events whose listeners all ran (or one stopped propagation).
+    pub events_ok: AtomicU64,
+    /// Events given up on after a listener failed every try.
+    pub events_failed: AtomicU64,
+    /// Cron job runs.
+    pub cron_runs: AtomicU64,
+    /// Cron job runs that panicked.
+    pub cron_panics: AtomicU64,
+    /// Cron ticks skipped because a run overran.
+    pub cron_skipped: AtomicU64,
+    /// Custom process runs that returned early or panicked and were started again.
+    pub process_restarts: AtomicU64,
+    /// Custom process panics.
+    pub process_panics: AtomicU64,
 }
 
 impl Stats {
@@ -41,6 +76,7 @@ impl Stats {
             workers: (0..workers).map(|_| WorkerStats::default()).collect(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            services: ServiceStats::default(),
         }
     }
 

@@ -26,7 +26,9 @@ use smol::LocalExecutor;
 
 use crate::{
     config::Limits,
-    pipeline::{Instances, Plan},
+    connections::Connections,
+    host::Host,
+    pipeline::{Instances, Plan, WsEvent},
     router::{Match, Router},
     server::{http, Shutdown},
     stats::{Stats, WorkerStats},
@@ -53,6 +55,8 @@ pub enum Phase {
     ReadingBody,
     /// Running plugins or writing the response.
     Busy,
+    /// An upgraded WebSocket (heartbeat timeout, counted from the last frame received).
+    WebSocket,
 }
 
 /// One open connection, shared by its task and the worker's registry.
@@ -76,6 +80,11 @@ impl Conn {
         }
     }
 
+    /// Marks activity on a WebSocket (for the heartbeat).
+    pub fn touch(&self, worker: &Worker) {
+        self.since.set(worker.now.get());
+    }
+
     /// The current phase.
     pub fn phase(&self) -> Phase {
         self.phase.get()
@@ -97,6 +106,7 @@ pub struct Worker {
     info: WorkerInfo,
     plan: RefCell<Arc<Plan>>,
     host: HostBox,
+    connections: Arc<Connections>,
     /// `None` after instances could not be recreated; retried on the next request.
     instances: RefCell<Option<Instances>>,
     conns: RefCell<HashMap<u64, Rc<Conn>>>,
@@ -126,6 +136,54 @@ impl Worker {
     /// The HTTP limits now in force.
     pub fn limits(&self) -> Limits {
         self.plan.borrow().limits
+    }
+
+    /// The WebSocket registry shared by all workers.
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// The WebSocket settings now in force.
+    pub fn ws_settings(&self) -> WsSettings {
+        let plan = self.plan.borrow();
+        WsSettings {
+            max_message_size: plan.ws.max_message_size,
+            max_connections: plan.ws.max_connections,
+            send_queue: plan.ws.send_queue,
+        }
+    }
+
+    /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
+    pub fn ws_route(&self, path: &str) -> Option<usize> {
+        let plan = self.plan.borrow();
+        plan.ws_routes.iter().find(|(p, _)| p == path).map(|(_, i)| *i)
+    }
+
+    /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
+    pub fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.instances.borrow_mut();
+        if slot.is_none() {
+            *slot = self.create_instances();
+        }
+        match slot.as_mut() {
+            Some(inst) => inst.handshake(req, ws, resp, stats),
+            None => {
+                resp.reset();
+                resp.text(503, "service unavailable: plugin instances could not be created\n");
+                false
+            }
+        }
+    }
+
+    /// Delivers a WebSocket event to this worker's instance of handler `ws`.
+    pub fn ws_event(&self, ws: usize, event: WsEvent<'_, '_>) -> bool {
+        let mut slot = self.instances.borrow_mut();
+        match slot.as_mut() {
+            Some(inst) => inst.ws_event(ws, self.my_stats(), event),
+            None => false,
+        }
     }
 
     /// Whether a graceful stop is under way.
@@ -216,7 +274,7 @@ impl Worker {
                 Phase::ReadingHead | Phase::ReadingBody => {
                     Duration::from_millis(limits.header_read_timeout_ms)
                 }
-                Phase::Busy => continue,
+                Phase::Busy | Phase::WebSocket => continue,
             };
             if !conn.timed_out() && now.duration_since(conn.since.get()) >= limit {
                 conn.cut();
@@ -231,7 +289,7 @@ pub fn spawn(
     id: u32,
     listener: TcpListener,
     plan: Arc<Plan>,
-    host: HostBox,
+    host: Host,
     stats: Arc<Stats>,
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<(u32, Result<(), String>)>,
@@ -243,6 +301,8 @@ pub fn spawn(
                 kind: ThreadKind::Worker,
                 id,
             };
+            let connections = host.connections().clone();
+            let host = host.boxed();
             let instances = match Instances::create(plan.clone(), host.clone(), info) {
                 Ok(i) => i,
                 Err(e) => {
@@ -261,9 +321,11 @@ pub fn spawn(
                 info,
                 plan: RefCell::new(plan),
                 host,
+                connections,
                 instances: RefCell::new(Some(instances)),
                 conns: RefCell::new(HashMap::new()),
-                next_conn: Cell::new(0),
+                // Connection ids start at 1: 0 means "none" in the host API.
+                next_conn: Cell::new(1),
                 now: Cell::new(Instant::now()),
                 date: RefCell::new([b' '; 29]),
                 draining: Cell::new(false),
@@ -288,6 +350,7 @@ async fn run(
 ) {
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
+    let _heartbeat = ex.spawn(heartbeat(worker.clone()));
     let stop = loop {
         match control.recv().await {
             Ok(Control::Stop(how)) => break how,
@@ -307,8 +370,12 @@ async fn run(
     loop {
         // Idle connections close now; busy ones close after their response.
         for conn in worker.conns.borrow().values() {
-            if conn.phase() == Phase::Idle {
-                conn.cut();
+            match conn.phase() {
+                Phase::Idle => conn.cut(),
+                Phase::WebSocket => {
+                    let _ = worker.connections.close(conn.id, 1001, "server stopping");
+                }
+                _ => {}
             }
         }
         if worker.conns.borrow().is_empty() || Instant::now() >= deadline {
@@ -367,4 +434,39 @@ async fn sweeper(worker: Rc<Worker>) {
         worker.refresh_clock();
         worker.sweep();
     }
+}
+
+/// Closes WebSocket connections that stayed silent longer than `heartbeat_idle_time`,
+/// checking every `heartbeat_check_interval`.
+async fn heartbeat(worker: Rc<Worker>) {
+    loop {
+        let (idle, every) = {
+            let plan = worker.plan.borrow();
+            (plan.ws.heartbeat_idle_time, plan.ws.heartbeat_check_interval.max(1))
+        };
+        Timer::after(Duration::from_secs(every)).await;
+        if idle == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        worker.now.set(now);
+        let limit = Duration::from_secs(idle);
+        for conn in worker.conns.borrow().values() {
+            if conn.phase() == Phase::WebSocket && now.duration_since(conn.since.get()) >= limit {
+                log::debug!("websocket {}: silent for {idle}s, closing", conn.id);
+                let _ = worker.connections.close(conn.id, 1000, "idle timeout");
+            }
+        }
+    }
+}
+
+/// WebSocket settings a connection needs.
+#[derive(Debug, Clone, Copy)]
+pub struct WsSettings {
+    /// Largest incoming message.
+    pub max_message_size: usize,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Send queue length per connection.
+    pub send_queue: usize,
 }

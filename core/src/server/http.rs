@@ -19,8 +19,12 @@ use async_io::{Async, Timer};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
 
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+
 use crate::{
     config::Limits,
+    connections::Queues,
+    pipeline::WsEvent,
     router::ParamPos,
     worker::{Conn, Phase, Worker},
 };
@@ -67,6 +71,12 @@ struct Head {
     keep_alive: bool,
     expect_continue: bool,
     is_head: bool,
+    /// `Upgrade: websocket` with `Connection: upgrade`.
+    upgrade: bool,
+    /// `Sec-WebSocket-Key`, when present.
+    ws_key: Option<(u32, u32)>,
+    /// `Sec-WebSocket-Version: 13`.
+    ws_version_ok: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -159,6 +169,10 @@ fn parse_head(
     let mut has_host = false;
     let mut keep_alive = version == HttpVersion::Http11;
     let mut expect_continue = false;
+    let mut upgrade_websocket = false;
+    let mut connection_upgrade = false;
+    let mut ws_key = None;
+    let mut ws_version_ok = false;
     headers_out.clear();
     for h in req.headers.iter() {
         headers_out.push(HeaderPos {
@@ -196,8 +210,19 @@ fn parse_head(
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    connection_upgrade = true;
                 }
             }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_websocket = h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            ws_key = Some(span(base, h.value.trim_ascii()));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            ws_version_ok = h.value.trim_ascii() == b"13";
         } else if name.eq_ignore_ascii_case("expect") {
             if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = version == HttpVersion::Http11;
@@ -228,6 +253,9 @@ fn parse_head(
         keep_alive,
         expect_continue,
         is_head: method == "HEAD",
+        upgrade: upgrade_websocket && connection_upgrade && method == "GET",
+        ws_key,
+        ws_version_ok,
     }))
 }
 
@@ -235,6 +263,60 @@ fn parse_head(
 fn recycle<'a, T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
     v.into_iter().map(|_| unreachable!()).collect()
+}
+
+/// What the connection does after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Upgraded to WebSocket handler `ws`; false when `on_open` failed.
+    Upgrade(usize, Queues, bool),
+}
+
+/// Answers an upgrade request on a WebSocket route: 101 and `on_open`, or the refusal.
+#[allow(clippy::too_many_arguments)]
+fn upgrade(
+    worker: &Worker,
+    conn: &Conn,
+    head: &Head,
+    buf: &[u8],
+    req: &Request<'_>,
+    ws: usize,
+    resp: &mut Response,
+    out: &mut Vec<u8>,
+) -> Next {
+    let settings = worker.ws_settings();
+    let key = match head.ws_key {
+        Some(k) if head.ws_version_ok && head.version == HttpVersion::Http11 => slice(buf, k),
+        _ => {
+            resp.reset();
+            resp.text(400, "bad websocket upgrade: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required\n")
+                .set_header("sec-websocket-version", "13");
+            write_response(out, resp, head.version, false, true, false, worker);
+            return Next::Close;
+        }
+    };
+    if worker.connections().count() >= settings.max_connections {
+        resp.reset();
+        resp.text(503, "too many websocket connections\n");
+        write_response(out, resp, head.version, false, true, false, worker);
+        return Next::Close;
+    }
+    if !worker.ws_handshake(req, ws, resp) {
+        write_response(out, resp, head.version, head.is_head, !head.keep_alive, head.keep_alive, worker);
+        return if head.keep_alive { Next::KeepAlive } else { Next::Close };
+    }
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
+    out.extend_from_slice(derive_accept_key(key).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(resp.head_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Registered before on_open, so on_open can already push to the new connection.
+    let queues = worker
+        .connections()
+        .open(conn.id, req.path.as_str(), settings.send_queue);
+    let opened = worker.ws_event(ws, WsEvent::Open(conn.id, req));
+    Next::Upgrade(ws, queues, opened)
 }
 
 /// Per-connection buffers, kept across requests.
@@ -372,7 +454,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
 
         // 3. Route and run the plugins.
         let keep_alive = head.keep_alive && !worker.draining();
-        let close = worker.with_router(|router| {
+        let next = worker.with_router(|router| {
             let buf = b.read.pending();
             let body: &[u8] = match in_place {
                 Some(n) => &buf[head.len..head.len + n],
@@ -403,6 +485,14 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 conn_id: conn.id,
                 worker_id: worker.id(),
             };
+            if head.upgrade {
+                if let Some(ws) = worker.ws_route(path) {
+                    let next = upgrade(worker, conn, &head, buf, &req, ws, &mut b.resp, &mut b.out);
+                    b.headers = recycle(headers);
+                    b.param_views = recycle(params);
+                    return next;
+                }
+            }
             worker.dispatch(&req, &route, &mut b.resp);
             let close = !keep_alive
                 || b.resp
@@ -419,8 +509,25 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
             );
             b.headers = recycle(headers);
             b.param_views = recycle(params);
-            close
+            if close {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            }
         });
+        let close = match next {
+            Next::KeepAlive => false,
+            Next::Close => true,
+            Next::Upgrade(ws, queues, opened) => {
+                (&conn.stream).write_all(&b.out).await?;
+                b.out.clear();
+                // Bytes past the head already belong to the WebSocket.
+                let part = b.read.pending()[head.len..].to_vec();
+                b.read.consume(b.read.pending().len());
+                super::ws::serve(worker, conn, part, ws, queues, opened).await;
+                return Ok(());
+            }
+        };
         // A body read into `b.body` is already gone from the read buffer.
         b.read.consume(head.len + in_place.unwrap_or(0));
         if close {

@@ -1,0 +1,180 @@
+//! The WebSocket connections of every worker, by global id, so that any thread can push to
+//! any connection: a push goes into the connection's bounded send queue, and the task that
+//! owns the connection, on its worker's executor, writes it out.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        RwLock,
+    },
+};
+
+use async_tungstenite::tungstenite::Message as WsMessage;
+use plughost_plugin_api::{HostError, Message, MessageKind};
+
+/// A close request: code and reason.
+pub type CloseRequest = (u16, String);
+
+/// The handle other threads hold to one connection.
+#[derive(Debug)]
+pub struct Handle {
+    /// The route path the connection was opened on.
+    pub route: String,
+    data: async_channel::Sender<WsMessage>,
+    control: async_channel::Sender<CloseRequest>,
+    closing: AtomicBool,
+}
+
+/// The receiving ends, for the connection's own task.
+#[derive(Debug)]
+pub struct Queues {
+    /// Messages to send.
+    pub data: async_channel::Receiver<WsMessage>,
+    /// Close requests (heartbeat, a full send queue, `close`).
+    pub control: async_channel::Receiver<CloseRequest>,
+}
+
+/// Every open WebSocket connection.
+#[derive(Debug, Default)]
+pub struct Connections {
+    map: RwLock<HashMap<u64, Handle>>,
+}
+
+/// Converts a plugin's message into one to send.
+pub fn to_ws(message: &Message<'_>) -> Result<WsMessage, HostError> {
+    Ok(match message.kind {
+        MessageKind::Text => WsMessage::text(
+            std::str::from_utf8(message.data.as_slice())
+                .map_err(|_| HostError::NotFound)?
+                .to_owned(),
+        ),
+        MessageKind::Binary => WsMessage::binary(message.data.as_slice().to_vec()),
+    })
+}
+
+impl Connections {
+    /// Registers a connection with a send queue of `capacity` messages.
+    pub fn open(&self, id: u64, route: &str, capacity: usize) -> Queues {
+        let (data_tx, data) = async_channel::bounded(capacity.max(1));
+        let (control_tx, control) = async_channel::bounded(1);
+        let handle = Handle {
+            route: route.to_owned(),
+            data: data_tx,
+            control: control_tx,
+            closing: AtomicBool::new(false),
+        };
+        if let Ok(mut map) = self.map.write() {
+            map.insert(id, handle);
+        }
+        Queues { data, control }
+    }
+
+    /// Forgets a connection.
+    pub fn remove(&self, id: u64) {
+        if let Ok(mut map) = self.map.write() {
+            map.remove(&id);
+        }
+    }
+
+    /// Open connections.
+    pub fn count(&self) -> usize {
+        self.map.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn queue(handle: &Handle, message: WsMessage) -> Result<(), HostError> {
+        if handle.closing.load(Ordering::Relaxed) {
+            return Err(HostError::Closed);
+        }
+        match handle.data.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Closed(_)) => Err(HostError::Closed),
+            Err(async_channel::TrySendError::Full(_)) => {
+                // A reader this slow would cost unbounded memory: close it.
+                handle.closing.store(true, Ordering::Relaxed);
+                let _ = handle
+                    .control
+                    .try_send((1008, "send queue full: the client reads too slowly".into()));
+                Err(HostError::QueueFull)
+            }
+        }
+    }
+
+    /// Queues `message` to connection `id`.
+    pub fn push(&self, id: u64, message: &Message<'_>) -> Result<(), HostError> {
+        let message = to_ws(message)?;
+        let map = self.map.read().map_err(|_| HostError::NotFound)?;
+        let handle = map.get(&id).ok_or(HostError::NotFound)?;
+        Self::queue(handle, message)
+    }
+
+    /// Queues `message` to every connection on `route` (empty: all) but `except`.
+    pub fn broadcast(&self, message: &Message<'_>, route: &str, except: u64) -> u64 {
+        let Ok(message) = to_ws(message) else { return 0 };
+        let Ok(map) = self.map.read() else { return 0 };
+        map.iter()
+            .filter(|(id, h)| **id != except && (route.is_empty() || h.route == route))
+            .filter(|(_, h)| Self::queue(h, message.clone()).is_ok())
+            .count() as u64
+    }
+
+    /// Asks connection `id` to close.
+    pub fn close(&self, id: u64, code: u16, reason: &str) -> Result<(), HostError> {
+        let map = self.map.read().map_err(|_| HostError::NotFound)?;
+        let handle = map.get(&id).ok_or(HostError::NotFound)?;
+        if handle.closing.swap(true, Ordering::Relaxed) {
+            return Err(HostError::Closed);
+        }
+        let _ = handle.control.try_send((code, reason.to_owned()));
+        Ok(())
+    }
+
+    /// Whether `id` is an open connection that is not closing.
+    pub fn is_established(&self, id: u64) -> bool {
+        self.map
+            .read()
+            .ok()
+            .and_then(|m| m.get(&id).map(|h| !h.closing.load(Ordering::Relaxed)))
+            .unwrap_or(false)
+    }
+
+    /// Ids on `route` (empty: all), in no particular order.
+    pub fn ids(&self, route: &str) -> Vec<u64> {
+        self.map
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, h)| route.is_empty() || h.route == route)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_broadcast_and_overflow() {
+        let c = Connections::default();
+        let a = c.open(1, "/chat", 2);
+        let _b = c.open(2, "/chat", 2);
+        let _other = c.open(3, "/other", 2);
+        assert_eq!(c.push(1, &Message::text("hi")), Ok(()));
+        assert_eq!(c.push(9, &Message::text("hi")), Err(HostError::NotFound));
+        assert_eq!(c.broadcast(&Message::text("all"), "/chat", 2), 1);
+        assert_eq!(a.data.len(), 2);
+        // The queue of 1 is full now: the next push closes it.
+        assert_eq!(c.push(1, &Message::text("x")), Err(HostError::QueueFull));
+        assert!(!c.is_established(1));
+        assert_eq!(a.control.try_recv().unwrap().0, 1008);
+        assert_eq!(c.push(1, &Message::text("x")), Err(HostError::Closed));
+        let mut ids = c.ids("");
+        ids.sort();
+        assert_eq!(ids, [1, 2, 3]);
+        c.remove(1);
+        assert_eq!(c.count(), 2);
+    }
+}
