@@ -1,0 +1,176 @@
+//! ws-chat: a chat room over WebSocket, with a page to try it in a browser and an HTTP route
+//! that pushes to any connection, whichever worker owns it.
+//!
+//! Enable it in `server.ron`:
+//!
+//! ```ron
+//! plugins: { "ws-chat": (path: "../target/release/libws_chat.so", config: { "chat": (token: Some("secret")) }) },
+//! routes: [
+//!     (path: "/chat", handler: "ws-chat.page", methods: ["GET"]),
+//!     (path: "/chat/push", handler: "ws-chat.push", methods: ["POST"]),
+//! ],
+//! websocket: (enable: true, routes: [(path: "/ws/chat", handler: "ws-chat.chat")]),
+//! ```
+//!
+//! Try it: open `http://localhost:5200/chat` in two browser tabs, or
+//! `websocat 'ws://localhost:5200/ws/chat?token=secret'`. Every message is broadcast as
+//! `#ID: text`; `curl -d hi 'localhost:5200/chat/push?conn=ID'` pushes to one connection.
+//! Without the token the handshake is refused with 401.
+
+use plughost_plugin_api::prelude::*;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ChatConfig {
+    /// When set, the upgrade needs `?token=...` or an `x-chat-token` header.
+    token: Option<String>,
+}
+
+/// The chat room: one instance per worker, all sharing the host's connection registry.
+struct Chat {
+    host: Host,
+    token: Option<String>,
+}
+
+impl WebSocketHandler for Chat {
+    fn on_handshake(&mut self, req: &Request<'_>, resp: &mut Response) -> Handshake {
+        if let Some(token) = &self.token {
+            let given = req.query_param("token").or_else(|| req.header("x-chat-token"));
+            if given != Some(token.as_str()) {
+                resp.text(401, "a chat token is required\n");
+                return Handshake::Refuse;
+            }
+        }
+        resp.header("x-chat", "welcome");
+        Handshake::Accept
+    }
+
+    fn on_open(&mut self, conn: u64, _req: &Request<'_>) {
+        self.host
+            .broadcast(Message::text(&format!("#{conn} joined")), "", 0);
+    }
+
+    fn on_message(&mut self, conn: u64, message: Message<'_>) {
+        match message.as_text() {
+            Some("/panic") => panic!("chat asked to panic by #{conn}"),
+            Some("/whoami") => {
+                let _ = self.host.push_text(conn, &format!("you are #{conn}"));
+            }
+            Some(text) => {
+                self.host
+                    .broadcast(Message::text(&format!("#{conn}: {text}")), "", 0);
+            }
+            None => {
+                // Binary messages are echoed back to their sender only.
+                let _ = self.host.push(conn, message);
+            }
+        }
+    }
+
+    fn on_close(&mut self, conn: u64, code: u16, _reason: &str) {
+        self.host
+            .broadcast(Message::text(&format!("#{conn} left ({code})")), "", conn);
+    }
+}
+
+/// `POST /chat/push?conn=ID` with a text body: pushes it to that connection.
+struct Push {
+    host: Host,
+}
+
+impl HttpHandler for Push {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
+        let Some(conn) = req.query_param("conn").and_then(|c| c.parse::<u64>().ok()) else {
+            resp.text(400, "usage: POST /chat/push?conn=ID with the message as the body\n");
+            return;
+        };
+        let text = req.body_str().unwrap_or("");
+        match self.host.push_text(conn, text) {
+            Ok(()) => resp.text(200, &format!("pushed to #{conn} from worker {}\n", req.worker_id)),
+            Err(HostError::NotFound) => resp.text(404, &format!("no connection #{conn}\n")),
+            Err(e) => resp.text(409, &format!("not pushed: {e}\n")),
+        };
+    }
+}
+
+/// `GET /chat/connections`: the open connection ids, one per line.
+struct List {
+    host: Host,
+}
+
+impl HttpHandler for List {
+    fn handle(&mut self, _req: &Request<'_>, resp: &mut Response) {
+        let mut ids = self.host.connections("");
+        ids.sort_unstable();
+        let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+        resp.text(200, &text);
+    }
+}
+
+/// `GET /chat`: the page.
+struct Page;
+
+impl HttpHandler for Page {
+    fn handle(&mut self, _req: &Request<'_>, resp: &mut Response) {
+        resp.send(200, "text/html; charset=utf-8", PAGE);
+    }
+}
+
+const PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>plughost chat</title>
+<style>
+  body { font: 15px system-ui, sans-serif; max-width: 40em; margin: 2em auto; }
+  #log { list-style: none; padding: 0; min-height: 10em; border: 1px solid #ccc; }
+  #log li { padding: .2em .5em; }
+  #status { color: #666; }
+</style>
+</head>
+<body>
+<h1>plughost chat</h1>
+<p id="status">connecting...</p>
+<ul id="log"></ul>
+<form id="form"><input id="text" autocomplete="off" autofocus> <button>send</button></form>
+<script>
+  const params = new URLSearchParams(location.search);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const url = `${scheme}://${location.host}/ws/chat?token=${encodeURIComponent(params.get("token") || "")}`;
+  const log = document.getElementById("log");
+  const status = document.getElementById("status");
+  const show = (text) => { const li = document.createElement("li"); li.textContent = text; log.appendChild(li); };
+  const ws = new WebSocket(url);
+  ws.onopen = () => {
+    status.textContent = "connected";
+    const say = params.get("say");
+    if (say) ws.send(say);
+  };
+  ws.onmessage = (e) => show(e.data);
+  ws.onclose = (e) => { status.textContent = `closed (${e.code})`; };
+  document.getElementById("form").onsubmit = (e) => {
+    e.preventDefault();
+    const input = document.getElementById("text");
+    if (input.value) { ws.send(input.value); input.value = ""; }
+  };
+</script>
+</body>
+</html>
+"#;
+
+fn plugin() -> Plugin {
+    Plugin::new("ws-chat", env!("CARGO_PKG_VERSION"))
+        .websocket("chat", |cx| {
+            let config: ChatConfig = cx.config()?;
+            Ok(Chat {
+                host: cx.host().clone(),
+                token: config.token,
+            })
+        })
+        .http("push", |cx| Ok(Push { host: cx.host().clone() }))
+        .http("connections", |cx| Ok(List { host: cx.host().clone() }))
+        .http("page", |_| Ok(Page))
+}
+
+export_plugin!(plugin);

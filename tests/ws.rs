@@ -1,0 +1,272 @@
+//! WebSocket on the HTTP port, through the real binary and the ws-chat example plugin, with
+//! tungstenite's blocking client.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use tungstenite::{protocol::frame::coding::CloseCode, Message, WebSocket};
+
+use crate::common::{artifacts, Config, Conn, TestServer, IO_TIMEOUT};
+
+/// `target/debug/libws_chat.so`, built once.
+fn ws_chat() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let a = artifacts();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&a.root)
+            .args(["build", "-p", "ws-chat"])
+            .stdin(Stdio::null())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building ws-chat failed");
+        let path = a.hello.with_file_name("libws_chat.so");
+        assert!(path.is_file(), "{} missing", path.display());
+        path
+    })
+    .clone()
+}
+
+/// hello plus ws-chat with token "secret" on /ws/chat, and `websocket` settings.
+fn chat_config(workers: u32, ws_settings: &str) -> Config {
+    Config::hello()
+        .workers(workers)
+        .plugin_config("ws-chat", &ws_chat(), r#"{ "chat": (token: Some("secret")) }"#)
+        .route_methods("/chat", "ws-chat.page", &["GET"])
+        .route_methods("/chat/push", "ws-chat.push", &["POST"])
+        .route("/chat/connections", "ws-chat.connections")
+        .extra(&format!(
+            r#"websocket: (enable: true, routes: [(path: "/ws/chat", handler: "ws-chat.chat")]{ws_settings})"#
+        ))
+}
+
+type Client = WebSocket<TcpStream>;
+
+fn connect(addr: SocketAddr) -> Client {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (ws, resp) = tungstenite::client(format!("ws://{addr}/ws/chat?token=secret"), stream)
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    assert_eq!(resp.headers().get("x-chat").map(|v| v.to_str().unwrap()), Some("welcome"));
+    ws
+}
+
+/// The next message or close, waiting up to `timeout`.
+fn next(ws: &mut Client, timeout: Duration) -> Option<Message> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
+            Ok(m) => return Some(m),
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("websocket read failed: {e}"),
+        }
+    }
+    None
+}
+
+/// Reads text messages until one satisfies `pred`; panics after 10 s.
+fn expect_text(ws: &mut Client, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        match next(ws, Duration::from_millis(500)) {
+            Some(Message::Text(t)) if pred(t.as_str()) => return t.to_string(),
+            Some(Message::Text(t)) => seen.push(t.to_string()),
+            Some(other) => panic!("expected text, got {other:?} (seen {seen:?})"),
+            None => {}
+        }
+    }
+    panic!("no matching message within 10 s; seen {seen:?}");
+}
+
+/// Waits for the server's close frame and returns its code.
+fn expect_close(ws: &mut Client, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+    panic!("no close frame within {timeout:?}");
+}
+
+fn whoami(ws: &mut Client) -> u64 {
+    ws.send(Message::text("/whoami")).unwrap();
+    let text = expect_text(ws, |t| t.starts_with("you are #"));
+    text.trim_start_matches("you are #").parse().unwrap()
+}
+
+#[test]
+fn a_message_is_broadcast_to_every_client() {
+    let server = TestServer::start(&chat_config(2, "").render());
+    let mut clients: Vec<Client> = (0..3).map(|_| connect(server.addr())).collect();
+    let ids: Vec<u64> = clients.iter_mut().map(whoami).collect();
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 3, "distinct ids {ids:?}");
+    clients[0].send(Message::text("hello room")).unwrap();
+    let expected = format!("#{}: hello room", ids[0]);
+    for c in clients.iter_mut() {
+        expect_text(c, |t| t == expected);
+    }
+    // The joins were announced too: the last client's join reached the first.
+    let mut fresh = connect(server.addr());
+    let id = whoami(&mut fresh);
+    expect_text(&mut clients[0], |t| t == format!("#{id} joined"));
+}
+
+#[test]
+fn a_push_from_http_reaches_a_connection_owned_by_another_worker() {
+    let server = TestServer::start(&chat_config(2, "").render());
+    let mut ws = connect(server.addr());
+    let id = whoami(&mut ws);
+    let owner = id >> 48;
+    // New connections spread over the workers; keep pushing until another worker answers.
+    let mut other_worker = None;
+    for i in 0..64 {
+        let mut conn = Conn::connect(server.addr());
+        let body = format!("push {i}");
+        let resp = conn.request(format!(
+            "POST /chat/push?conn={id} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let text = resp.text();
+        let worker: u64 = text.trim().rsplit(' ').next().unwrap().parse().unwrap();
+        expect_text(&mut ws, |t| t == body);
+        if worker != owner {
+            other_worker = Some(worker);
+            break;
+        }
+    }
+    assert!(other_worker.is_some(), "no push was answered by a worker other than {owner}");
+    // Unknown connection: 404.
+    let mut conn = Conn::connect(server.addr());
+    let resp = conn.request("POST /chat/push?conn=12345 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx");
+    assert_eq!(resp.status, 404);
+}
+
+#[test]
+fn handshake_without_the_token_is_refused_with_401() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut conn = Conn::connect(server.addr());
+    let resp = conn.request(
+        "GET /ws/chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(resp.text(), "a chat token is required\n");
+    // The same connection still serves HTTP.
+    let resp = conn.request("GET /hello HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(resp.status, 200);
+    // A bad upgrade (no key) is a 400.
+    let mut conn = Conn::connect(server.addr());
+    let resp = conn.request(
+        "GET /ws/chat?token=secret HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
+    assert_eq!(resp.status, 400, "{resp:?}");
+}
+
+#[test]
+fn a_silent_connection_is_closed_by_the_heartbeat() {
+    let server = TestServer::start(
+        &chat_config(1, ", heartbeat_idle_time: 1, heartbeat_check_interval: 1").render(),
+    );
+    let mut ws = connect(server.addr());
+    let started = Instant::now();
+    let code = expect_close(&mut ws, Duration::from_secs(10));
+    assert_eq!(code, 1000);
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early: {:?}", started.elapsed());
+    server.assert_serving();
+}
+
+#[test]
+fn an_oversized_message_closes_with_1009() {
+    let server = TestServer::start(&chat_config(1, ", max_message_size: 1024").render());
+    let mut ws = connect(server.addr());
+    ws.send(Message::text("x".repeat(2000))).unwrap();
+    assert_eq!(expect_close(&mut ws, IO_TIMEOUT), 1009);
+    // A message under the limit on another connection is fine.
+    let mut ok = connect(server.addr());
+    let id = whoami(&mut ok);
+    ok.send(Message::text("y".repeat(1000))).unwrap();
+    expect_text(&mut ok, |t| t.starts_with(&format!("#{id}: yyy")));
+}
+
+#[test]
+fn an_invalid_frame_closes_with_1002() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+        .write_all(
+            b"GET /ws/chat?token=secret HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    // A client frame without a mask is a protocol error.
+    stream.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    // Skip the "#id joined" broadcast, then find the close frame (opcode 8).
+    loop {
+        let mut hdr = [0u8; 2];
+        stream.read_exact(&mut hdr).unwrap();
+        let len = (hdr[1] & 0x7f) as usize;
+        assert!(len < 126);
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).unwrap();
+        if hdr[0] & 0x0f == 8 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            assert_eq!(code, 1002);
+            break;
+        }
+    }
+    server.assert_serving();
+}
+
+#[test]
+fn a_panicking_handler_closes_one_connection_with_1011() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut a = connect(server.addr());
+    let mut b = connect(server.addr());
+    let b_id = whoami(&mut b);
+    a.send(Message::text("/panic")).unwrap();
+    assert_eq!(expect_close(&mut a, IO_TIMEOUT), 1011);
+    server.wait_for_log("panicked", IO_TIMEOUT);
+    b.send(Message::text("still here")).unwrap();
+    expect_text(&mut b, |t| t == format!("#{b_id}: still here"));
+    server.assert_serving();
+    assert_eq!(CloseCode::from(1011), CloseCode::Error);
+}
+
+#[test]
+fn connections_survive_a_reload_of_their_plugin() {
+    let server = TestServer::start(&chat_config(2, "").render());
+    let mut ws = connect(server.addr());
+    let id = whoami(&mut ws);
+    server.signal(libc::SIGUSR1);
+    server.wait_for_log("reloaded plugin", IO_TIMEOUT);
+    ws.send(Message::text("after reload")).unwrap();
+    expect_text(&mut ws, |t| t == format!("#{id}: after reload"));
+}
