@@ -270,3 +270,52 @@ fn connections_survive_a_reload_of_their_plugin() {
     ws.send(Message::text("after reload")).unwrap();
     expect_text(&mut ws, |t| t == format!("#{id}: after reload"));
 }
+
+/// The browser: Debian's headless Chromium loads `/chat`, which connects, sends a message and
+/// writes every message it receives into the page; `--dump-dom` prints the page once the
+/// virtual-time budget is spent. Required in CI (`.ci/run` installs chromium); elsewhere the
+/// test says it was skipped when there is no Chromium.
+#[test]
+fn chromium_loads_the_chat_page_and_sees_its_broadcast() {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    let Some(chromium) = chromium else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is required in CI: apt-get install chromium"
+        );
+        eprintln!("skipped: no chromium (apt-get install chromium)");
+        return;
+    };
+    let server = TestServer::start(&chat_config(2, "").render());
+    let profile = server.dir().path().join("chromium-profile");
+    let url = format!("http://{}/chat?token=secret&say=hello%20from%20chromium", server.addr());
+    let output = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(&url)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(dom.contains(r#"<p id="status">connected</p>"#), "page did not connect:\n{dom}");
+    let said = dom
+        .split("<li>")
+        .filter_map(|li| li.split("</li>").next())
+        .find(|li| li.ends_with(": hello from chromium"));
+    assert!(said.is_some(), "the broadcast of the page's own message is missing:\n{dom}");
+}
