@@ -502,7 +502,11 @@ impl Config {
         }
         for (event, listeners) in &self.events {
             if event.is_empty() {
-                return Err(invalid("events".into(), "events", "an event name is empty".into()));
+                return Err(invalid(
+                    "events".into(),
+                    "events",
+                    "an event name is empty".into(),
+                ));
             }
             for (i, l) in listeners.iter().enumerate() {
                 check_ref(format!("events.{event}[{i}]"), l)?;
@@ -570,8 +574,51 @@ impl Config {
         self.plugins
             .get(&r.plugin)
             .and_then(|p| p.config.get(&r.component))
-            .and_then(|v| ron::to_string(v).ok())
+            .map(ron_text)
             .unwrap_or_default()
+    }
+}
+
+/// Writes a parsed RON value back as RON a plugin can deserialize into its own struct:
+/// maps with identifier keys become structs (`(greeting: "hi")`), as they were written.
+/// (`ron::to_string` would write them as maps, which a struct cannot be read from.)
+pub fn ron_text(value: &ron::Value) -> String {
+    use ron::{Number, Value};
+    fn is_ident(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+    match value {
+        Value::Bool(b) => b.to_string(),
+        Value::Char(c) => format!("{c:?}"),
+        Value::Number(Number::Integer(i)) => i.to_string(),
+        Value::Number(Number::Float(f)) => format!("{:?}", f.get()),
+        Value::String(s) => format!("{s:?}"),
+        Value::Unit => "()".to_owned(),
+        Value::Option(None) => "None".to_owned(),
+        Value::Option(Some(v)) => format!("Some({})", ron_text(v)),
+        Value::Seq(items) => {
+            let items: Vec<String> = items.iter().map(ron_text).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Map(map) => {
+            let as_struct = map
+                .keys()
+                .all(|k| matches!(k, Value::String(s) if is_ident(s)));
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| match k {
+                    Value::String(name) if as_struct => format!("{name}: {}", ron_text(v)),
+                    _ => format!("{}: {}", ron_text(k), ron_text(v)),
+                })
+                .collect();
+            if as_struct {
+                format!("({})", fields.join(", "))
+            } else {
+                format!("{{{}}}", fields.join(", "))
+            }
+        }
     }
 }
 
@@ -677,13 +724,12 @@ mod tests {
         )
         .unwrap();
         let text = c.component_config(&ComponentRef::parse("hello.hello").unwrap());
-        let v: ron::Value = ron::from_str(&text).unwrap();
         #[derive(Deserialize)]
         struct G {
             greeting: String,
             n: u32,
         }
-        let g: G = v.into_rust().unwrap();
+        let g: G = ron::from_str(&text).unwrap();
         assert_eq!((g.greeting.as_str(), g.n), ("hi", 3));
     }
 
@@ -699,5 +745,53 @@ mod tests {
         assert_eq!(other.config.worker_num, 1);
         assert!(other.config.runtime_dir.starts_with(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn services_take_defaults() {
+        let c = parse(&format!(
+            r#"({PLUGIN} processes: {{ "p": (component: "hello.p") }})"#
+        ))
+        .unwrap();
+        assert_eq!((c.task_worker_num, c.task_queue_size), (0, 1024));
+        assert_eq!(c.timer, TimerConfig::default());
+        let p = &c.processes["p"];
+        assert_eq!((p.num, p.restart_interval_ms, p.enable), (1, 1000, true));
+    }
+
+    #[test]
+    fn zero_task_queue_size_is_rejected() {
+        let err = parse("(task_queue_size: 0)").unwrap_err().to_string();
+        assert!(err.contains("task_queue_size"), "{err}");
+    }
+
+    #[test]
+    fn event_listener_of_unknown_plugin_is_named() {
+        let err = parse(&format!(
+            "({PLUGIN}\n events: {{ \"paid\": [\"hello.a\", \"nope.b\"] }})"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("events.paid[1]"), "{err}");
+        assert!(err.contains("server.ron:2:"), "{err}");
+    }
+
+    #[test]
+    fn zero_cron_interval_is_rejected() {
+        let err = parse(&format!(
+            r#"({PLUGIN} timer: (enable: true, jobs: [(job: "hello.t", interval_ms: 0)]))"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("timer.jobs[0].interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn process_with_zero_instances_is_rejected_unless_disabled() {
+        let zero = r#"processes: { "p": (component: "hello.p", num: 0) }"#;
+        let err = parse(&format!("({PLUGIN} {zero})")).unwrap_err().to_string();
+        assert!(err.contains("processes.p.num"), "{err}");
+        let off = r#"processes: { "p": (component: "hello.p", num: 0, enable: false) }"#;
+        assert!(parse(&format!("({PLUGIN} {off})")).is_ok());
     }
 }

@@ -83,6 +83,7 @@ fn info(state: &State) -> String {
         stats.reloads.load(Ordering::Relaxed),
         stats.reload_failures.load(Ordering::Relaxed)
     );
+    crate::services::info(&mut s, &stats.services);
     let (count, bytes) = crate::plugin::loader::held();
     let _ = writeln!(
         s,

@@ -1,7 +1,11 @@
 //! The host API plugins call: logging, the `-x` version string, env values. One value shared
 //! by every instance; callable from any thread.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, OnceLock},
+};
 
 use crate::connections::Connections;
 
@@ -24,6 +28,8 @@ struct Shared {
     app_version: String,
     env_file: HashMap<String, String>,
     connections: Arc<Connections>,
+    /// The task queue and the custom processes, once they are started.
+    services: OnceLock<Arc<crate::services::Handle>>,
 }
 
 impl Host {
@@ -35,6 +41,7 @@ impl Host {
                 app_version,
                 env_file,
                 connections: Arc::default(),
+                services: OnceLock::new(),
             }),
         }
     }
@@ -42,6 +49,11 @@ impl Host {
     /// The WebSocket connections of every worker.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.inner.connections
+    }
+
+    /// Connects `deliver`, `fire` and `send_to_process` to the running services (once).
+    pub fn set_services(&self, handle: Arc<crate::services::Handle>) {
+        let _ = self.inner.services.set(handle);
     }
 
     /// The handle given to plugins.
@@ -138,26 +150,43 @@ impl HostFfi for Host {
 
     fn deliver(
         &self,
-        _task: RStr<'_>,
-        _payload: RSlice<'_, u8>,
-        _delay_ms: u64,
-        _tries: u32,
-        _origin: WorkerInfo,
+        task: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        delay_ms: u64,
+        tries: u32,
+        origin: WorkerInfo,
     ) -> RResult<u64, HostError> {
-        RResult::RErr(HostError::NotEnabled)
+        match self.inner.services.get() {
+            Some(s) => s
+                .deliver(task.as_str(), payload.as_slice(), delay_ms, tries, origin)
+                .into(),
+            None => RResult::RErr(HostError::NotEnabled),
+        }
     }
 
     fn fire(
         &self,
-        _event: RStr<'_>,
-        _payload: RSlice<'_, u8>,
-        _delay_ms: u64,
-        _tries: u32,
+        event: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        delay_ms: u64,
+        tries: u32,
     ) -> RResult<u64, HostError> {
-        RResult::RErr(HostError::NotEnabled)
+        match self.inner.services.get() {
+            Some(s) => s
+                .fire(event.as_str(), payload.as_slice(), delay_ms, tries)
+                .into(),
+            None => RResult::RErr(HostError::NotEnabled),
+        }
     }
 
-    fn send_to_process(&self, _process: RStr<'_>, _payload: RSlice<'_, u8>) -> RResult<u64, HostError> {
-        RResult::RErr(HostError::NotEnabled)
+    fn send_to_process(
+        &self,
+        process: RStr<'_>,
+        payload: RSlice<'_, u8>,
+    ) -> RResult<u64, HostError> {
+        match self.inner.services.get() {
+            Some(s) => s.send_to_process(process.as_str(), payload).into(),
+            None => RResult::RErr(HostError::UnknownProcess),
+        }
     }
 }

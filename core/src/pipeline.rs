@@ -9,7 +9,7 @@ use abi_stable::std_types::RResult;
 use plughost_plugin_api::{
     abi::{
         CleanerBox, Component, ComponentKind, Handshake, HostBox, HttpHandlerBox, LifecycleBox,
-        Message, MiddlewareBox, PluginError as FfiError, WebSocketBox, WorkerInfo,
+        Message, MiddlewareBox, PluginError as FfiError, TaskHandlerBox, WebSocketBox, WorkerInfo,
     },
     Flow, Request, Response,
 };
@@ -19,6 +19,7 @@ use crate::{
     error::PluginError,
     plugin::{Registry, Slot},
     router::{Match, Router},
+    services::ServicePlan,
     stats::WorkerStats,
 };
 
@@ -45,6 +46,9 @@ pub struct Plan {
     pub limits: Limits,
     /// Requests after which a worker recreates its instances (0 = never).
     pub max_request: u64,
+    /// Task handlers, listeners, cron jobs and custom processes (HTTP workers hold instances
+    /// of the task handlers too, for `finish`).
+    pub services: ServicePlan,
 }
 
 impl Plan {
@@ -94,6 +98,7 @@ impl Plan {
             hooks: slots(&config.hooks, ComponentKind::Lifecycle)?,
             limits: config.limits,
             max_request: config.max_request,
+            services: ServicePlan::build(config, registry)?,
         })
     }
 }
@@ -108,6 +113,7 @@ pub struct Instances {
     cleaners: Vec<Option<CleanerBox>>,
     hooks: Vec<Option<LifecycleBox>>,
     websocket: Vec<Option<WebSocketBox>>,
+    tasks: Vec<Option<TaskHandlerBox>>,
     /// Requests since the instances were created (for `max_request`).
     served: u64,
 }
@@ -168,6 +174,12 @@ impl Instances {
             .iter()
             .map(|s| make(s).map(|c| Some(take_kind!(c, WebSocket))))
             .collect::<Result<_, _>>()?;
+        let tasks = plan
+            .services
+            .tasks
+            .iter()
+            .map(|s| make(s).map(|c| Some(take_kind!(c, TaskHandler))))
+            .collect::<Result<_, _>>()?;
         let mut it = Instances {
             plan,
             host,
@@ -177,6 +189,7 @@ impl Instances {
             cleaners,
             hooks,
             websocket,
+            tasks,
             served: 0,
         };
         it.each_hook("on_worker_start", |h, w| h.on_worker_start(w));
@@ -233,6 +246,7 @@ impl Instances {
         let cleaners: Vec<_> = plan.cleaners.iter().map(|s| reuse_or_make(&old_plan.cleaners, s)).collect::<Result<_, _>>()?;
         let hooks: Vec<_> = plan.hooks.iter().map(|s| reuse_or_make(&old_plan.hooks, s)).collect::<Result<_, _>>()?;
         let websocket: Vec<_> = plan.websocket.iter().map(|s| reuse_or_make(&old_plan.websocket, s)).collect::<Result<_, _>>()?;
+        let tasks: Vec<_> = plan.services.tasks.iter().map(|s| reuse_or_make(&old_plan.services.tasks, s)).collect::<Result<_, _>>()?;
 
         // Every new instance exists: swap. Replaced hooks say goodbye first.
         let kept_hooks: Vec<usize> = hooks.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
@@ -258,6 +272,7 @@ impl Instances {
         self.middleware = assemble(&mut self.middleware, middleware);
         self.cleaners = assemble(&mut self.cleaners, cleaners);
         self.websocket = assemble(&mut self.websocket, websocket);
+        self.tasks = assemble(&mut self.tasks, tasks);
         let new_hooks: Vec<bool> = hooks.iter().map(|h| h.is_err()).collect();
         self.hooks = assemble(&mut self.hooks, hooks);
         for (i, hook) in self.hooks.iter_mut().enumerate() {
@@ -438,6 +453,26 @@ impl Instances {
         }
     }
 
+    /// Runs `finish` of task handler `task` (`plugin.component`) with the result of a task
+    /// this worker delivered. A panic is logged and counted, and recreates the instance.
+    pub fn finish(&mut self, task: &str, result: &[u8], stats: &WorkerStats) {
+        let Some(i) = self.plan.services.task_index(task) else {
+            log::warn!(
+                "worker {}: finish for task {task}, which is gone (reload); dropped",
+                self.worker.id
+            );
+            return;
+        };
+        let Some(h) = self.tasks[i].as_mut() else {
+            self.tasks[i] = self.remake(ComponentKind::TaskHandler, i);
+            return;
+        };
+        if let RResult::RErr(e) = h.finish(result.into()) {
+            let mut ignored = Response::new();
+            self.failed(ComponentKind::TaskHandler, i, &e, &mut ignored, stats);
+        }
+    }
+
     fn slot(&self, kind: ComponentKind, i: usize) -> &Slot {
         match kind {
             ComponentKind::HttpHandler => &self.plan.handlers[i],
@@ -445,6 +480,7 @@ impl Instances {
             ComponentKind::Cleaner => &self.plan.cleaners[i],
             ComponentKind::Lifecycle => &self.plan.hooks[i],
             ComponentKind::WebSocket => &self.plan.websocket[i],
+            ComponentKind::TaskHandler => &self.plan.services.tasks[i],
             other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
@@ -478,6 +514,7 @@ impl Instances {
             ComponentKind::Cleaner => self.cleaners[i] = self.remake(kind, i),
             ComponentKind::Lifecycle => self.hooks[i] = self.remake(kind, i),
             ComponentKind::WebSocket => self.websocket[i] = self.remake(kind, i),
+            ComponentKind::TaskHandler => self.tasks[i] = self.remake(kind, i),
             other => unreachable!("{other} instances do not live on HTTP workers"),
         }
     }
@@ -527,6 +564,7 @@ from_component!(MiddlewareBox, Middleware);
 from_component!(CleanerBox, Cleaner);
 from_component!(LifecycleBox, Lifecycle);
 from_component!(WebSocketBox, WebSocket);
+from_component!(TaskHandlerBox, TaskHandler);
 
 fn unavailable(resp: &mut Response) {
     resp.reset();

@@ -52,6 +52,14 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
         kept.push(format!("worker_num ({} stays)", old.worker_num));
         new.worker_num = old.worker_num;
     }
+    if new.task_worker_num != old.task_worker_num {
+        kept.push(format!("task_worker_num ({} stays)", old.task_worker_num));
+        new.task_worker_num = old.task_worker_num;
+    }
+    if new.task_queue_size != old.task_queue_size {
+        kept.push(format!("task_queue_size ({} stays)", old.task_queue_size));
+        new.task_queue_size = old.task_queue_size;
+    }
     if new.runtime_dir != old.runtime_dir {
         kept.push(format!("runtime_dir ({} stays)", old.runtime_dir.display()));
         new.runtime_dir = old.runtime_dir.clone();
@@ -126,6 +134,12 @@ fn probe(old: &Plan, new: &Plan, host: &Host) -> Result<(), String> {
             if !old_slots.iter().any(|o| o.same_as(slot)) {
                 slot.instantiate(&boxed, info).map_err(|e| e.to_string())?;
             }
+        }
+    }
+    // Task handlers, listeners, cron jobs and custom processes.
+    for slot in new.services.all_slots() {
+        if !old.services.all_slots().any(|o| o.same_as(slot)) {
+            slot.instantiate(&boxed, info).map_err(|e| e.to_string())?;
         }
     }
     Ok(())

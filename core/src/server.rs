@@ -33,6 +33,7 @@ use crate::{
         self,
         watcher::{watch_key, Watcher},
     },
+    services::{self, Services},
     stats::Stats,
     worker::{self, Control},
 };
@@ -121,7 +122,9 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut workers = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
-        let (tx, rx) = async_channel::bounded(4);
+        // Unbounded: task results (`Control::Finish`) must neither block a task worker nor be
+        // dropped; they are bounded by the task queue, whose tasks each finish at most once.
+        let (tx, rx) = async_channel::unbounded();
         let handle = worker::spawn(
             id as u32,
             listener,
@@ -171,6 +174,15 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
             }
         }
     }
+    // Task workers, the timer and custom processes.
+    let senders = workers.iter().map(|(tx, _)| tx.clone()).collect();
+    let services = match services::start(&plan, &host, &stats, senders) {
+        Ok(s) => s,
+        Err(e) => {
+            stop_workers(workers, Shutdown::Fast);
+            return Err(e);
+        }
+    };
     for (r, h) in hooks.iter_mut() {
         if let RResult::RErr(e) = h.on_server_start() {
             log::error!("hook on_server_start of {r} failed: {e}");
@@ -216,6 +228,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
         plan,
         host,
         watcher: None,
+        services,
     };
     if live.config.reload.inotify {
         match Watcher::start(events_tx.clone(), Event::Changed) {
@@ -279,7 +292,9 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
         live.config.max_wait_time
     );
     let started = Instant::now();
+    live.services.begin_stop();
     stop_workers(workers, Shutdown::Graceful(max_wait));
+    live.services.finish_stop(started, max_wait);
     drop(live);
     for (r, h) in hooks.iter_mut() {
         if let RResult::RErr(e) = h.on_server_stop() {
@@ -302,9 +317,23 @@ fn stop_workers(workers: Vec<(async_channel::Sender<Control>, thread::JoinHandle
     for (tx, _) in &workers {
         let _ = tx.try_send(Control::Stop(how));
     }
-    for (_, handle) in workers {
-        if handle.join().is_err() {
-            log::error!("a worker thread panicked while stopping");
+    // A worker stuck in a plugin call cannot be interrupted; past max_wait_time (and a moment
+    // for the worker to close its connections) we stop waiting and the process exits anyway.
+    let wait = match how {
+        Shutdown::Graceful(d) => d,
+        Shutdown::Fast => Duration::ZERO,
+    };
+    let deadline = Instant::now() + wait + Duration::from_millis(500);
+    for (i, (_, handle)) in workers.into_iter().enumerate() {
+        while !handle.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            if handle.join().is_err() {
+                log::error!("worker {i} panicked while stopping");
+            }
+        } else {
+            log::warn!("worker {i} is still inside a plugin call after max_wait_time; leaving it");
         }
     }
 }
@@ -335,6 +364,7 @@ struct Live {
     plan: Arc<Plan>,
     host: Host,
     watcher: Option<Watcher>,
+    services: Services,
 }
 
 impl Live {
@@ -441,6 +471,7 @@ impl Live {
         self.config = prepared.config;
         self.registry = prepared.registry;
         self.plan = prepared.plan;
+        self.services.reload(&self.plan);
         if let Ok(mut r) = state.registry.write() {
             *r = self.registry.clone();
         }

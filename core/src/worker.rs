@@ -42,6 +42,13 @@ pub enum Control {
     /// Move to a new plan between two requests; the reply says how many instances were
     /// created, or why the old ones stay.
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
+    /// The result of a task this worker delivered: run its handler's `finish` here.
+    Finish {
+        /// The task handler, `plugin.component`.
+        task: String,
+        /// What `handle` returned.
+        result: Vec<u8>,
+    },
 }
 
 /// Where a connection stands, for timeouts and draining.
@@ -113,6 +120,7 @@ pub struct Worker {
     next_conn: Cell<u64>,
     now: Cell<Instant>,
     date: RefCell<[u8; 29]>,
+    date_secs: Cell<i64>,
     draining: Cell<bool>,
     stats: Arc<Stats>,
 }
@@ -198,6 +206,12 @@ impl Worker {
 
     /// The current `date` header value.
     pub fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        // The sweeper refreshes it every tick, but a slow handler blocks the sweeper: check
+        // the (vDSO, coarse) wall clock so a response never carries an old second.
+        let secs = coarse_unix_secs();
+        if secs != self.date_secs.get() {
+            self.refresh_clock();
+        }
         f(&self.date.borrow()[..])
     }
 
@@ -238,6 +252,18 @@ impl Worker {
         }
     }
 
+    /// Runs `finish` of a task handler with the result of a task delivered from here. Runs
+    /// between requests, like a reload.
+    fn finish(&self, task: &str, result: &[u8]) {
+        match self.instances.borrow_mut().as_mut() {
+            Some(inst) => inst.finish(task, result, self.my_stats()),
+            None => log::warn!(
+                "worker {}: no instances; finish of task {task} dropped",
+                self.info.id
+            ),
+        }
+    }
+
     /// Swaps to `plan`. Runs between requests: handler calls are synchronous, so no call is
     /// in flight on this thread while this runs.
     fn reload(&self, plan: Arc<Plan>) -> Result<usize, String> {
@@ -258,9 +284,11 @@ impl Worker {
     fn refresh_clock(&self) {
         let now = Instant::now();
         self.now.set(now);
-        let date = httpdate::fmt_http_date(SystemTime::now());
+        let wall = SystemTime::now();
+        let date = httpdate::fmt_http_date(wall);
         if date.len() == 29 {
             self.date.borrow_mut().copy_from_slice(date.as_bytes());
+            self.date_secs.set(coarse_unix_secs());
         }
     }
 
@@ -328,6 +356,7 @@ pub fn spawn(
                 next_conn: Cell::new(1),
                 now: Cell::new(Instant::now()),
                 date: RefCell::new([b' '; 29]),
+                date_secs: Cell::new(0),
                 draining: Cell::new(false),
                 stats,
             });
@@ -357,6 +386,7 @@ async fn run(
             Ok(Control::Reload(plan, reply)) => {
                 let _ = reply.send((worker.id(), worker.reload(plan)));
             }
+            Ok(Control::Finish { task, result }) => worker.finish(&task, &result),
             Err(_) => break Shutdown::Fast,
         }
     };
@@ -469,4 +499,15 @@ pub struct WsSettings {
     pub max_connections: usize,
     /// Send queue length per connection.
     pub send_queue: usize,
+}
+
+/// Seconds since the epoch from the coarse real-time clock (a vDSO read, no syscall).
+fn coarse_unix_secs() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    ts.tv_sec
 }

@@ -267,14 +267,15 @@ impl<'a> Context<'a> {
     }
 
     /// The component's config deserialized into the plugin's own type; the type's default
-    /// when `server.ron` gives none.
+    /// when `server.ron` gives none. `Option` fields take a plain value or `Some(..)`.
     pub fn config<T: DeserializeOwned + Default>(&self) -> Result<T, Error> {
         if self.config.trim().is_empty() {
             return Ok(T::default());
         }
-        let value: ron::Value = ron::from_str(self.config)?;
-        Ok(value
-            .into_rust()
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        Ok(options
+            .from_str(self.config)
             .map_err(|e| format!("config of component {:?}: {e}", self.name))?)
     }
 

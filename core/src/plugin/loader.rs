@@ -100,6 +100,51 @@ pub fn load(name: &str, path: &Path, runtime_dir: &Path) -> Result<Library, Plug
     })
 }
 
+/// Boils abi_stable's layout dump (hundreds of lines walking from the root module down) to
+/// the type that differs, the fields only one side has, and abi_stable's own error lines.
+fn summarize_layout_error(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let first_error = lines
+        .iter()
+        .position(|l| l.starts_with("Error:"))
+        .unwrap_or(lines.len());
+    let block = |header: &str| lines[..first_error].iter().rposition(|l| l.starts_with(header));
+    let mut out = Vec::new();
+    if let (Some(e), Some(f)) = (block("Layout of expected type:"), block("Layout of found type:")) {
+        let type_name = lines[f..first_error]
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("type:"))
+            .unwrap_or("?");
+        out.push(format!("type {type_name} differs"));
+        let fields = |block: &[&str]| -> Vec<String> {
+            block
+                .iter()
+                .filter_map(|l| l.trim().strip_prefix("field_name:"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (ours, theirs) = (fields(&lines[e..f]), fields(&lines[f..first_error]));
+        let only = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter().filter(|x| !b.contains(x)).cloned().collect()
+        };
+        let (plugin_only, server_only) = (only(&theirs, &ours), only(&ours, &theirs));
+        if !plugin_only.is_empty() {
+            out.push(format!("fields only in the plugin: {}", plugin_only.join(", ")));
+        }
+        if !server_only.is_empty() {
+            out.push(format!("fields only in the server: {}", server_only.join(", ")));
+        }
+    }
+    out.extend(
+        lines[first_error..]
+            .split(|l| l.trim().is_empty())
+            .filter(|chunk| !chunk.is_empty())
+            .take(4)
+            .map(|chunk| chunk.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ")),
+    );
+    out.join("; ")
+}
+
 /// The useful part of abi_stable's error: its layout dumps run to hundreds of lines, so keep
 /// the head and the tail, and say which plugin-api each side was built with.
 fn describe(e: &LibraryError, plugin_api: Option<&str>) -> String {
@@ -117,21 +162,10 @@ fn describe(e: &LibraryError, plugin_api: Option<&str>) -> String {
         LibraryError::IncompatibleVersionNumber { .. } => format!(
             "incompatible plugin-api version{versions}; rebuild the plugin against plugin-api {API_VERSION}"
         ),
-        LibraryError::AbiInstability(_) => {
-            let text = e.to_string();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = if lines.len() > 14 {
-                let mut kept: Vec<&str> = lines[..4].to_vec();
-                kept.push("...");
-                kept.extend_from_slice(&lines[lines.len() - 10..]);
-                kept.join("\n    ")
-            } else {
-                lines.join("\n    ")
-            };
-            format!(
-                "incompatible plugin ABI{versions}; rebuild the plugin against this server's plugin-api. abi_stable says:\n    {tail}"
-            )
-        }
+        LibraryError::AbiInstability(_) => format!(
+            "incompatible plugin ABI{versions}; rebuild the plugin against this server's plugin-api. abi_stable says: {}",
+            summarize_layout_error(&e.to_string())
+        ),
         other => format!("{other}{versions}"),
     }
 }

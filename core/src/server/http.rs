@@ -365,10 +365,10 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 match parse_head(b.read.pending(), &limits, &mut b.header_pos) {
                     Ok(Some(head)) => break head,
                     Ok(None) if b.read.pending().len() > limits.max_header_bytes => {
-                        return refuse(conn, b, Refusal::HeadersTooLarge).await;
+                        return refuse(worker, conn, b, Refusal::HeadersTooLarge).await;
                     }
                     Ok(None) => {}
-                    Err(r) => return refuse(conn, b, r).await,
+                    Err(r) => return refuse(worker, conn, b, r).await,
                 }
             }
             if !b.out.is_empty() {
@@ -390,7 +390,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
             let n = read_some(stream, &mut b.read).await?;
             if n == 0 {
                 if conn.timed_out() && !b.read.pending().is_empty() {
-                    return refuse(conn, b, Refusal::Timeout).await;
+                    return refuse(worker, conn, b, Refusal::Timeout).await;
                 }
                 return Ok(());
             }
@@ -404,7 +404,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
         let in_place = match head.body {
             BodyKind::None => Some(0),
             BodyKind::Length(n) if n > limits.max_body_bytes => {
-                return refuse(conn, b, Refusal::TooLarge).await;
+                return refuse(worker, conn, b, Refusal::TooLarge).await;
             }
             BodyKind::Length(n) => {
                 let have = b.read.pending().len() - head.len;
@@ -418,7 +418,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                     while b.read.pending().len() < head.len + n {
                         conn.set_phase(Phase::ReadingBody, worker);
                         if read_some(stream, &mut b.read).await? == 0 {
-                            return body_cut(conn, b).await;
+                            return body_cut(worker, conn, b).await;
                         }
                     }
                     Some(n)
@@ -431,7 +431,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                     let mut got = have;
                     while got < n {
                         match (&conn.stream).read(&mut b.body[got..]).await? {
-                            0 => return body_cut(conn, b).await,
+                            0 => return body_cut(worker, conn, b).await,
                             k => got += k,
                         }
                     }
@@ -447,7 +447,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 conn.set_phase(Phase::ReadingBody, worker);
                 match read_chunked(stream, b, head.len, limits.max_body_bytes).await? {
                     Ok(()) => None,
-                    Err(r) => return refuse(conn, b, r).await,
+                    Err(r) => return refuse(worker, conn, b, r).await,
                 }
             }
         };
@@ -554,9 +554,9 @@ async fn read_some(stream: &Async<TcpStream>, buf: &mut ReadBuf) -> io::Result<u
 }
 
 /// The input ended inside a body: a timeout gets its 408, a client that left gets nothing.
-async fn body_cut(conn: &Conn, b: &mut Buffers) -> io::Result<()> {
+async fn body_cut(worker: &Worker, conn: &Conn, b: &mut Buffers) -> io::Result<()> {
     if conn.timed_out() {
-        refuse(conn, b, Refusal::Timeout).await
+        refuse(worker, conn, b, Refusal::Timeout).await
     } else {
         Ok(())
     }
@@ -757,7 +757,7 @@ fn write_response(
 
 /// Answers a refused request and closes: write, half-close, then read and drop what the
 /// client still sends for a moment, so our answer is not lost to a reset.
-async fn refuse(conn: &Conn, b: &mut Buffers, r: Refusal) -> io::Result<()> {
+async fn refuse(worker: &Worker, conn: &Conn, b: &mut Buffers, r: Refusal) -> io::Result<()> {
     let (status, text) = r.status();
     log::debug!("connection {}: answering {status} {text}", conn.id);
     let mut out = std::mem::take(&mut b.out);
@@ -767,6 +767,8 @@ async fn refuse(conn: &Conn, b: &mut Buffers, r: Refusal) -> io::Result<()> {
     out.extend_from_slice(text.as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: ");
     push_u64(&mut out, text.len() as u64 + 1);
+    out.extend_from_slice(b"\r\ndate: ");
+    worker.with_date(|d| out.extend_from_slice(d));
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(text.as_bytes());
     out.push(b'\n');

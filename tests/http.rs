@@ -1,0 +1,542 @@
+//! HTTP/1.1 serving: responses, keep-alive, pipelining, bodies, HTTP/1.0, HEAD,
+//! `Expect: 100-continue`, routing.
+
+use std::collections::BTreeSet;
+
+use crate::common::{get_request, is_http_date, Config, Conn, HELLO_BODY};
+
+#[test]
+fn hello_is_served_with_date_length_and_timing_headers() {
+    let server = Config::full().start();
+    let resp = server.get("/hello");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.version, "HTTP/1.1", "{resp:?}");
+    assert_eq!(resp.text(), HELLO_BODY);
+    assert_eq!(resp.header("content-length"), Some("20"), "{resp:?}");
+    assert_eq!(resp.headers_named("content-length").len(), 1, "{resp:?}");
+    assert_eq!(resp.header("transfer-encoding"), None, "{resp:?}");
+    assert_eq!(
+        resp.header("content-type"),
+        Some("text/plain; charset=utf-8"),
+        "{resp:?}"
+    );
+    let date = resp.header("date").expect("a date header");
+    assert!(
+        is_http_date(date),
+        "date header {date:?} is not an IMF-fixdate"
+    );
+    let timing = resp
+        .header("x-response-time")
+        .expect("x-response-time from the timing middleware");
+    let digits = timing
+        .strip_suffix("us")
+        .expect("x-response-time ends in us");
+    assert!(
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+        "x-response-time {timing:?}"
+    );
+    assert!(resp.header("x-worker").is_some(), "{resp:?}");
+    assert_eq!(resp.header("x-served"), Some("1"), "{resp:?}");
+}
+
+#[test]
+fn no_timing_header_without_the_middleware() {
+    let server = Config::hello().start();
+    let resp = server.get("/hello");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), HELLO_BODY);
+    assert_eq!(resp.header("x-response-time"), None, "{resp:?}");
+}
+
+#[test]
+fn path_params_prefix_routes_and_queries() {
+    let server = Config::hello().start();
+    let resp = server.get("/hello/ada");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, ada!\n"),
+        "{resp:?}"
+    );
+    // Parameters are passed still percent-encoded.
+    let resp = server.get("/hello/a%20b");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, a%20b!\n"),
+        "{resp:?}"
+    );
+    // The query is not part of the path that is routed.
+    let resp = server.get("/hello?x=1&y");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = server.get("/hello/bob?x=1");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, bob!\n"),
+        "{resp:?}"
+    );
+    // Prefix route.
+    for path in ["/static/a", "/static/a/b/c.txt"] {
+        let resp = server.get(path);
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{path}: {resp:?}"
+        );
+    }
+    // `/hello/{name}` matches one segment only.
+    let resp = server.get("/hello/a/b");
+    assert_eq!(resp.status, 404, "/hello/a/b: {resp:?}");
+}
+
+#[test]
+fn greeting_comes_from_the_component_config() {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .plugin_config("hello", &a.hello, r#"{ "hello": (greeting: "hi") }"#)
+        .start();
+    let resp = server.get("/hello");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hi from plughost\n"),
+        "{resp:?}"
+    );
+    let resp = server.get("/hello/ada");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hi, ada!\n"),
+        "{resp:?}"
+    );
+}
+
+#[test]
+fn unknown_path_is_404() {
+    let server = Config::hello().start();
+    for path in ["/nope", "/", "/hellox", "/hello/a/b/c"] {
+        let resp = server.get(path);
+        assert_eq!(resp.status, 404, "{path}: {resp:?}");
+    }
+    server.assert_serving();
+}
+
+#[test]
+fn wrong_method_is_405_with_allow() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp = conn.request("POST /hello/ada HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(resp.status, 405, "{resp:?}");
+    let allow = resp.header("allow").expect("405 carries an allow header");
+    let methods: BTreeSet<String> = allow.split(',').map(|m| m.trim().to_owned()).collect();
+    assert_eq!(
+        methods,
+        BTreeSet::from(["GET".to_owned(), "HEAD".to_owned()]),
+        "allow: {allow:?}"
+    );
+    let resp = conn.request("DELETE /hello/ada HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(resp.status, 405, "{resp:?}");
+    // A route without `methods` takes any method.
+    let resp = conn.request("DELETE /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.request(get_request("/hello/ada"));
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, ada!\n"),
+        "{resp:?}"
+    );
+}
+
+#[test]
+fn requests_spread_over_workers() {
+    let server = Config::hello().workers(2).start();
+    // All connections open at once, then one request on each.
+    let mut conns: Vec<Conn> = (0..32).map(|_| server.conn()).collect();
+    for conn in &mut conns {
+        conn.send(get_request("/hello"));
+    }
+    let mut workers = BTreeSet::new();
+    for conn in &mut conns {
+        let resp = conn.read_response();
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{resp:?}"
+        );
+        workers.insert(resp.header("x-worker").expect("x-worker").to_owned());
+    }
+    assert!(
+        workers.len() > 1,
+        "32 concurrent connections were all served by worker(s) {workers:?}"
+    );
+    assert!(
+        workers.len() <= 2,
+        "more worker ids than workers: {workers:?}"
+    );
+}
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let server = Config::hello().workers(1).start();
+    let mut conn = server.conn();
+    for i in 1..=5 {
+        let resp = conn.request(get_request("/hello"));
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{resp:?}"
+        );
+        assert_eq!(
+            resp.header("x-served"),
+            Some(i.to_string().as_str()),
+            "{resp:?}"
+        );
+        assert!(!resp.connection_has("close"), "request {i}: {resp:?}");
+    }
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let batch = format!(
+        "{}{}{}",
+        get_request("/hello/one"),
+        get_request("/hello/two"),
+        get_request("/hello/three")
+    );
+    conn.send(batch);
+    for name in ["one", "two", "three"] {
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.text(), format!("hello, {name}!\n"));
+    }
+    // Still usable afterwards.
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(resp.text(), HELLO_BODY);
+}
+
+#[test]
+fn content_length_body_is_consumed_before_the_next_request() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    conn.send(format!(
+        "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world{}",
+        get_request("/hello/next")
+    ));
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, next!\n"),
+        "{resp:?}"
+    );
+}
+
+#[test]
+fn chunked_request_body_is_accepted() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp = conn.request(
+        "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+    );
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    // The connection stays usable, also with a chunked body and trailer pipelined with the
+    // next request.
+    conn.send(format!(
+        "POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+         A\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n{}",
+        get_request("/hello/after")
+    ));
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, after!\n"),
+        "{resp:?}"
+    );
+}
+
+#[test]
+fn chunked_body_sent_in_pieces_is_accepted() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    conn.send("POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    conn.send("3\r\nabc");
+    conn.send("\r\n2\r\nde\r\n");
+    conn.send("0\r\n\r\n");
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+}
+
+#[test]
+fn http10_request_closes_after_the_response() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp = conn.request("GET /hello HTTP/1.0\r\n\r\n");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(resp.version.starts_with("HTTP/1."), "{resp:?}");
+    assert_eq!(resp.text(), HELLO_BODY);
+    assert_eq!(
+        resp.header("transfer-encoding"),
+        None,
+        "an HTTP/1.0 client cannot read chunked: {resp:?}"
+    );
+    conn.expect_closed();
+}
+
+#[test]
+fn http10_keep_alive_keeps_the_connection() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    for _ in 0..2 {
+        let resp = conn.request("GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{resp:?}"
+        );
+        assert_eq!(resp.header("content-length"), Some("20"), "{resp:?}");
+        assert!(
+            resp.connection_has("keep-alive"),
+            "an HTTP/1.0 keep-alive response must say `connection: keep-alive`: {resp:?}"
+        );
+    }
+}
+
+#[test]
+fn connection_close_closes_after_the_response() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp = conn.request("GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    conn.expect_closed();
+}
+
+#[test]
+fn head_has_headers_and_no_body() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    // HEAD pipelined with a GET: any body bytes after the HEAD response would corrupt the
+    // GET's response.
+    conn.send(format!(
+        "HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n{}",
+        get_request("/hello/after")
+    ));
+    let head = conn.read_response_for(true);
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.header("content-length"), Some("20"), "{head:?}");
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, after!\n"),
+        "HEAD response was followed by body bytes? {resp:?}"
+    );
+    // HEAD is allowed on the `methods: ["GET", "HEAD"]` route.
+    let head = conn.request("HEAD /hello/ada HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.header("content-length"), Some("12"), "{head:?}");
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(resp.text(), HELLO_BODY);
+}
+
+#[test]
+fn expect_100_continue_gets_an_interim_response() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    conn.send(
+        "POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    // The body is not sent until the server says to go on.
+    let interim = conn.read_response();
+    assert_eq!(interim.status, 100, "{interim:?}");
+    assert_eq!(interim.version, "HTTP/1.1", "{interim:?}");
+    conn.send("hello");
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.request(get_request("/hello/again"));
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, again!\n"),
+        "{resp:?}"
+    );
+}
+
+fn deny_middleware_answers_before_the_handler(timing_config: &str) {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .workers(1)
+        .plugin_config("timing", &a.timing, timing_config)
+        .middleware("timing.timing")
+        .start();
+    let mut conn = server.conn();
+    let resp = conn.request("GET /hello HTTP/1.1\r\nHost: x\r\nX-Deny: 1\r\n\r\n");
+    assert_eq!(resp.status, 403, "{resp:?}");
+    assert_eq!(resp.text(), "denied by the timing middleware\n");
+    // The handler did not run: its instance has served nothing yet.
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    assert_eq!(resp.header("x-served"), Some("1"), "{resp:?}");
+    assert!(resp.header("x-response-time").is_some(), "{resp:?}");
+}
+
+#[test]
+fn middleware_can_answer_before_the_handler() {
+    deny_middleware_answers_before_the_handler(r#"{ "timing": (deny_header: Some("x-deny")) }"#);
+}
+
+/// The form the timing plugin's docs give (`deny_header: "x-deny"` for an `Option<String>`).
+#[test]
+fn timing_config_in_the_documented_form_is_accepted() {
+    deny_middleware_answers_before_the_handler(r#"{ "timing": (deny_header: "x-deny") }"#);
+}
+
+#[test]
+fn transfer_coding_names_are_case_insensitive() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp = conn.request(
+        "POST /hello HTTP/1.1\r\nHost: x\r\ntransfer-encoding: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    );
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let resp = conn.request(get_request("/hello/next"));
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "hello, next!\n"),
+        "{resp:?}"
+    );
+}
+
+#[test]
+fn many_pipelined_requests_are_all_answered_in_order() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let batch: String = (0..100)
+        .map(|i| get_request(&format!("/hello/n{i}")))
+        .collect();
+    conn.send(batch);
+    for i in 0..100 {
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 200, "response {i}: {resp:?}");
+        assert_eq!(resp.text(), format!("hello, n{i}!\n"), "response {i}");
+    }
+}
+
+#[test]
+fn connection_stays_usable_after_404_and_405() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    assert_eq!(conn.request(get_request("/nope")).status, 404);
+    assert_eq!(
+        conn.request("PUT /hello/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .status,
+        405
+    );
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+}
+
+/// Seconds since the epoch of an IMF-fixdate such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn parse_http_date(value: &str) -> Option<i64> {
+    let mut parts = value.split(' ');
+    let _weekday = parts.next()?;
+    let day: i64 = parts.next()?.parse().ok()?;
+    let month = parts.next()?;
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|&mo| mo == month)? as i64 + 1;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Panics unless the response's date header is within a second of now.
+#[track_caller]
+fn assert_date_is_now(resp: &crate::common::Response) {
+    let now = unix_now();
+    let date = resp.header("date").expect("a date header");
+    let parsed = parse_http_date(date).unwrap_or_else(|| panic!("unparsable date {date:?}"));
+    assert!(
+        (now - parsed).abs() <= 1,
+        "the date header of a response received at {now} (unix) is {date:?} = {parsed}, {}s off",
+        now - parsed
+    );
+}
+
+#[test]
+fn date_header_is_the_time_of_the_response() {
+    let server = Config::full().start();
+    let resp = server.get("/hello");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_date_is_now(&resp);
+    // Also when the handler took a while.
+    let resp = server.get("/slow?ms=2500");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "slept 2500\n"),
+        "{resp:?}"
+    );
+    assert_date_is_now(&resp);
+}

@@ -1,0 +1,13 @@
+//! Integration tests of plughost through the real binary: HTTP serving, limits and malformed
+//! input, plugin failures, config errors and the `info` command. The tests that send signals
+//! or use pid files are in `signals.rs`.
+
+mod cli;
+mod common;
+mod config;
+mod http;
+mod limits;
+mod plugins;
+mod reload;
+mod tasks;
+mod ws;

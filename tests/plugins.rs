@@ -1,0 +1,275 @@
+//! Plugin behaviour through the server: panics cost one request a 500 and recreate the
+//! instance, `max_request` recycles instances, lifecycle hooks run, and plugins that cannot be
+//! loaded or instantiated make `start` fail with a clear error.
+
+use std::time::Duration;
+
+use crate::common::{
+    artifacts, get_request, some_line_contains_all, Config, PluginEntry, TestDir, HELLO_BODY,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+/// `served N worker W` -> (N, W).
+fn served(body: &str) -> (u64, String) {
+    let rest = body
+        .strip_prefix("served ")
+        .and_then(|r| r.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("unexpected panicky body {body:?}"));
+    let (n, w) = rest
+        .split_once(" worker ")
+        .unwrap_or_else(|| panic!("unexpected panicky body {body:?}"));
+    (n.parse().expect("a count"), w.to_owned())
+}
+
+#[test]
+fn handler_panic_is_500_and_the_instance_is_recreated() {
+    let server = Config::full().workers(1).start();
+    let resp = server.get("/count");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let (n, worker) = served(&resp.text());
+    assert_eq!(n, 1);
+    let resp = server.get("/count");
+    assert_eq!(served(&resp.text()), (2, worker.clone()));
+
+    let resp = server.get("/panic");
+    assert_eq!(resp.status, 500, "{resp:?}");
+
+    // Same (only) worker, fresh instance.
+    let resp = server.get("/count");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(served(&resp.text()), (1, worker));
+    server.wait_for_log("panicked", LOG_WAIT);
+    let logs = server.logs();
+    assert!(
+        some_line_contains_all(&logs, &["panicked", "panicky"]),
+        "no log line names both `panicked` and the plugin:\n{logs}"
+    );
+    // The lifecycle hook hears about it too.
+    server.wait_for_log("saw an error", LOG_WAIT);
+    // Other plugins on the worker go on.
+    server.assert_serving();
+}
+
+#[test]
+fn panic_on_a_keep_alive_connection_is_500_and_the_connection_survives_or_closes_cleanly() {
+    let server = Config::full().workers(1).start();
+    let mut conn = server.conn();
+    let resp = conn.request(get_request("/panic"));
+    assert_eq!(resp.status, 500, "{resp:?}");
+    // Either the connection goes on, or the server said it would close it.
+    if resp.connection_has("close") {
+        conn.expect_closed();
+    } else {
+        let resp = conn.request(get_request("/count"));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(served(&resp.text()).0, 1);
+    }
+}
+
+#[test]
+fn middleware_panic_is_500() {
+    let a = artifacts();
+    let server = Config::hello()
+        .workers(1)
+        .plugin("panicky", &a.panicky)
+        .middleware("panicky.panic_middleware")
+        .start();
+    let resp = server.get("/hello");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    let mut conn = server.conn();
+    let resp = conn.request(
+        "GET /hello HTTP/1.1\r\nHost: x\r\nX-Panic-Middleware: 1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.status, 500, "{resp:?}");
+    server.wait_for_log("panicked", LOG_WAIT);
+    server.assert_serving();
+}
+
+#[test]
+fn max_request_recycles_instances() {
+    let server = Config::hello().workers(1).max_request(3).start();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let resp = server.get("/hello");
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{resp:?}"
+        );
+        seen.push(resp.header("x-served").expect("x-served").to_owned());
+    }
+    assert_eq!(seen, ["1", "2", "3", "1", "2", "3", "1"]);
+}
+
+#[test]
+fn max_request_recycles_on_a_keep_alive_connection_too() {
+    let server = Config::hello().workers(1).max_request(2).start();
+    let mut conn = server.conn();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let resp = conn.request(get_request("/hello"));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        seen.push(resp.header("x-served").expect("x-served").to_owned());
+    }
+    assert_eq!(seen, ["1", "2", "1", "2", "1"]);
+}
+
+#[test]
+fn without_max_request_instances_live_on() {
+    let server = Config::hello().workers(1).start();
+    for i in 1..=6 {
+        let resp = server.get("/hello");
+        assert_eq!(
+            resp.header("x-served"),
+            Some(i.to_string().as_str()),
+            "{resp:?}"
+        );
+    }
+}
+
+#[test]
+fn lifecycle_hooks_run_and_plugin_logs_carry_the_plugin_name() {
+    let server = Config::full().workers(2).start();
+    server.wait_for_log("server started", LOG_WAIT);
+    let ok = server.wait_for_log_matching(LOG_WAIT, |logs| {
+        ["worker 0 started", "worker 1 started", "worker 2 started"]
+            .iter()
+            .filter(|w| logs.contains(*w))
+            .count()
+            >= 2
+    });
+    assert!(
+        ok,
+        "expected two `worker N started` lines:\n{}",
+        server.logs()
+    );
+    let logs = server.logs();
+    assert!(
+        some_line_contains_all(&logs, &["server started", "timing"]),
+        "the hook's log line does not name its plugin:\n{logs}"
+    );
+}
+
+#[test]
+fn failing_factory_makes_start_fail() {
+    let a = artifacts();
+    let (status, stderr) = Config::hello()
+        .plugin("failing", &a.failing)
+        .route("/failing", "failing.failing")
+        .start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("failing"),
+        "stderr does not name the plugin:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("db.invalid"),
+        "stderr does not carry the factory's error:\n{stderr}"
+    );
+}
+
+#[test]
+fn panicking_factory_makes_start_fail() {
+    let a = artifacts();
+    let (status, stderr) = Config::hello()
+        .plugin("failing", &a.failing)
+        .route("/failing", "failing.panicking")
+        .start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(stderr.contains("panicked"), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("failing"),
+        "stderr does not name the plugin:\n{stderr}"
+    );
+}
+
+#[test]
+fn missing_plugin_file_makes_start_fail() {
+    let dir = TestDir::new();
+    let missing = dir.path().join("no-such-plugin.so");
+    let (status, stderr) = Config::hello()
+        .plugin("ghost", &missing)
+        .start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&*missing.to_string_lossy()),
+        "stderr does not name {}:\n{stderr}",
+        missing.display()
+    );
+}
+
+#[test]
+fn garbage_so_makes_start_fail() {
+    let dir = TestDir::new();
+    let bogus = dir.path().join("x.so");
+    std::fs::write(&bogus, b"this is not an ELF file\n\x00\x01\x02").unwrap();
+    let (status, stderr) = Config::hello().plugin("x", &bogus).start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("x.so"),
+        "stderr does not name the file:\n{stderr}"
+    );
+}
+
+#[test]
+fn shared_library_that_is_not_a_plugin_makes_start_fail() {
+    let candidates = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+        "/usr/lib64/libm.so.6",
+        "/lib/aarch64-linux-gnu/libm.so.6",
+    ];
+    let libm = candidates
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_file())
+        .expect("a libm.so.6 to use as a non-plugin library");
+    let dir = TestDir::new();
+    let copy = dir.path().join("libnotaplugin.so");
+    std::fs::copy(libm, &copy).unwrap();
+    let (status, stderr) = Config::hello()
+        .plugin("notaplugin", &copy)
+        .start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("libnotaplugin.so") || stderr.contains("notaplugin"),
+        "stderr does not name the library:\n{stderr}"
+    );
+}
+
+#[test]
+fn disabled_plugin_cannot_be_referenced() {
+    let a = artifacts();
+    let (status, stderr) = Config::hello()
+        .plugin_entry(PluginEntry {
+            name: "timing".into(),
+            path: a.timing.clone(),
+            enable: Some(false),
+            config: None,
+        })
+        .middleware("timing.timing")
+        .start_expect_failure();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(stderr.contains("timing"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn disabled_unreferenced_plugin_is_fine() {
+    // A disabled plugin is fine as long as nothing references it.
+    let a = artifacts();
+    let server = Config::hello()
+        .plugin_entry(PluginEntry {
+            name: "off".into(),
+            path: a.timing.clone(),
+            enable: Some(false),
+            config: None,
+        })
+        .start();
+    server.assert_serving();
+}

@@ -1,0 +1,258 @@
+//! Hot reload through the real binary: a rebuilt plugin, an incompatible build, a panicking
+//! factory, config edits, `plughost reload`, and reloads under continuous load.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::common::{artifacts, run_plughost, Config, Conn, TestDir, TestServer, HELLO_BODY, IO_TIMEOUT};
+
+/// How long a reload may take to show (a debug build copies and loads a large .so).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn cargo() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn target_dir() -> PathBuf {
+    artifacts().hello.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// A copy of plugins/hello as crate `name` in `dir`, depending on the plugin-api at `api`.
+/// It shares the workspace's target dir and lock file, so only the copy itself compiles.
+fn copy_hello(dir: &Path, name: &str, api: &Path) -> PathBuf {
+    let root = &artifacts().root;
+    let krate = dir.join(name);
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(
+        krate.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\nplughost-plugin-api = {{ path = {:?} }}\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\n[workspace]\n",
+            api.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    std::fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    std::fs::copy(root.join("plugins/hello/src/lib.rs"), krate.join("src/lib.rs")).unwrap();
+    krate
+}
+
+/// Replaces `from` by `to` in a file (panics when `from` is not there).
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+/// Builds the crate and returns its .so in the shared target dir.
+fn build(krate: &Path) -> PathBuf {
+    let output = Command::new(cargo())
+        .current_dir(krate)
+        .args(["build", "--offline", "--quiet"])
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building {} failed:\n{}",
+        krate.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let name = krate.file_name().unwrap().to_string_lossy().replace('-', "_");
+    target_dir().join("debug").join(format!("lib{name}.so"))
+}
+
+fn count(server: &TestServer, needle: &str) -> usize {
+    server.logs().matches(needle).count()
+}
+
+/// Waits until GET `path` answers `body`.
+fn wait_for_body(server: &TestServer, path: &str, body: &str) {
+    let deadline = Instant::now() + RELOAD_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let resp = server.get(path);
+        last = resp.text();
+        if resp.status == 200 && last == body {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("GET {path} never answered {body:?}; last {last:?}\nlogs:\n{}", server.logs());
+}
+
+fn reload_config(plugin: &Path) -> Config {
+    Config::empty()
+        .plugin("hello", plugin)
+        .route("/hello", "hello.hello")
+        .extra("reload: (inotify: true, debounce_ms: 100)")
+}
+
+#[test]
+fn a_rebuilt_plugin_is_served_without_a_restart() {
+    let work = TestDir::new();
+    let api = artifacts().root.join("plugin-api");
+    let krate = copy_hello(work.path(), "hello-reload-rebuilt", &api);
+    let so = build(&krate);
+    let server = TestServer::start(&reload_config(&so).render());
+    assert_eq!(server.get("/hello").text(), HELLO_BODY);
+    let pid_before = server.pid();
+
+    edit(&krate.join("src/lib.rs"), "{} from plughost", "{} from plughost, rebuilt");
+    build(&krate);
+    wait_for_body(&server, "/hello", "hello from plughost, rebuilt\n");
+    assert_eq!(server.pid(), pid_before);
+    server.wait_for_log("reloaded plugin hello", IO_TIMEOUT);
+    assert!(server.logs().contains("library versions held: 2"), "{}", server.logs());
+}
+
+#[test]
+fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
+    let work = TestDir::new();
+    // A copy of plugin-api whose Request has an extra field: same version, other layout.
+    let api = work.path().join("plugin-api-changed");
+    std::fs::create_dir_all(api.join("src")).unwrap();
+    let root = &artifacts().root;
+    for f in ["abi.rs", "component.rs", "export.rs", "http.rs", "lib.rs"] {
+        std::fs::copy(root.join("plugin-api/src").join(f), api.join("src").join(f)).unwrap();
+    }
+    // The workspace's dependencies of plugin-api, spelled out (the copy is not in the workspace).
+    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+        [dependencies]\nabi_stable = \"0.11.3\"\nserde = { version = \"1\", features = [\"derive\"] }\n\
+        ron = \"0.8\"\nlog = { version = \"0.4\", features = [\"std\"] }\n";
+    std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
+    edit(
+        &api.join("src/http.rs"),
+        "    /// The id of the worker thread serving this request.\n    pub worker_id: u32,\n}",
+        "    /// The id of the worker thread serving this request.\n    pub worker_id: u32,\n    /// Not in the server's ABI.\n    pub extra: u64,\n}",
+    );
+
+    let good = copy_hello(work.path(), "hello-reload-abi", &root.join("plugin-api"));
+    let so = build(&good);
+    let server = TestServer::start(&reload_config(&so).render());
+    assert_eq!(server.get("/hello").text(), HELLO_BODY);
+
+    // Build the same plugin against the changed API, into the path the server watches.
+    std::fs::write(
+        good.join("Cargo.toml"),
+        std::fs::read_to_string(good.join("Cargo.toml"))
+            .unwrap()
+            .replace(&root.join("plugin-api").to_string_lossy().to_string(), &api.to_string_lossy()),
+    )
+    .unwrap();
+    edit(&good.join("src/lib.rs"), "{} from plughost", "{} from the incompatible build");
+    build(&good);
+    server.wait_for_log("reload refused", RELOAD_TIMEOUT);
+    let logs = server.logs();
+    assert!(logs.contains("incompatible plugin ABI"), "{logs}");
+    assert!(logs.contains("fields only in the plugin: extra"), "{logs}");
+    assert!(logs.contains("plugin-api 0.1.0"), "{logs}");
+    assert!(logs.lines().count() < 200, "the layout dump must be cut:\n{logs}");
+    for _ in 0..5 {
+        assert_eq!(server.get("/hello").text(), HELLO_BODY);
+    }
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(info.stdout.contains("reloads: 0 ok, 1 failed"), "{}", info.stdout);
+}
+
+#[test]
+fn a_config_edit_adds_a_route_live_and_an_invalid_edit_is_refused() {
+    let a = artifacts();
+    let config = reload_config(&a.hello);
+    let server = TestServer::start(&config.render());
+    assert_eq!(server.get("/hi").status, 404);
+
+    server.dir().write_config(&config.clone().route("/hi", "hello.hello").render());
+    wait_for_body(&server, "/hi", HELLO_BODY);
+    server.wait_for_log("reloaded config", IO_TIMEOUT);
+
+    // An invalid edit: logged with its line, the running config stays.
+    let broken = config.clone().route("/bye", "hello.hello").render().replacen("worker_num", "worker_num: ,\n    x", 1);
+    server.dir().write_config(&broken);
+    server.wait_for_log("reload refused", RELOAD_TIMEOUT);
+    assert!(server.logs().contains("server.ron:3:"), "{}", server.logs());
+    assert_eq!(server.get("/hi").status, 200);
+    assert_eq!(server.get("/bye").status, 404);
+
+    // A component whose factory panics: refused by the probe, nothing swapped.
+    let with_failing = config
+        .clone()
+        .plugin("failing", &a.failing)
+        .route("/hi", "hello.hello")
+        .route("/boom", "failing.panicking");
+    server.dir().write_config(&with_failing.render());
+    server.wait_for_log("instantiate panicked on purpose", RELOAD_TIMEOUT);
+    assert_eq!(server.get("/hi").status, 200);
+    assert_eq!(server.get("/boom").status, 404);
+
+    // A key that needs a restart is kept, and the server says so.
+    server.dir().write_config(&config.clone().workers(7).route("/hi", "hello.hello").render());
+    server.wait_for_log("needs `plughost restart`", RELOAD_TIMEOUT);
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(info.stdout.contains("workers: 2"), "{}", info.stdout);
+}
+
+#[test]
+fn plughost_reload_reloads_every_plugin() {
+    let a = artifacts();
+    let config = Config::full();
+    let server = TestServer::start(&config.render());
+    let out = run_plughost(["reload", "-c", &server.config_path().to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}");
+    server.wait_for_log("reloaded plugin hello, panicky, timing", RELOAD_TIMEOUT);
+    server.assert_serving();
+    let _ = a;
+}
+
+#[test]
+fn ten_reloads_under_load_fail_no_request() {
+    let server = TestServer::start(&Config::hello().workers(2).render());
+    let addr = server.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            thread::spawn(move || -> Result<(), String> {
+                let mut conn = Conn::connect(addr);
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    conn.try_send("GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+                        .map_err(|e| format!("request failed: {e}"))?;
+                    let resp = conn
+                        .try_read_response(false)
+                        .map_err(|e| format!("response failed: {e}"))?;
+                    if resp.status != 200 || resp.text() != HELLO_BODY {
+                        return Err(format!("bad response {resp:?}"));
+                    }
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for i in 1..=10 {
+        server.signal(libc::SIGUSR1);
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        while count(&server, "reloaded plugin") < i {
+            assert!(Instant::now() < deadline, "reload {i} did not finish:\n{}", server.logs());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap().unwrap();
+    }
+    let served = ok.load(Ordering::Relaxed);
+    assert!(served >= 100, "only {served} requests during the reloads");
+    assert!(server.logs().contains("library versions held: 11"), "{}", server.logs());
+}

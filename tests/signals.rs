@@ -1,0 +1,229 @@
+//! Tests that send signals to the server or use its pid file: pid file handling, graceful
+//! stop on SIGTERM, and the `stop` and `reload` commands.
+
+mod common;
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    get_request, run_plughost, start_existing_expect_failure, CmdOutput, Config, TestDir,
+    TestServer, HELLO_BODY,
+};
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+fn read_pid_file(dir: &TestDir) -> String {
+    std::fs::read_to_string(dir.pid_file())
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.pid_file().display()))
+        .trim()
+        .to_owned()
+}
+
+fn is_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn plughost_cmd(cmd: &str, server: &TestServer) -> CmdOutput {
+    run_plughost([
+        cmd.as_ref(),
+        "-c".as_ref(),
+        server.config_path().as_os_str(),
+    ])
+}
+
+#[test]
+fn pid_file_holds_the_server_pid() {
+    let server = Config::hello().start();
+    assert_eq!(read_pid_file(server.dir()), server.pid().to_string());
+    server.assert_serving();
+}
+
+#[test]
+fn second_start_with_the_same_config_is_refused() {
+    let server = Config::hello().start();
+    let (status, stderr) = start_existing_expect_failure(server.dir(), &[]);
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("already running"),
+        "stderr does not say it is already running:\n{stderr}"
+    );
+    // The first server is untouched.
+    assert_eq!(read_pid_file(server.dir()), server.pid().to_string());
+    server.assert_serving();
+}
+
+#[test]
+fn stale_pid_file_is_replaced_with_a_warning() {
+    let mut stale: i32 = 999_999;
+    while is_alive(stale) {
+        stale -= 1;
+    }
+    let dir = TestDir::new();
+    std::fs::create_dir_all(dir.run_dir()).unwrap();
+    std::fs::write(dir.pid_file(), format!("{stale}\n")).unwrap();
+    let server = TestServer::start_in(dir, &Config::hello().render(), &[]);
+    let warned =
+        server.wait_for_log_matching(LOG_WAIT, |logs| logs.to_lowercase().contains("stale"));
+    assert!(
+        warned,
+        "no warning about the stale pid file:\n{}",
+        server.logs()
+    );
+    assert_eq!(read_pid_file(server.dir()), server.pid().to_string());
+    server.assert_serving();
+}
+
+#[test]
+fn ignore_flag_skips_the_pid_check() {
+    let first = Config::hello().start();
+    // Same config (same runtime dir and pid file), ephemeral port, so only the pid check
+    // could stop it.
+    let second = TestServer::start_existing(first.dir().clone(), &["-i"]);
+    assert_ne!(first.addr(), second.addr());
+    first.assert_serving();
+    second.assert_serving();
+}
+
+#[test]
+fn sigterm_lets_the_in_flight_request_finish() {
+    let mut server = Config::full().max_wait_time(5).start();
+    let mut conn = server.conn();
+    // A first request on the connection, so it is surely accepted and being served.
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    conn.send(get_request("/slow?ms=1000"));
+    // Let the request reach its (1 s) handler; the signal then lands in the middle of it.
+    thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    let resp = conn.read_response();
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "slept 1000\n"),
+        "{resp:?}"
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(5 + 5))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", server.logs()));
+    assert!(
+        status.success(),
+        "exit status {status} after SIGTERM:\n{}",
+        server.logs()
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    // The hooks' stop callbacks ran, and the pid file is gone.
+    assert!(
+        server.logs().contains("server stopping"),
+        "on_server_stop did not run:\n{}",
+        server.logs()
+    );
+    assert!(!server.dir().pid_file().exists(), "pid file left behind");
+}
+
+#[test]
+fn sigterm_gives_up_after_max_wait_time() {
+    let mut server = Config::full().max_wait_time(1).start();
+    let mut conn = server.conn();
+    let resp = conn.request(get_request("/hello"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    conn.send(get_request("/slow?ms=8000"));
+    thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(6));
+    let waited = signalled.elapsed();
+    assert!(
+        status.is_some(),
+        "still running {waited:?} after SIGTERM with max_wait_time 1 and a request in flight:\n{}",
+        server.logs()
+    );
+    assert!(
+        waited >= Duration::from_millis(800),
+        "exited after {waited:?}, without waiting max_wait_time for the in-flight request"
+    );
+}
+
+#[test]
+fn sigterm_on_an_idle_server_exits_promptly() {
+    let mut server = Config::hello().start();
+    server.assert_serving();
+    // An idle keep-alive connection must not hold the stop up for max_wait_time.
+    let mut idle = server.conn();
+    assert_eq!(idle.request(get_request("/hello")).status, 200);
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", server.logs()));
+    assert!(status.success(), "exit status {status}:\n{}", server.logs());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "an idle server took {:?} to stop",
+        signalled.elapsed()
+    );
+}
+
+#[test]
+fn stop_command_stops_the_server() {
+    let mut server = Config::hello().start();
+    server.assert_serving();
+    let pid_file = server.dir().pid_file();
+    assert!(pid_file.exists());
+    // `stop` waits for the process to be gone; the server is our child, so reap it while
+    // `stop` runs (an unreaped zombie would still look alive to it).
+    let config = server.config_path();
+    let stop =
+        thread::spawn(move || run_plughost(["stop".as_ref(), "-c".as_ref(), config.as_os_str()]));
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after `stop`:\n{}", server.logs()));
+    assert!(status.success(), "exit status {status}:\n{}", server.logs());
+    let out = stop.join().expect("the stop thread");
+    assert!(
+        out.status.success(),
+        "{out:?}\n--- server log ---\n{}",
+        server.logs()
+    );
+    assert!(!pid_file.exists(), "pid file left behind after stop");
+}
+
+#[test]
+fn stop_without_a_running_server_fails() {
+    let dir = TestDir::new();
+    let config = dir.write_config(&Config::hello().render());
+    let out = run_plughost(["stop".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    assert!(!out.status.success(), "{out:?}");
+}
+
+#[test]
+fn reload_command_signals_the_server() {
+    let server = Config::full().start();
+    let before = server.get("/hello");
+    assert_eq!(before.status, 200);
+    let before = server.logs().len();
+    assert!(
+        !server.logs().to_lowercase().contains("reload"),
+        "the log mentions reload before any was asked for:\n{}",
+        server.logs()
+    );
+    let out = plughost_cmd("reload", &server);
+    assert!(out.status.success(), "{out:?}");
+    let ok = server.wait_for_log_matching(LOG_WAIT, |logs| {
+        logs[before..]
+            .lines()
+            .any(|l| l.to_lowercase().contains("reload"))
+    });
+    assert!(ok, "no log line mentions reload:\n{}", server.logs());
+    // Still serving after the reload.
+    let resp = server.get("/hello");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+}
