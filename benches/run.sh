@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the plughost load benchmark (benches/src/bin/bench.rs) and writes benches/RESULTS.md.
+# Usage: bash benches/run.sh [--duration SECS] [--rounds N] [--quick] [--no-build] [--no-strace]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+install() {
+    if ! command -v "$1" >/dev/null 2>&1; then
+        echo "[bench] installing $1" >&2
+        apt-get update -qq >/dev/null 2>&1 || true
+        apt-get install -y -qq "$1" >/dev/null || true
+    fi
+}
+install wrk
+install strace   # optional: syscalls per request
+
+export PLUGHOST_BENCH_CMD="bash benches/run.sh${*:+ $*}"
+exec cargo run --release -p plughost-benches --bin bench -- "$@"
