@@ -227,3 +227,50 @@ fn reload_command_signals_the_server() {
         "{resp:?}"
     );
 }
+
+/// `start -d` returns once the server serves, says where, and logs to the runtime folder;
+/// `stop` then ends the background server.
+#[test]
+fn daemonized_start_returns_when_serving_and_stop_ends_it() {
+    let dir = TestDir::new();
+    let config = dir.write_config(&Config::hello().render());
+    let out = run_plughost(["start".as_ref(), "-d".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout.contains("started in the background: listening on http://"),
+        "{out:?}"
+    );
+    let addr = common::parse_listen_addr(&out.stdout).expect("address in the output");
+    let pid: i32 = read_pid_file(&dir).parse().unwrap();
+    assert!(is_alive(pid));
+    let resp = common::get_close(addr, "/hello");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), HELLO_BODY);
+    let log = std::fs::read_to_string(dir.run_dir().join("plughost.log")).unwrap();
+    assert!(log.contains("ready: listening on"), "{log}");
+
+    let stop = run_plughost(["stop".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    assert!(stop.status.success(), "{stop:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(pid) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_alive(pid), "the background server outlived stop");
+    assert!(!dir.pid_file().exists(), "pid file left behind");
+}
+
+/// A background start that cannot serve reports why on the terminal and exits non-zero.
+#[test]
+fn daemonized_start_reports_a_failure() {
+    let a = common::artifacts();
+    let dir = TestDir::new();
+    let config = dir.write_config(
+        &Config::hello()
+            .plugin("failing", &a.failing)
+            .route("/f", "failing.failing")
+            .render(),
+    );
+    let out = run_plughost(["start".as_ref(), "-d".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("db.invalid"), "{out:?}");
+}

@@ -15,7 +15,7 @@ use tungstenite::{protocol::frame::coding::CloseCode, Message, WebSocket};
 use crate::common::{artifacts, Config, Conn, TestServer, IO_TIMEOUT};
 
 /// `target/debug/libws_chat.so`, built once.
-fn ws_chat() -> PathBuf {
+pub(crate) fn ws_chat() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let a = artifacts();
