@@ -58,14 +58,20 @@ fn the_demo_config_serves_what_the_readme_shows() {
     crate::ws::ws_chat();
     let debug = a.hello.parent().unwrap().to_string_lossy().into_owned();
     let text = std::fs::read_to_string(a.root.join("config/server.ron")).unwrap();
-    assert!(text.contains("\"127.0.0.1:5200\""), "the README promises port 5200");
+    assert!(
+        text.contains("\"127.0.0.1:5200\""),
+        "the README promises port 5200"
+    );
     let text = text
         .replace("../target/release", &debug)
         .replace("\"127.0.0.1:5200\"", "\"127.0.0.1:0\"")
         .replace("runtime_dir: \"../run\"", "runtime_dir: \"@DIR@/run\"");
     let server = crate::common::TestServer::start(&text);
     let hello = server.get("/hello");
-    assert_eq!((hello.status, hello.text().as_str()), (200, "hello from plughost\n"));
+    assert_eq!(
+        (hello.status, hello.text().as_str()),
+        (200, "hello from plughost\n")
+    );
     assert!(hello.header("x-response-time").is_some(), "{hello:?}");
     assert_eq!(server.get("/hello/ada").text(), "hello, ada!\n");
     let chat = server.get("/chat");

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{artifacts, run_plughost, Config, Conn, TestDir, TestServer, HELLO_BODY, IO_TIMEOUT};
+use crate::common::{
+    artifacts, run_plughost, Config, Conn, TestDir, TestServer, HELLO_BODY, IO_TIMEOUT,
+};
 
 /// How long a reload may take to show (a debug build copies and loads a large .so).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,7 +24,13 @@ fn cargo() -> std::ffi::OsString {
 }
 
 fn target_dir() -> PathBuf {
-    artifacts().hello.parent().unwrap().parent().unwrap().to_path_buf()
+    artifacts()
+        .hello
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A copy of plugins/hello as crate `name` in `dir`, depending on the plugin-api at `api`.
@@ -41,7 +49,11 @@ fn copy_hello(dir: &Path, name: &str, api: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
-    std::fs::copy(root.join("plugins/hello/src/lib.rs"), krate.join("src/lib.rs")).unwrap();
+    std::fs::copy(
+        root.join("plugins/hello/src/lib.rs"),
+        krate.join("src/lib.rs"),
+    )
+    .unwrap();
     krate
 }
 
@@ -67,7 +79,11 @@ fn build(krate: &Path) -> PathBuf {
         krate.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let name = krate.file_name().unwrap().to_string_lossy().replace('-', "_");
+    let name = krate
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace('-', "_");
     target_dir().join("debug").join(format!("lib{name}.so"))
 }
 
@@ -87,7 +103,10 @@ fn wait_for_body(server: &TestServer, path: &str, body: &str) {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    panic!("GET {path} never answered {body:?}; last {last:?}\nlogs:\n{}", server.logs());
+    panic!(
+        "GET {path} never answered {body:?}; last {last:?}\nlogs:\n{}",
+        server.logs()
+    );
 }
 
 fn reload_config(plugin: &Path) -> Config {
@@ -107,12 +126,20 @@ fn a_rebuilt_plugin_is_served_without_a_restart() {
     assert_eq!(server.get("/hello").text(), HELLO_BODY);
     let pid_before = server.pid();
 
-    edit(&krate.join("src/lib.rs"), "{} from plughost", "{} from plughost, rebuilt");
+    edit(
+        &krate.join("src/lib.rs"),
+        "{} from plughost",
+        "{} from plughost, rebuilt",
+    );
     build(&krate);
     wait_for_body(&server, "/hello", "hello from plughost, rebuilt\n");
     assert_eq!(server.pid(), pid_before);
     server.wait_for_log("reloaded plugin hello", IO_TIMEOUT);
-    assert!(server.logs().contains("library versions held: 2"), "{}", server.logs());
+    assert!(
+        server.logs().contains("library versions held: 2"),
+        "{}",
+        server.logs()
+    );
 }
 
 #[test]
@@ -146,22 +173,36 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
         good.join("Cargo.toml"),
         std::fs::read_to_string(good.join("Cargo.toml"))
             .unwrap()
-            .replace(&root.join("plugin-api").to_string_lossy().to_string(), &api.to_string_lossy()),
+            .replace(
+                &root.join("plugin-api").to_string_lossy().to_string(),
+                &api.to_string_lossy(),
+            ),
     )
     .unwrap();
-    edit(&good.join("src/lib.rs"), "{} from plughost", "{} from the incompatible build");
+    edit(
+        &good.join("src/lib.rs"),
+        "{} from plughost",
+        "{} from the incompatible build",
+    );
     build(&good);
     server.wait_for_log("reload refused", RELOAD_TIMEOUT);
     let logs = server.logs();
     assert!(logs.contains("incompatible plugin ABI"), "{logs}");
     assert!(logs.contains("fields only in the plugin: extra"), "{logs}");
     assert!(logs.contains("plugin-api 0.1.0"), "{logs}");
-    assert!(logs.lines().count() < 200, "the layout dump must be cut:\n{logs}");
+    assert!(
+        logs.lines().count() < 200,
+        "the layout dump must be cut:\n{logs}"
+    );
     for _ in 0..5 {
         assert_eq!(server.get("/hello").text(), HELLO_BODY);
     }
     let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
-    assert!(info.stdout.contains("reloads: 0 ok, 1 failed"), "{}", info.stdout);
+    assert!(
+        info.stdout.contains("reloads: 0 ok, 1 failed"),
+        "{}",
+        info.stdout
+    );
 }
 
 #[test]
@@ -171,12 +212,18 @@ fn a_config_edit_adds_a_route_live_and_an_invalid_edit_is_refused() {
     let server = TestServer::start(&config.render());
     assert_eq!(server.get("/hi").status, 404);
 
-    server.dir().write_config(&config.clone().route("/hi", "hello.hello").render());
+    server
+        .dir()
+        .write_config(&config.clone().route("/hi", "hello.hello").render());
     wait_for_body(&server, "/hi", HELLO_BODY);
     server.wait_for_log("reloaded config", IO_TIMEOUT);
 
     // An invalid edit: logged with its line, the running config stays.
-    let broken = config.clone().route("/bye", "hello.hello").render().replacen("worker_num", "worker_num: ,\n    x", 1);
+    let broken = config
+        .clone()
+        .route("/bye", "hello.hello")
+        .render()
+        .replacen("worker_num", "worker_num: ,\n    x", 1);
     server.dir().write_config(&broken);
     server.wait_for_log("reload refused", RELOAD_TIMEOUT);
     assert!(server.logs().contains("server.ron:3:"), "{}", server.logs());
@@ -195,7 +242,13 @@ fn a_config_edit_adds_a_route_live_and_an_invalid_edit_is_refused() {
     assert_eq!(server.get("/boom").status, 404);
 
     // A key that needs a restart is kept, and the server says so.
-    server.dir().write_config(&config.clone().workers(7).route("/hi", "hello.hello").render());
+    server.dir().write_config(
+        &config
+            .clone()
+            .workers(7)
+            .route("/hi", "hello.hello")
+            .render(),
+    );
     server.wait_for_log("needs `plughost restart`", RELOAD_TIMEOUT);
     let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
     assert!(info.stdout.contains("workers: 2"), "{}", info.stdout);
@@ -244,7 +297,11 @@ fn ten_reloads_under_load_fail_no_request() {
         server.signal(libc::SIGUSR1);
         let deadline = Instant::now() + RELOAD_TIMEOUT;
         while count(&server, "reloaded plugin") < i {
-            assert!(Instant::now() < deadline, "reload {i} did not finish:\n{}", server.logs());
+            assert!(
+                Instant::now() < deadline,
+                "reload {i} did not finish:\n{}",
+                server.logs()
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -254,5 +311,9 @@ fn ten_reloads_under_load_fail_no_request() {
     }
     let served = ok.load(Ordering::Relaxed);
     assert!(served >= 100, "only {served} requests during the reloads");
-    assert!(server.logs().contains("library versions held: 11"), "{}", server.logs());
+    assert!(
+        server.logs().contains("library versions held: 11"),
+        "{}",
+        server.logs()
+    );
 }

@@ -234,10 +234,16 @@ fn reload_command_signals_the_server() {
 fn daemonized_start_returns_when_serving_and_stop_ends_it() {
     let dir = TestDir::new();
     let config = dir.write_config(&Config::hello().render());
-    let out = run_plughost(["start".as_ref(), "-d".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    let out = run_plughost([
+        "start".as_ref(),
+        "-d".as_ref(),
+        "-c".as_ref(),
+        config.as_os_str(),
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        out.stdout.contains("started in the background: listening on http://"),
+        out.stdout
+            .contains("started in the background: listening on http://"),
         "{out:?}"
     );
     let addr = common::parse_listen_addr(&out.stdout).expect("address in the output");
@@ -270,7 +276,12 @@ fn daemonized_start_reports_a_failure() {
             .route("/f", "failing.failing")
             .render(),
     );
-    let out = run_plughost(["start".as_ref(), "-d".as_ref(), "-c".as_ref(), config.as_os_str()]);
+    let out = run_plughost([
+        "start".as_ref(),
+        "-d".as_ref(),
+        "-c".as_ref(),
+        config.as_os_str(),
+    ]);
     assert!(!out.status.success(), "{out:?}");
     assert!(out.stderr.contains("db.invalid"), "{out:?}");
 }

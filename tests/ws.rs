@@ -51,12 +51,17 @@ type Client = WebSocket<TcpStream>;
 
 fn connect(addr: SocketAddr) -> Client {
     let stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     let (ws, resp) = tungstenite::client(format!("ws://{addr}/ws/chat?token=secret"), stream)
         .expect("websocket handshake");
     assert_eq!(resp.status(), 101);
-    assert_eq!(resp.headers().get("x-chat").map(|v| v.to_str().unwrap()), Some("welcome"));
+    assert_eq!(
+        resp.headers().get("x-chat").map(|v| v.to_str().unwrap()),
+        Some("welcome")
+    );
     ws
 }
 
@@ -68,7 +73,10 @@ fn next(ws: &mut Client, timeout: Duration) -> Option<Message> {
             Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => {}
             Ok(m) => return Some(m),
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("websocket read failed: {e}"),
         }
     }
@@ -98,7 +106,10 @@ fn expect_close(ws: &mut Client, timeout: Duration) -> u16 {
             Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)).unwrap_or(1005),
             Ok(_) => {}
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("connection ended without a close frame: {e}"),
         }
     }
@@ -116,7 +127,11 @@ fn a_message_is_broadcast_to_every_client() {
     let server = TestServer::start(&chat_config(2, "").render());
     let mut clients: Vec<Client> = (0..3).map(|_| connect(server.addr())).collect();
     let ids: Vec<u64> = clients.iter_mut().map(whoami).collect();
-    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 3, "distinct ids {ids:?}");
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        3,
+        "distinct ids {ids:?}"
+    );
     clients[0].send(Message::text("hello room")).unwrap();
     let expected = format!("#{}: hello room", ids[0]);
     for c in clients.iter_mut() {
@@ -152,10 +167,14 @@ fn a_push_from_http_reaches_a_connection_owned_by_another_worker() {
             break;
         }
     }
-    assert!(other_worker.is_some(), "no push was answered by a worker other than {owner}");
+    assert!(
+        other_worker.is_some(),
+        "no push was answered by a worker other than {owner}"
+    );
     // Unknown connection: 404.
     let mut conn = Conn::connect(server.addr());
-    let resp = conn.request("POST /chat/push?conn=12345 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx");
+    let resp = conn
+        .request("POST /chat/push?conn=12345 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx");
     assert_eq!(resp.status, 404);
 }
 
@@ -189,7 +208,11 @@ fn a_silent_connection_is_closed_by_the_heartbeat() {
     let started = Instant::now();
     let code = expect_close(&mut ws, Duration::from_secs(10));
     assert_eq!(code, 1000);
-    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
     server.assert_serving();
 }
 
@@ -225,7 +248,10 @@ fn an_invalid_frame_closes_with_1002() {
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
     // A client frame without a mask is a protocol error.
     stream.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
     // Skip the "#id joined" broadcast, then find the close frame (opcode 8).
@@ -291,7 +317,10 @@ fn chromium_loads_the_chat_page_and_sees_its_broadcast() {
     };
     let server = TestServer::start(&chat_config(2, "").render());
     let profile = server.dir().path().join("chromium-profile");
-    let url = format!("http://{}/chat?token=secret&say=hello%20from%20chromium", server.addr());
+    let url = format!(
+        "http://{}/chat?token=secret&say=hello%20from%20chromium",
+        server.addr()
+    );
     // --dump-dom prints once the virtual-time budget is spent; a loaded machine can need more
     // than the first budget for the round trip, so try again with more before failing.
     let mut dom = String::new();
@@ -320,10 +349,16 @@ fn chromium_loads_the_chat_page_and_sees_its_broadcast() {
             break;
         }
     }
-    assert!(dom.contains(r#"<p id="status">connected</p>"#), "page did not connect:\n{dom}");
+    assert!(
+        dom.contains(r#"<p id="status">connected</p>"#),
+        "page did not connect:\n{dom}"
+    );
     let said = dom
         .split("<li>")
         .filter_map(|li| li.split("</li>").next())
         .find(|li| li.ends_with(": hello from chromium"));
-    assert!(said.is_some(), "the broadcast of the page's own message is missing:\n{dom}");
+    assert!(
+        said.is_some(),
+        "the broadcast of the page's own message is missing:\n{dom}"
+    );
 }

@@ -8,13 +8,20 @@
 //!
 //! Run: `cargo bench -p plughost-benches --bench micro`. It needs
 //! `target/release/libhello.so`, and builds it (`cargo build --release -p hello`) when missing.
+//! It also prints allocations per handler call: the native call's, and the ABI call's as this
+//! binary's allocator sees them (a plugin's own allocations go to the allocator linked into
+//! the `.so`, which no host-side counter sees).
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -32,6 +39,47 @@ use plughost_plugin_api::{
     abi_stable::std_types::{RSlice, RStr},
     Header, HttpHandler, HttpVersion, Request, Response,
 };
+
+/// The system allocator, counting allocations and reallocations (like core's `alloc-stats`).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Allocations per call of `f` in the steady state.
+fn allocations_per_call(what: &str, mut f: impl FnMut()) {
+    for _ in 0..100 {
+        f();
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..10_000 {
+        f();
+    }
+    let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    eprintln!("{what}: {:.2} allocations per call", n as f64 / 10_000.0);
+}
 
 const WORKER: WorkerInfo = WorkerInfo {
     kind: ThreadKind::Worker,
@@ -183,6 +231,10 @@ fn plugin_call(c: &mut Criterion) {
     };
     let mut resp = Response::new();
     with_request(|req| {
+        allocations_per_call("plugin/abi_handler_call (host allocator only)", || {
+            resp.reset();
+            let _ = handler.handle(req, &mut resp);
+        });
         c.bench_function("plugin/abi_handler_call", |b| {
             b.iter(|| {
                 resp.reset();
@@ -226,6 +278,10 @@ fn plugin_call(c: &mut Criterion) {
         served: 0,
     });
     with_request(|req| {
+        allocations_per_call("plugin/native_call", || {
+            resp.reset();
+            native.handle(req, &mut resp);
+        });
         c.bench_function("plugin/native_call", |b| {
             b.iter(|| {
                 resp.reset();

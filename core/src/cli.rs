@@ -130,7 +130,10 @@ fn start(args: &StartArgs) -> i32 {
     };
     if let Err(e) = std::fs::create_dir_all(&config.runtime_dir) {
         report(&StartError::Io {
-            what: format!("cannot create the runtime folder {}", config.runtime_dir.display()),
+            what: format!(
+                "cannot create the runtime folder {}",
+                config.runtime_dir.display()
+            ),
             source: e,
         });
         return 1;
@@ -182,7 +185,11 @@ fn start(args: &StartArgs) -> i32 {
     };
     let result = server::run(loaded.clone(), options, |addr| {
         if let Some(mut n) = notify.take() {
-            let _ = writeln!(n, "ok plughost started in the background: listening on http://{addr}, pid {}", std::process::id());
+            let _ = writeln!(
+                n,
+                "ok plughost started in the background: listening on http://{addr}, pid {}",
+                std::process::id()
+            );
         }
     });
     match result {

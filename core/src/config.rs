@@ -329,7 +329,10 @@ impl Config {
     pub fn load(path: &Path, env: Option<&str>) -> Result<Loaded, ConfigError> {
         let path = match env {
             Some(env) => {
-                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("server");
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("server");
                 let candidate = path.with_file_name(format!("{stem}.{env}.ron"));
                 if candidate.exists() {
                     candidate
@@ -395,7 +398,10 @@ impl Config {
             return Err(invalid(
                 "listen".into(),
                 &self.listen,
-                format!("{:?} is not an address such as \"127.0.0.1:5200\"", self.listen),
+                format!(
+                    "{:?} is not an address such as \"127.0.0.1:5200\"",
+                    self.listen
+                ),
             ));
         }
         if log_level(&self.log.level).is_none() {
@@ -467,7 +473,10 @@ impl Config {
                 ));
             }
         }
-        if self.websocket.enable && self.websocket.heartbeat_idle_time > 0 && self.websocket.heartbeat_check_interval == 0 {
+        if self.websocket.enable
+            && self.websocket.heartbeat_idle_time > 0
+            && self.websocket.heartbeat_check_interval == 0
+        {
             return Err(invalid(
                 "websocket.heartbeat_check_interval".into(),
                 "heartbeat_check_interval",
@@ -586,7 +595,9 @@ pub fn ron_text(value: &ron::Value) -> String {
     use ron::{Number, Value};
     fn is_ident(s: &str) -> bool {
         let mut chars = s.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     }
     match value {
@@ -667,7 +678,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse("(\n  limits: (max_body: 3),\n)").unwrap_err().to_string();
+        let err = parse("(\n  limits: (max_body: 3),\n)")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server.ron:2:"), "{err}");
         assert!(err.contains("max_body"), "{err}");
         assert!(err.contains("limits"), "{err}");
@@ -789,7 +802,9 @@ mod tests {
     #[test]
     fn process_with_zero_instances_is_rejected_unless_disabled() {
         let zero = r#"processes: { "p": (component: "hello.p", num: 0) }"#;
-        let err = parse(&format!("({PLUGIN} {zero})")).unwrap_err().to_string();
+        let err = parse(&format!("({PLUGIN} {zero})"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("processes.p.num"), "{err}");
         let off = r#"processes: { "p": (component: "hello.p", num: 0, enable: false) }"#;
         assert!(parse(&format!("({PLUGIN} {off})")).is_ok());

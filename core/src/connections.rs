@@ -110,7 +110,9 @@ impl Connections {
 
     /// Queues `message` to every connection on `route` (empty: all) but `except`.
     pub fn broadcast(&self, message: &Message<'_>, route: &str, except: u64) -> u64 {
-        let Ok(message) = to_ws(message) else { return 0 };
+        let Ok(message) = to_ws(message) else {
+            return 0;
+        };
         let Ok(map) = self.map.read() else { return 0 };
         map.iter()
             .filter(|(id, h)| **id != except && (route.is_empty() || h.route == route))

@@ -66,7 +66,11 @@ fn info(state: &State) -> String {
     let _ = writeln!(
         s,
         "app version: {}",
-        if state.app_version.is_empty() { "-" } else { &state.app_version }
+        if state.app_version.is_empty() {
+            "-"
+        } else {
+            &state.app_version
+        }
     );
     let _ = writeln!(s, "pid: {}", std::process::id());
     let _ = writeln!(s, "config: {}", state.config_path.display());
@@ -99,7 +103,8 @@ fn info(state: &State) -> String {
             let _ = writeln!(
                 s,
                 "  {name} {} (plugin-api {}) {}",
-                lib.manifest.version, lib.manifest.api_version,
+                lib.manifest.version,
+                lib.manifest.api_version,
                 lib.path.display()
             );
             for c in lib.manifest.components.iter() {

@@ -13,8 +13,8 @@ use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
 };
-use plughost_plugin_api::{
-    abi::{HostBox, HostError, HostFfi, HostFfi_TO, LogLevel, Message, WorkerInfo},
+use plughost_plugin_api::abi::{
+    HostBox, HostError, HostFfi, HostFfi_TO, LogLevel, Message, WorkerInfo,
 };
 
 /// What the host offers plugins.

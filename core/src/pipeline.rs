@@ -147,7 +147,11 @@ macro_rules! take_kind {
 
 impl Instances {
     /// Creates every instance of `plan` on this thread and runs the worker-start hooks.
-    pub fn create(plan: Arc<Plan>, host: HostBox, worker: WorkerInfo) -> Result<Instances, PluginError> {
+    pub fn create(
+        plan: Arc<Plan>,
+        host: HostBox,
+        worker: WorkerInfo,
+    ) -> Result<Instances, PluginError> {
         let make = |s: &Slot| s.instantiate(&host, worker);
         let handlers = plan
             .handlers
@@ -232,24 +236,53 @@ impl Instances {
     pub fn rebuild(&mut self, plan: Arc<Plan>) -> Result<usize, PluginError> {
         let old_plan = self.plan.clone();
         let mut created = 0;
-        let mut reuse_or_make = |old_slots: &[Slot], new: &Slot| -> Result<Result<usize, Component>, PluginError> {
-            match old_slots.iter().position(|o| o.same_as(new)) {
-                Some(i) => Ok(Ok(i)),
-                None => {
-                    created += 1;
-                    new.instantiate(&self.host, self.worker).map(Err)
+        let mut reuse_or_make =
+            |old_slots: &[Slot], new: &Slot| -> Result<Result<usize, Component>, PluginError> {
+                match old_slots.iter().position(|o| o.same_as(new)) {
+                    Some(i) => Ok(Ok(i)),
+                    None => {
+                        created += 1;
+                        new.instantiate(&self.host, self.worker).map(Err)
+                    }
                 }
-            }
-        };
-        let handlers: Vec<_> = plan.handlers.iter().map(|s| reuse_or_make(&old_plan.handlers, s)).collect::<Result<_, _>>()?;
-        let middleware: Vec<_> = plan.middleware.iter().map(|s| reuse_or_make(&old_plan.middleware, s)).collect::<Result<_, _>>()?;
-        let cleaners: Vec<_> = plan.cleaners.iter().map(|s| reuse_or_make(&old_plan.cleaners, s)).collect::<Result<_, _>>()?;
-        let hooks: Vec<_> = plan.hooks.iter().map(|s| reuse_or_make(&old_plan.hooks, s)).collect::<Result<_, _>>()?;
-        let websocket: Vec<_> = plan.websocket.iter().map(|s| reuse_or_make(&old_plan.websocket, s)).collect::<Result<_, _>>()?;
-        let tasks: Vec<_> = plan.services.tasks.iter().map(|s| reuse_or_make(&old_plan.services.tasks, s)).collect::<Result<_, _>>()?;
+            };
+        let handlers: Vec<_> = plan
+            .handlers
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.handlers, s))
+            .collect::<Result<_, _>>()?;
+        let middleware: Vec<_> = plan
+            .middleware
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.middleware, s))
+            .collect::<Result<_, _>>()?;
+        let cleaners: Vec<_> = plan
+            .cleaners
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.cleaners, s))
+            .collect::<Result<_, _>>()?;
+        let hooks: Vec<_> = plan
+            .hooks
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.hooks, s))
+            .collect::<Result<_, _>>()?;
+        let websocket: Vec<_> = plan
+            .websocket
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.websocket, s))
+            .collect::<Result<_, _>>()?;
+        let tasks: Vec<_> = plan
+            .services
+            .tasks
+            .iter()
+            .map(|s| reuse_or_make(&old_plan.services.tasks, s))
+            .collect::<Result<_, _>>()?;
 
         // Every new instance exists: swap. Replaced hooks say goodbye first.
-        let kept_hooks: Vec<usize> = hooks.iter().filter_map(|h| h.as_ref().ok().copied()).collect();
+        let kept_hooks: Vec<usize> = hooks
+            .iter()
+            .filter_map(|h| h.as_ref().ok().copied())
+            .collect();
         for (i, hook) in self.hooks.iter_mut().enumerate() {
             if !kept_hooks.contains(&i) {
                 if let Some(h) = hook {
@@ -343,7 +376,8 @@ impl Instances {
                     resp.text(404, "not found\n");
                 }
                 Match::MethodNotAllowed(allow) => {
-                    resp.text(405, "method not allowed\n").set_header("allow", allow);
+                    resp.text(405, "method not allowed\n")
+                        .set_header("allow", allow);
                 }
             }
         }
@@ -447,7 +481,13 @@ impl Instances {
         match result {
             RResult::ROk(()) => true,
             RResult::RErr(e) => {
-                self.failed(ComponentKind::WebSocket, ws, &e, &mut Response::new(), stats);
+                self.failed(
+                    ComponentKind::WebSocket,
+                    ws,
+                    &e,
+                    &mut Response::new(),
+                    stats,
+                );
                 false
             }
         }
@@ -497,9 +537,10 @@ impl Instances {
         stats.panics.fetch_add(1, Ordering::Relaxed);
         let reference = self.slot(kind, i).reference.clone();
         log::error!(
-            "plugin {}: {kind} {:?} on worker {} {error}; answering 500 and recreating the instance",
+            "plugin {}: {kind} {:?} on {} {} {error}; recreating the instance",
             reference.plugin,
             reference.component,
+            self.worker.kind.as_str(),
             self.worker.id
         );
         resp.reset();
@@ -524,7 +565,10 @@ impl Instances {
         match self.slot(kind, i).instantiate(&self.host, self.worker) {
             Ok(c) => T::from_component(c),
             Err(e) => {
-                log::error!("worker {}: {e}; answering 503 until it succeeds", self.worker.id);
+                log::error!(
+                    "worker {}: {e}; answering 503 until it succeeds",
+                    self.worker.id
+                );
                 None
             }
         }
@@ -568,5 +612,8 @@ from_component!(TaskHandlerBox, TaskHandler);
 
 fn unavailable(resp: &mut Response) {
     resp.reset();
-    resp.text(503, "service unavailable: a plugin instance could not be created\n");
+    resp.text(
+        503,
+        "service unavailable: a plugin instance could not be created\n",
+    );
 }

@@ -218,6 +218,8 @@ pub struct Processes {
     running: BTreeMap<String, Group>,
     /// Threads asked to stop, not joined yet.
     stopping: Vec<Running>,
+    /// Thread ids by name (first id, count): a restarted process keeps its ids.
+    ids: BTreeMap<String, (u32, usize)>,
     next_id: u32,
 }
 
@@ -229,6 +231,7 @@ impl Processes {
             capacity,
             running: BTreeMap::new(),
             stopping: Vec::new(),
+            ids: BTreeMap::new(),
             next_id: 0,
         }
     }
@@ -265,10 +268,18 @@ impl Processes {
         ready: Option<&Ready>,
     ) -> io::Result<()> {
         let boxes = self.directory.mailboxes(&p.name, p.num, self.capacity);
+        let first = match self.ids.get(&p.name) {
+            Some(&(first, n)) if n >= p.num => first,
+            _ => {
+                let first = self.next_id;
+                self.next_id += p.num as u32;
+                self.ids.insert(p.name.clone(), (first, p.num));
+                first
+            }
+        };
         let mut threads = Vec::new();
         for (i, mailbox) in boxes.into_iter().enumerate() {
-            let id = self.next_id;
-            self.next_id += 1;
+            let id = first + i as u32;
             let control = Arc::new(Control {
                 reason: AtomicU8::new(Reason::Run as u8),
                 mailbox,

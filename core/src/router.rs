@@ -73,13 +73,17 @@ pub fn check_pattern(path: &str) -> Result<(), String> {
                 .strip_prefix('{')
                 .and_then(|p| p.strip_suffix('}'))
                 .filter(|n| !n.is_empty() && !n.contains(['{', '}']))
-                .ok_or_else(|| format!("{path:?}: a parameter is a whole segment such as {{name}}"))?;
+                .ok_or_else(|| {
+                    format!("{path:?}: a parameter is a whole segment such as {{name}}")
+                })?;
             if names.contains(&name) {
                 return Err(format!("{path:?}: parameter {{{name}}} appears twice"));
             }
             names.push(name);
         } else if p.contains(['{', '}', '*']) {
-            return Err(format!("{path:?}: '{{', '}}' and '*' must be whole segments"));
+            return Err(format!(
+                "{path:?}: '{{', '}}' and '*' must be whole segments"
+            ));
         }
     }
     Ok(())
@@ -95,10 +99,12 @@ impl Router {
         }
         let segments: Vec<Segment> = parts
             .iter()
-            .map(|p| match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                Some(name) => Segment::Param(name.to_owned()),
-                None => Segment::Literal((*p).to_owned()),
-            })
+            .map(
+                |p| match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                    Some(name) => Segment::Param(name.to_owned()),
+                    None => Segment::Literal((*p).to_owned()),
+                },
+            )
             .collect();
         let is_exact = !prefix && segments.iter().all(|s| matches!(s, Segment::Literal(_)));
         let index = self.routes.len();

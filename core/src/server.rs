@@ -103,7 +103,11 @@ fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 /// Runs the server until it is told to stop. `ready` is called once it is serving.
-pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
+pub fn run(
+    loaded: Loaded,
+    options: Options,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), StartError> {
     let config = &loaded.config;
     let runtime = &config.runtime_dir;
     let host = Host::new(options.app_version.clone(), config.env_file.as_deref());
@@ -112,7 +116,9 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
     let n = config.workers();
     let addr: SocketAddr = config.listen.parse().expect("validated");
     let listeners = bind(addr, n)?;
-    let listen = listeners[0].local_addr().map_err(StartError::io("cannot read the bound address"))?;
+    let listen = listeners[0]
+        .local_addr()
+        .map_err(StartError::io("cannot read the bound address"))?;
 
     // Signals first, so a stop during start-up is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])
@@ -198,16 +204,10 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
         stats: stats.clone(),
     });
     let socket = control::socket_path(runtime);
-    let _control = control::serve(&socket, state.clone())
-        .map_err(StartError::io(format!("cannot open the control socket {}", socket.display())))?;
-
-    log::info!(
-        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
-        env!("CARGO_PKG_VERSION"),
-        if n == 1 { "" } else { "s" },
-        std::process::id()
-    );
-    ready(listen);
+    let _control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(
+        "cannot open the control socket {}",
+        socket.display()
+    )))?;
 
     let (events_tx, events) = mpsc::channel();
     let signal_tx = events_tx.clone();
@@ -246,6 +246,16 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
     }
     drop(events_tx);
 
+    // Ready only now: everything a client or a test may do next (a signal, an edit of a
+    // watched file) is heard from here on.
+    log::info!(
+        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
+        env!("CARGO_PKG_VERSION"),
+        if n == 1 { "" } else { "s" },
+        std::process::id()
+    );
+    ready(listen);
+
     let mut pending: Option<Event> = None;
     let stop_signal = loop {
         let Some(event) = pending.take().or_else(|| events.recv().ok()) else {
@@ -253,7 +263,9 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
         };
         match event {
             Event::Signal(SIGUSR1) => {
-                log::info!("reload requested (SIGUSR1): re-reading the config and reloading every plugin");
+                log::info!(
+                    "reload requested (SIGUSR1): re-reading the config and reloading every plugin"
+                );
                 live.apply(&reload::Trigger::All, &workers, &state);
             }
             Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT].contains(&signal) => break signal,
@@ -313,7 +325,10 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(SocketAddr)) -> 
 }
 
 /// Tells every worker to stop and waits for their threads.
-fn stop_workers(workers: Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>, how: Shutdown) {
+fn stop_workers(
+    workers: Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>,
+    how: Shutdown,
+) {
     for (tx, _) in &workers {
         let _ = tx.try_send(Control::Stop(how));
     }
@@ -370,7 +385,9 @@ struct Live {
 impl Live {
     /// Watches the folders of the config, the enabled plugins and `reload.watch`.
     fn watch_all(&mut self) {
-        let Some(w) = self.watcher.as_mut() else { return };
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
         let mut dirs: Vec<PathBuf> = Vec::new();
         dirs.extend(self.config_path.parent().map(PathBuf::from));
         for (_, p) in self.config.enabled_plugins() {

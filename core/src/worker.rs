@@ -127,7 +127,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,7 +166,10 @@ impl Worker {
     /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
     pub fn ws_route(&self, path: &str) -> Option<usize> {
         let plan = self.plan.borrow();
-        plan.ws_routes.iter().find(|(p, _)| p == path).map(|(_, i)| *i)
+        plan.ws_routes
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, i)| *i)
     }
 
     /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
@@ -179,7 +184,10 @@ impl Worker {
             Some(inst) => inst.handshake(req, ws, resp, stats),
             None => {
                 resp.reset();
-                resp.text(503, "service unavailable: plugin instances could not be created\n");
+                resp.text(
+                    503,
+                    "service unavailable: plugin instances could not be created\n",
+                );
                 false
             }
         }
@@ -226,13 +234,19 @@ impl Worker {
         }
         let Some(inst) = slot.as_mut() else {
             resp.reset();
-            resp.text(503, "service unavailable: plugin instances could not be created\n");
+            resp.text(
+                503,
+                "service unavailable: plugin instances could not be created\n",
+            );
             return;
         };
         inst.run(req, route, resp, stats);
         let max = inst.plan().max_request;
         if max > 0 && inst.served() >= max {
-            log::debug!("worker {}: recycling instances after {max} requests", self.info.id);
+            log::debug!(
+                "worker {}: recycling instances after {max} requests",
+                self.info.id
+            );
             stats.recycles.fetch_add(1, Ordering::Relaxed);
             if let Some(old) = slot.take() {
                 old.stop();
@@ -422,7 +436,11 @@ async fn run(
     }
 }
 
-async fn accept_loop(ex: Rc<LocalExecutor<'static>>, worker: Rc<Worker>, listener: Async<TcpListener>) {
+async fn accept_loop(
+    ex: Rc<LocalExecutor<'static>>,
+    worker: Rc<Worker>,
+    listener: Async<TcpListener>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -437,7 +455,10 @@ async fn accept_loop(ex: Rc<LocalExecutor<'static>>, worker: Rc<Worker>, listene
                     timed_out: Cell::new(false),
                 });
                 worker.conns.borrow_mut().insert(conn.id, conn.clone());
-                worker.my_stats().connections.fetch_add(1, Ordering::Relaxed);
+                worker
+                    .my_stats()
+                    .connections
+                    .fetch_add(1, Ordering::Relaxed);
                 let w = worker.clone();
                 ex.spawn(async move {
                     http::serve(w.clone(), conn.clone(), peer).await;
@@ -459,7 +480,9 @@ async fn sweeper(worker: Rc<Worker>) {
     loop {
         // Limits can change on reload, so the tick follows them.
         let limits = worker.limits();
-        let shortest = limits.header_read_timeout_ms.min(limits.keepalive_timeout_ms);
+        let shortest = limits
+            .header_read_timeout_ms
+            .min(limits.keepalive_timeout_ms);
         Timer::after(Duration::from_millis((shortest / 4).clamp(10, 500))).await;
         worker.refresh_clock();
         worker.sweep();
@@ -472,7 +495,10 @@ async fn heartbeat(worker: Rc<Worker>) {
     loop {
         let (idle, every) = {
             let plan = worker.plan.borrow();
-            (plan.ws.heartbeat_idle_time, plan.ws.heartbeat_check_interval.max(1))
+            (
+                plan.ws.heartbeat_idle_time,
+                plan.ws.heartbeat_check_interval.max(1),
+            )
         };
         Timer::after(Duration::from_secs(every)).await;
         if idle == 0 {

@@ -9,8 +9,7 @@
 use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
-    package_version_strings,
-    sabi_trait,
+    package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
     std_types::{RArc, RBox, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
@@ -332,8 +331,11 @@ pub trait CronJobFfi {
 #[sabi_trait]
 pub trait TaskHandlerFfi {
     /// Runs a task on a task worker; `Err` is retried while tries remain.
-    fn handle(&mut self, payload: RSlice<'_, u8>, attempt: u32)
-        -> PluginResult<RResult<RVec<u8>, RString>>;
+    fn handle(
+        &mut self,
+        payload: RSlice<'_, u8>,
+        attempt: u32,
+    ) -> PluginResult<RResult<RVec<u8>, RString>>;
     /// Back on the delivering worker, with `handle`'s result.
     #[sabi(last_prefix_field)]
     fn finish(&mut self, result: RSlice<'_, u8>) -> PluginResult<()>;
@@ -487,7 +489,11 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     ) -> RResult<u64, HostError>;
     /// Sends a message to every instance of a custom process; returns how many took it.
     #[sabi(last_prefix_field)]
-    fn send_to_process(&self, process: RStr<'_>, payload: RSlice<'_, u8>) -> RResult<u64, HostError>;
+    fn send_to_process(
+        &self,
+        process: RStr<'_>,
+        payload: RSlice<'_, u8>,
+    ) -> RResult<u64, HostError>;
 }
 
 /// The host handle as it crosses the boundary.

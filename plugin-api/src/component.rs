@@ -169,7 +169,9 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("worker", &self.worker).finish()
+        f.debug_struct("Host")
+            .field("worker", &self.worker)
+            .finish()
     }
 }
 
@@ -227,15 +229,33 @@ impl Host {
 
     /// Delivers a task to the task handler `task` (`"plugin.component"`), to run on a task
     /// worker after `delay_ms`, tried up to `tries` times. Returns the task's id.
-    pub fn deliver(&self, task: &str, payload: &[u8], delay_ms: u64, tries: u32) -> Result<u64, HostError> {
+    pub fn deliver(
+        &self,
+        task: &str,
+        payload: &[u8],
+        delay_ms: u64,
+        tries: u32,
+    ) -> Result<u64, HostError> {
         self.ffi
-            .deliver(task.into(), payload.into(), delay_ms, tries.max(1), self.worker)
+            .deliver(
+                task.into(),
+                payload.into(),
+                delay_ms,
+                tries.max(1),
+                self.worker,
+            )
             .into_result()
     }
 
     /// Fires `event` to its configured listeners, after `delay_ms`, each listener tried up to
     /// `tries` times. Returns the event's id.
-    pub fn fire(&self, event: &str, payload: &[u8], delay_ms: u64, tries: u32) -> Result<u64, HostError> {
+    pub fn fire(
+        &self,
+        event: &str,
+        payload: &[u8],
+        delay_ms: u64,
+        tries: u32,
+    ) -> Result<u64, HostError> {
         self.ffi
             .fire(event.into(), payload.into(), delay_ms, tries.max(1))
             .into_result()
@@ -243,7 +263,9 @@ impl Host {
 
     /// Sends a message to every instance of custom process `name`; returns how many got it.
     pub fn send_to_process(&self, name: &str, payload: &[u8]) -> Result<u64, HostError> {
-        self.ffi.send_to_process(name.into(), payload.into()).into_result()
+        self.ffi
+            .send_to_process(name.into(), payload.into())
+            .into_result()
     }
 }
 
@@ -327,7 +349,10 @@ impl Plugin {
 
     fn add(mut self, kind: ComponentKind, name: &str, factory: Factory) -> Self {
         assert!(
-            !self.components.iter().any(|(k, n, _)| *k == kind && n == name),
+            !self
+                .components
+                .iter()
+                .any(|(k, n, _)| *k == kind && n == name),
             "plugin {}: {kind} component {name:?} declared twice",
             self.name
         );
@@ -422,7 +447,10 @@ impl Plugin {
             name,
             Box::new(move |cx| {
                 let it = factory(cx)?;
-                Ok(Component::WebSocket(WebSocketFfi_TO::from_value(Guarded(it), TD_Opaque)))
+                Ok(Component::WebSocket(WebSocketFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
             }),
         )
     }
@@ -438,7 +466,10 @@ impl Plugin {
             name,
             Box::new(move |cx| {
                 let it = factory(cx)?;
-                Ok(Component::CronJob(CronJobFfi_TO::from_value(Guarded(it), TD_Opaque)))
+                Ok(Component::CronJob(CronJobFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
             }),
         )
     }
@@ -454,7 +485,10 @@ impl Plugin {
             name,
             Box::new(move |cx| {
                 let it = factory(cx)?;
-                Ok(Component::TaskHandler(TaskHandlerFfi_TO::from_value(Guarded(it), TD_Opaque)))
+                Ok(Component::TaskHandler(TaskHandlerFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
             }),
         )
     }
@@ -470,7 +504,10 @@ impl Plugin {
             name,
             Box::new(move |cx| {
                 let it = factory(cx)?;
-                Ok(Component::EventListener(EventListenerFfi_TO::from_value(Guarded(it), TD_Opaque)))
+                Ok(Component::EventListener(EventListenerFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
             }),
         )
     }
@@ -486,7 +523,10 @@ impl Plugin {
             name,
             Box::new(move |cx| {
                 let it = factory(cx)?;
-                Ok(Component::Process(ProcessFfi_TO::from_value(Guarded(it), TD_Opaque)))
+                Ok(Component::Process(ProcessFfi_TO::from_value(
+                    Guarded(it),
+                    TD_Opaque,
+                )))
             }),
         )
     }
@@ -625,10 +665,12 @@ impl<T: EventListener> EventListenerFfi for Guarded<T> {
         event: RStr<'_>,
         payload: RSlice<'_, u8>,
     ) -> PluginResult<RResult<Propagation, RString>> {
-        guard(|| match self.0.on_event(event.as_str(), payload.as_slice()) {
-            Ok(p) => RResult::ROk(p),
-            Err(e) => RResult::RErr(RString::from(e)),
-        })
+        guard(
+            || match self.0.on_event(event.as_str(), payload.as_slice()) {
+                Ok(p) => RResult::ROk(p),
+                Err(e) => RResult::RErr(RString::from(e)),
+            },
+        )
     }
 }
 

@@ -4,15 +4,15 @@
 use std::sync::OnceLock;
 
 use abi_stable::{
-    library::{CheckTypeLayout, LibHeader, RootModuleResult, __call_root_module_loader},
+    library::{__call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult},
     prefix_type::PrefixTypeTrait,
     std_types::{RResult, RStr},
 };
 
 use crate::{
     abi::{
-        Component, ComponentKind, HostBox, Manifest, PluginMod, PluginModRef,
-        PluginResult, WorkerInfo,
+        Component, ComponentKind, HostBox, Manifest, PluginMod, PluginModRef, PluginResult,
+        WorkerInfo,
     },
     component::{guard, install_panic_hook, Plugin},
 };
@@ -112,6 +112,9 @@ fn install_logger(plugin: &str, host: &HostBox) {
 mod tests {
     #[test]
     fn root_symbol_matches_abi_stable() {
-        assert_eq!(super::ROOT_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+        assert_eq!(
+            super::ROOT_SYMBOL,
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
     }
 }

@@ -70,18 +70,18 @@ pub use component::{
 };
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 
-/// Re-exported so plugins log through the same `log` the forwarder is installed in.
-pub use log;
 /// Re-exported for hosts and for the code `export_plugin!` generates.
 pub use abi_stable;
+/// Re-exported so plugins log through the same `log` the forwarder is installed in.
+pub use log;
 
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, CronJob, Error, EventListener, Flow, Handshake,
-        Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware, Plugin,
-        Process, ProcessContext, Propagation, Request, Response, Schedule, TaskHandler,
-        WebSocketHandler, WorkerInfo,
+        export_plugin, log, Cleaner, Context, CronJob, Error, EventListener, Flow, Handshake, Host,
+        HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware, Plugin, Process,
+        ProcessContext, Propagation, Request, Response, Schedule, TaskHandler, WebSocketHandler,
+        WorkerInfo,
     };
 }
 

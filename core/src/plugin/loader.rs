@@ -108,9 +108,16 @@ fn summarize_layout_error(text: &str) -> String {
         .iter()
         .position(|l| l.starts_with("Error:"))
         .unwrap_or(lines.len());
-    let block = |header: &str| lines[..first_error].iter().rposition(|l| l.starts_with(header));
+    let block = |header: &str| {
+        lines[..first_error]
+            .iter()
+            .rposition(|l| l.starts_with(header))
+    };
     let mut out = Vec::new();
-    if let (Some(e), Some(f)) = (block("Layout of expected type:"), block("Layout of found type:")) {
+    if let (Some(e), Some(f)) = (
+        block("Layout of expected type:"),
+        block("Layout of found type:"),
+    ) {
         let type_name = lines[f..first_error]
             .iter()
             .find_map(|l| l.trim().strip_prefix("type:"))
@@ -129,10 +136,16 @@ fn summarize_layout_error(text: &str) -> String {
         };
         let (plugin_only, server_only) = (only(&theirs, &ours), only(&ours, &theirs));
         if !plugin_only.is_empty() {
-            out.push(format!("fields only in the plugin: {}", plugin_only.join(", ")));
+            out.push(format!(
+                "fields only in the plugin: {}",
+                plugin_only.join(", ")
+            ));
         }
         if !server_only.is_empty() {
-            out.push(format!("fields only in the server: {}", server_only.join(", ")));
+            out.push(format!(
+                "fields only in the server: {}",
+                server_only.join(", ")
+            ));
         }
     }
     out.extend(
@@ -149,7 +162,9 @@ fn summarize_layout_error(text: &str) -> String {
 /// the head and the tail, and say which plugin-api each side was built with.
 fn describe(e: &LibraryError, plugin_api: Option<&str>) -> String {
     let versions = match plugin_api {
-        Some(theirs) => format!(" (server plugin-api {API_VERSION}, plugin built with plugin-api {theirs})"),
+        Some(theirs) => {
+            format!(" (server plugin-api {API_VERSION}, plugin built with plugin-api {theirs})")
+        }
         None => String::new(),
     };
     match e {

@@ -40,7 +40,11 @@ impl Slot {
     }
 
     /// Creates an instance on the calling thread.
-    pub fn instantiate(&self, host: &HostBox, worker: WorkerInfo) -> Result<Component, PluginError> {
+    pub fn instantiate(
+        &self,
+        host: &HostBox,
+        worker: WorkerInfo,
+    ) -> Result<Component, PluginError> {
         let result = (self.library.module.instantiate())(
             self.kind,
             self.reference.component.as_str().into(),
@@ -116,13 +120,14 @@ impl Registry {
         reference: &ComponentRef,
         kind: ComponentKind,
     ) -> Result<Slot, PluginError> {
-        let library = self.libraries.get(&reference.plugin).ok_or_else(|| {
-            PluginError::Manifest {
-                name: reference.plugin.clone(),
-                path: Default::default(),
-                reason: "not loaded".into(),
-            }
-        })?;
+        let library =
+            self.libraries
+                .get(&reference.plugin)
+                .ok_or_else(|| PluginError::Manifest {
+                    name: reference.plugin.clone(),
+                    path: Default::default(),
+                    reason: "not loaded".into(),
+                })?;
         let provided = library
             .manifest
             .components
@@ -146,7 +151,6 @@ impl Registry {
             library: library.clone(),
         })
     }
-
 }
 
 /// `http hello, middleware timing` — for logs and errors.

@@ -29,43 +29,50 @@ impl Watcher {
         let watches = inotify.watches();
         let dirs: Arc<Mutex<Vec<(WatchDescriptor, PathBuf)>>> = Arc::default();
         let seen = dirs.clone();
-        thread::Builder::new().name("watcher".into()).spawn(move || {
-            let mut buffer = [0u8; 8192];
-            loop {
-                let events = match inotify.read_events_blocking(&mut buffer) {
-                    Ok(events) => events,
-                    Err(e) => {
-                        log::error!("file watcher stopped: {e}");
-                        return;
-                    }
-                };
-                for event in events {
-                    let Some(name) = event.name else { continue };
-                    let dir = seen
-                        .lock()
-                        .ok()
-                        .and_then(|d| d.iter().find(|(wd, _)| *wd == event.wd).map(|(_, p)| p.clone()));
-                    if let Some(dir) = dir {
-                        if tx.send(on_change(dir.join(name))).is_err() {
+        thread::Builder::new()
+            .name("watcher".into())
+            .spawn(move || {
+                let mut buffer = [0u8; 8192];
+                loop {
+                    let events = match inotify.read_events_blocking(&mut buffer) {
+                        Ok(events) => events,
+                        Err(e) => {
+                            log::error!("file watcher stopped: {e}");
                             return;
+                        }
+                    };
+                    for event in events {
+                        let Some(name) = event.name else { continue };
+                        let dir = seen.lock().ok().and_then(|d| {
+                            d.iter()
+                                .find(|(wd, _)| *wd == event.wd)
+                                .map(|(_, p)| p.clone())
+                        });
+                        if let Some(dir) = dir {
+                            if tx.send(on_change(dir.join(name))).is_err() {
+                                return;
+                            }
                         }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(Watcher { watches, dirs })
     }
 
     /// Watches `dir` (canonicalized) unless it is watched already.
     pub fn watch(&mut self, dir: &Path) -> io::Result<()> {
         let dir = dir.canonicalize()?;
-        let mut dirs = self.dirs.lock().map_err(|_| io::Error::other("watcher lock poisoned"))?;
+        let mut dirs = self
+            .dirs
+            .lock()
+            .map_err(|_| io::Error::other("watcher lock poisoned"))?;
         if dirs.iter().any(|(_, d)| *d == dir) {
             return Ok(());
         }
-        let wd = self
-            .watches
-            .add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE)?;
+        let wd = self.watches.add(
+            &dir,
+            WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
+        )?;
         log::debug!("watching {}", dir.display());
         dirs.push((wd, dir));
         Ok(())

@@ -223,10 +223,10 @@ fn parse_head(
             ws_key = Some(span(base, h.value.trim_ascii()));
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             ws_version_ok = h.value.trim_ascii() == b"13";
-        } else if name.eq_ignore_ascii_case("expect") {
-            if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-                expect_continue = version == HttpVersion::Http11;
-            }
+        } else if name.eq_ignore_ascii_case("expect")
+            && h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue")
+        {
+            expect_continue = version == HttpVersion::Http11;
         }
     }
     if (has_te && !chunked) || (chunked && content_length.is_some()) {
@@ -260,7 +260,7 @@ fn parse_head(
 }
 
 /// Reuses a vector's allocation for borrowed views of another lifetime.
-fn recycle<'a, T, U>(mut v: Vec<T>) -> Vec<U> {
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.clear();
     v.into_iter().map(|_| unreachable!()).collect()
 }
@@ -303,8 +303,20 @@ fn upgrade(
         return Next::Close;
     }
     if !worker.ws_handshake(req, ws, resp) {
-        write_response(out, resp, head.version, head.is_head, !head.keep_alive, head.keep_alive, worker);
-        return if head.keep_alive { Next::KeepAlive } else { Next::Close };
+        write_response(
+            out,
+            resp,
+            head.version,
+            head.is_head,
+            !head.keep_alive,
+            head.keep_alive,
+            worker,
+        );
+        return if head.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
     }
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     out.extend_from_slice(derive_accept_key(key).as_bytes());
@@ -411,7 +423,9 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 if head.expect_continue && have < n {
                     (&conn.stream).write_all(&b.out).await?;
                     b.out.clear();
-                    (&conn.stream).write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    (&conn.stream)
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await?;
                 }
                 if head.len + n <= b.read.data.len() - b.read.start {
                     // The body fits behind the head in the read buffer.
@@ -442,7 +456,9 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 if head.expect_continue {
                     (&conn.stream).write_all(&b.out).await?;
                     b.out.clear();
-                    (&conn.stream).write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    (&conn.stream)
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await?;
                 }
                 conn.set_phase(Phase::ReadingBody, worker);
                 match read_chunked(stream, b, head.len, limits.max_body_bytes).await? {
@@ -765,7 +781,9 @@ async fn refuse(worker: &Worker, conn: &Conn, b: &mut Buffers, r: Refusal) -> io
     push_u64(&mut out, status as u64);
     out.push(b' ');
     out.extend_from_slice(text.as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: ");
+    out.extend_from_slice(
+        b"\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: ",
+    );
     push_u64(&mut out, text.len() as u64 + 1);
     out.extend_from_slice(b"\r\ndate: ");
     worker.with_date(|d| out.extend_from_slice(d));
@@ -838,9 +856,10 @@ mod tests {
 
     #[test]
     fn same_duplicate_content_length_is_fine() {
-        let h = parse("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h =
+            parse("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(h.body, BodyKind::Length(3));
     }
 
@@ -848,7 +867,9 @@ mod tests {
     fn http10_defaults_to_close() {
         let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
-        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
+        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
     }
 

@@ -33,13 +33,21 @@ use crate::{
 struct Io<'a>(&'a Async<TcpStream>);
 
 impl AsyncRead for Io<'_> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut &*self.0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Io<'_> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut &*self.0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -94,7 +102,8 @@ pub async fn serve(
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
     let mut stream =
-        WebSocketStream::from_partially_read(Io(&conn.stream), part, Role::Server, Some(config)).await;
+        WebSocketStream::from_partially_read(Io(&conn.stream), part, Role::Server, Some(config))
+            .await;
     conn.set_phase(Phase::WebSocket, worker);
     let id = conn.id;
     let ending = if !opened {
@@ -111,22 +120,23 @@ pub async fn serve(
             .await;
             match step {
                 Step::Control(Some((code, reason))) => break Ending::send(code, &reason),
-                Step::Control(None) | Step::Outgoing(None) => break Ending::send(1001, "going away"),
+                Step::Control(None) | Step::Outgoing(None) => {
+                    break Ending::send(1001, "going away")
+                }
                 Step::Outgoing(Some(message)) => {
                     // A client that stops reading must not stall us forever: a close request
                     // (send queue full, heartbeat, stop) wins over a blocked write.
-                    let sent = future::or(
-                        async { Some(stream.send(message).await) },
-                        async {
-                            let _ = queues.control.recv().await;
-                            None
-                        },
-                    )
+                    let sent = future::or(async { Some(stream.send(message).await) }, async {
+                        let _ = queues.control.recv().await;
+                        None
+                    })
                     .await;
                     match sent {
                         Some(Ok(())) => {}
                         Some(Err(_)) => break Ending::quiet(1006, "write failed"),
-                        None => break Ending::quiet(1008, "closed while the client was not reading"),
+                        None => {
+                            break Ending::quiet(1008, "closed while the client was not reading")
+                        }
                     }
                 }
                 Step::Incoming(Some(Ok(message))) => {
@@ -145,8 +155,8 @@ pub async fn serve(
                                     let _ = stream.close(None).await;
                                 },
                                 async {
-                Timer::after(Duration::from_secs(1)).await;
-            },
+                                    Timer::after(Duration::from_secs(1)).await;
+                                },
                             )
                             .await;
                             break Ending::quiet(code, &reason);

@@ -84,7 +84,11 @@ impl Lifecycle for Hooks {
         log::info!("{} {} stopping", worker.kind.as_str(), worker.id);
     }
     fn on_worker_error(&mut self, worker: WorkerInfo, error: &str) {
-        log::warn!("{} {} saw an error: {error}", worker.kind.as_str(), worker.id);
+        log::warn!(
+            "{} {} saw an error: {error}",
+            worker.kind.as_str(),
+            worker.id
+        );
     }
 }
 

@@ -36,7 +36,9 @@ struct Chat {
 impl WebSocketHandler for Chat {
     fn on_handshake(&mut self, req: &Request<'_>, resp: &mut Response) -> Handshake {
         if let Some(token) = &self.token {
-            let given = req.query_param("token").or_else(|| req.header("x-chat-token"));
+            let given = req
+                .query_param("token")
+                .or_else(|| req.header("x-chat-token"));
             if given != Some(token.as_str()) {
                 resp.text(401, "a chat token is required\n");
                 return Handshake::Refuse;
@@ -82,12 +84,18 @@ struct Push {
 impl HttpHandler for Push {
     fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
         let Some(conn) = req.query_param("conn").and_then(|c| c.parse::<u64>().ok()) else {
-            resp.text(400, "usage: POST /chat/push?conn=ID with the message as the body\n");
+            resp.text(
+                400,
+                "usage: POST /chat/push?conn=ID with the message as the body\n",
+            );
             return;
         };
         let text = req.body_str().unwrap_or("");
         match self.host.push_text(conn, text) {
-            Ok(()) => resp.text(200, &format!("pushed to #{conn} from worker {}\n", req.worker_id)),
+            Ok(()) => resp.text(
+                200,
+                &format!("pushed to #{conn} from worker {}\n", req.worker_id),
+            ),
             Err(HostError::NotFound) => resp.text(404, &format!("no connection #{conn}\n")),
             Err(e) => resp.text(409, &format!("not pushed: {e}\n")),
         };
@@ -168,8 +176,16 @@ fn plugin() -> Plugin {
                 token: config.token,
             })
         })
-        .http("push", |cx| Ok(Push { host: cx.host().clone() }))
-        .http("connections", |cx| Ok(List { host: cx.host().clone() }))
+        .http("push", |cx| {
+            Ok(Push {
+                host: cx.host().clone(),
+            })
+        })
+        .http("connections", |cx| {
+            Ok(List {
+                host: cx.host().clone(),
+            })
+        })
         .http("page", |_| Ok(Page))
 }
 
