@@ -136,15 +136,6 @@ pub enum Outcome {
     Panicked,
 }
 
-macro_rules! take_kind {
-    ($c:expr, $variant:ident) => {
-        match $c {
-            Component::$variant(x) => x,
-            _ => unreachable!("Slot::instantiate checks the kind"),
-        }
-    };
-}
-
 impl Instances {
     /// Creates every instance of `plan` on this thread and runs the worker-start hooks.
     pub fn create(
@@ -152,38 +143,22 @@ impl Instances {
         host: HostBox,
         worker: WorkerInfo,
     ) -> Result<Instances, PluginError> {
-        let make = |s: &Slot| s.instantiate(&host, worker);
-        let handlers = plan
-            .handlers
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, HttpHandler))))
-            .collect::<Result<_, _>>()?;
-        let middleware = plan
-            .middleware
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, Middleware))))
-            .collect::<Result<_, _>>()?;
-        let cleaners = plan
-            .cleaners
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, Cleaner))))
-            .collect::<Result<_, _>>()?;
-        let hooks = plan
-            .hooks
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, Lifecycle))))
-            .collect::<Result<_, _>>()?;
-        let websocket = plan
-            .websocket
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, WebSocket))))
-            .collect::<Result<_, _>>()?;
-        let tasks = plan
-            .services
-            .tasks
-            .iter()
-            .map(|s| make(s).map(|c| Some(take_kind!(c, TaskHandler))))
-            .collect::<Result<_, _>>()?;
+        fn make_all<T: FromComponent>(
+            slots: &[Slot],
+            host: &HostBox,
+            worker: WorkerInfo,
+        ) -> Result<Vec<Option<T>>, PluginError> {
+            slots
+                .iter()
+                .map(|s| s.instantiate(host, worker).map(T::from_component))
+                .collect()
+        }
+        let handlers = make_all(&plan.handlers, &host, worker)?;
+        let middleware = make_all(&plan.middleware, &host, worker)?;
+        let cleaners = make_all(&plan.cleaners, &host, worker)?;
+        let hooks = make_all(&plan.hooks, &host, worker)?;
+        let websocket = make_all(&plan.websocket, &host, worker)?;
+        let tasks = make_all(&plan.services.tasks, &host, worker)?;
         let mut it = Instances {
             plan,
             host,

@@ -805,6 +805,15 @@ fn machine() -> String {
     format!("{nproc} CPUs ({cpu}){mem}, Linux {kernel}")
 }
 
+/// The 1-minute load average: anything well above the servers' and wrk's own share means
+/// other work shared the cores and the figures are noisier.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn tool_version(cmd: &str, arg: &str) -> String {
     Command::new(cmd)
         .arg(arg)
@@ -826,6 +835,7 @@ struct Report<'a> {
     allocs: Result<Allocs>,
     syscalls: [Option<Result<Syscalls>>; 2],
     perf: [Option<Result<Syscalls>>; 2],
+    load_before: String,
 }
 
 fn fmt_num(x: f64) -> String {
@@ -873,6 +883,12 @@ impl Report<'_> {
         let _ = writeln!(s, "# plughost benchmark results\n");
         let _ = writeln!(s, "- date: {}", utc_now());
         let _ = writeln!(s, "- machine: {}", machine());
+        let _ = writeln!(
+            s,
+            "- load average (1 min) before the runs: {}, after: {}",
+            self.load_before,
+            load_average()
+        );
         let _ = writeln!(s, "- command: `{command}`");
         let _ = writeln!(
             s,
@@ -1156,6 +1172,7 @@ fn real_main() -> Result<()> {
 }
 
 fn run_all(o: &Opts, b: &Binaries, dir: &Path) -> Result<String> {
+    let load_before = load_average();
     let config = plughost_config(&dir.join("main"), &b.hello)?;
     let servers = [
         start_plughost(&b.plughost, &config)?,
@@ -1241,6 +1258,7 @@ fn run_all(o: &Opts, b: &Binaries, dir: &Path) -> Result<String> {
         allocs,
         syscalls,
         perf,
+        load_before,
     }
     .render())
 }
