@@ -280,6 +280,10 @@ fn is_host_header(name: &str) -> bool {
 }
 
 fn push_clean(out: &mut RVec<u8>, bytes: &[u8]) {
+    if !bytes.iter().any(|&b| b == b'\r' || b == b'\n') {
+        out.extend_from_slice(bytes);
+        return;
+    }
     for &b in bytes {
         out.push(if b == b'\r' || b == b'\n' { b' ' } else { b });
     }

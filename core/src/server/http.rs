@@ -399,6 +399,11 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 },
                 worker,
             );
+            if b.read.pending().is_empty() {
+                // Between requests the socket is almost always drained: wait for readiness
+                // instead of a read that would fail with EAGAIN (a syscall per request).
+                stream.readable().await?;
+            }
             let n = read_some(stream, &mut b.read).await?;
             if n == 0 {
                 if conn.timed_out() && !b.read.pending().is_empty() {
@@ -510,10 +515,9 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                 }
             }
             worker.dispatch(&req, &route, &mut b.resp);
+            let plugin_connection = connection_header(b.resp.head_bytes());
             let close = !keep_alive
-                || b.resp
-                    .get_header("connection")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                || plugin_connection.is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
             write_response(
                 &mut b.out,
                 &b.resp,
@@ -680,6 +684,17 @@ fn finish_chunked(b: &mut Buffers, head_len: usize, pos: usize) {
     compact_after_head(b, head_len, &mut p);
 }
 
+/// The value of a `connection` header among serialized `name: value\r\n` lines: a byte scan,
+/// since this runs for every response.
+fn connection_header(head: &[u8]) -> Option<&[u8]> {
+    head.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
+        name.eq_ignore_ascii_case(b"connection")
+            .then(|| &value[1..])
+    })
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
@@ -758,7 +773,7 @@ fn write_response(
     out.extend_from_slice(b"date: ");
     worker.with_date(|d| out.extend_from_slice(d));
     out.extend_from_slice(b"\r\n");
-    if resp.get_header("connection").is_none() {
+    if connection_header(resp.head_bytes()).is_none() {
         if close && version == HttpVersion::Http11 {
             out.extend_from_slice(b"connection: close\r\n");
         } else if !close && version == HttpVersion::Http10 && asked_keep_alive {
@@ -871,6 +886,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn connection_header_is_found_by_bytes() {
+        assert_eq!(
+            connection_header(b"x-a: 1\r\nConnection: close\r\n"),
+            Some(&b" close"[..])
+        );
+        assert_eq!(connection_header(b"x-connection: 1\r\n"), None);
+        assert_eq!(connection_header(b""), None);
     }
 
     #[test]
