@@ -15,6 +15,7 @@ pub mod pidfile;
 pub mod pipeline;
 pub mod plugin;
 pub mod process;
+pub mod reactor;
 pub mod reload;
 pub mod router;
 pub mod server;

@@ -10,7 +10,7 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> io::Result<()> {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(LevelFilter::Trace);
     if level < LevelFilter::Trace {
-        for noisy in ["async_io", "polling", "async_executor", "blocking"] {
+        for noisy in ["polling", "async_executor"] {
             builder.filter_module(noisy, LevelFilter::Warn);
         }
     }

@@ -1,5 +1,5 @@
-//! An HTTP worker: one thread, one smol `LocalExecutor`, its own `SO_REUSEPORT` listener and
-//! its own instance of every component. Instances never leave the thread, so plugin code
+//! An HTTP worker: one thread, one `LocalExecutor` on its own epoll (see `reactor`), its own
+//! `SO_REUSEPORT` listener and its own instance of every component. Instances never leave the thread, so plugin code
 //! needs no locks. A handler call is synchronous; the IO around it is async.
 //!
 //! A sweeper task keeps a coarse clock and the `date` header, and closes connections that
@@ -16,13 +16,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use async_io::{Async, Timer};
-use futures_lite::future;
+use crate::reactor::{self, Async, Timer};
+use async_executor::LocalExecutor;
 use plughost_plugin_api::{
     abi::{HostBox, ThreadKind, WorkerInfo},
     Request, Response,
 };
-use smol::LocalExecutor;
 
 use crate::{
     config::Limits,
@@ -352,13 +351,6 @@ pub fn spawn(
                     return;
                 }
             };
-            let listener = match Async::new(listener) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready.send((id, Err(format!("cannot register the listener: {e}"))));
-                    return;
-                }
-            };
             let worker = Rc::new(Worker {
                 info,
                 plan: RefCell::new(plan),
@@ -375,9 +367,17 @@ pub fn spawn(
                 stats,
             });
             worker.refresh_clock();
-            let _ = ready.send((id, Ok(())));
             let ex = Rc::new(LocalExecutor::new());
-            future::block_on(ex.run(run(ex.clone(), worker.clone(), listener, control)));
+            let served = reactor::block_on(ex.run(run(
+                ex.clone(),
+                worker.clone(),
+                listener,
+                control,
+                ready,
+            )));
+            if let Err(e) = served {
+                log::error!("worker {id}: event loop failed: {e}");
+            }
             if let Some(inst) = worker.instances.borrow_mut().take() {
                 inst.stop();
             }
@@ -388,9 +388,21 @@ pub fn spawn(
 async fn run(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    listener: Async<TcpListener>,
+    listener: TcpListener,
     control: async_channel::Receiver<Control>,
+    ready: mpsc::Sender<(u32, Result<(), String>)>,
 ) {
+    let listener = match Async::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send((
+                worker.id(),
+                Err(format!("cannot register the listener: {e}")),
+            ));
+            return;
+        }
+    };
+    let _ = ready.send((worker.id(), Ok(())));
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
     let _heartbeat = ex.spawn(heartbeat(worker.clone()));

@@ -14,8 +14,8 @@ use std::{
     time::Duration,
 };
 
+use crate::reactor::{Async, Timer};
 use abi_stable::std_types::{RSlice, RStr};
-use async_io::{Async, Timer};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
 

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use async_io::{Async, Timer};
+use crate::reactor::{Async, Timer};
 use async_tungstenite::{
     tungstenite::{
         self,
