@@ -91,7 +91,7 @@ fn info(state: &State) -> String {
     let (count, bytes) = crate::plugin::loader::held();
     let _ = writeln!(
         s,
-        "library versions held: {count} ({} kB; old versions stay mapped, abi_stable cannot unload)",
+        "library versions held: {count} ({} kB of library files; old versions stay mapped, abi_stable cannot unload)",
         bytes / 1024
     );
     if let Some(n) = crate::alloc::count() {
