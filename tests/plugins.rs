@@ -273,3 +273,28 @@ fn disabled_unreferenced_plugin_is_fine() {
         .start();
     server.assert_serving();
 }
+
+/// Plugins read the `-x` version string and env values (the process environment first, then
+/// the `env_file` of the config).
+#[test]
+fn plugins_see_the_app_version_and_env_values() {
+    let a = crate::common::artifacts();
+    let dir = crate::common::TestDir::new();
+    std::fs::write(
+        dir.path().join("app.env"),
+        "# comment\nGREETING=\"from the env file\"\nPATH=not-this-one\n",
+    )
+    .unwrap();
+    let config = Config::empty()
+        .plugin("panicky", &a.panicky)
+        .route("/info", "panicky.info")
+        .extra("env_file: Some(\"app.env\")")
+        .render();
+    let server = crate::common::TestServer::start_in(dir, &config, &["-x", "1.2.3"]);
+    let resp = server.get("/info?key=GREETING");
+    assert_eq!(resp.text(), "app_version=1.2.3\nenv=from the env file\n");
+    let resp = server.get("/info?key=PATH");
+    assert!(!resp.text().contains("not-this-one"), "{resp:?}");
+    let resp = server.get("/info?key=MISSING");
+    assert_eq!(resp.text(), "app_version=1.2.3\nenv=-\n");
+}
