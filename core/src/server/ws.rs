@@ -110,14 +110,22 @@ pub async fn serve(
         Ending::send(1011, "internal error")
     } else {
         loop {
-            let step = future::or(
-                async { Step::Control(queues.control.recv().await.ok()) },
+            // Fast path: a close request or a queued message needs no waiting (and no
+            // listener registered on the channels, which was a measurable cost per message).
+            let step = if let Ok(close) = queues.control.try_recv() {
+                Step::Control(Some(close))
+            } else if let Ok(message) = queues.data.try_recv() {
+                Step::Outgoing(Some(message))
+            } else {
                 future::or(
-                    async { Step::Outgoing(queues.data.recv().await.ok()) },
-                    async { Step::Incoming(stream.next().await) },
-                ),
-            )
-            .await;
+                    async { Step::Control(queues.control.recv().await.ok()) },
+                    future::or(
+                        async { Step::Outgoing(queues.data.recv().await.ok()) },
+                        async { Step::Incoming(stream.next().await) },
+                    ),
+                )
+                .await
+            };
             match step {
                 Step::Control(Some((code, reason))) => break Ending::send(code, &reason),
                 Step::Control(None) | Step::Outgoing(None) => {
