@@ -362,3 +362,36 @@ fn chromium_loads_the_chat_page_and_sees_its_broadcast() {
         "the broadcast of the page's own message is missing:\n{dom}"
     );
 }
+
+/// The upgrade request runs through the middleware first: one can refuse it before the
+/// WebSocket handler sees it.
+#[test]
+fn middleware_can_refuse_an_upgrade() {
+    let a = artifacts();
+    let config = chat_config(1, "")
+        .plugin_config(
+            "timing",
+            &a.timing,
+            r#"{ "timing": (deny_header: "x-deny") }"#,
+        )
+        .middleware("timing.timing");
+    let server = TestServer::start(&config.render());
+    let upgrade = |extra: &str| {
+        let mut conn = Conn::connect(server.addr());
+        conn.send(format!(
+            "GET /ws/chat?token=secret HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ));
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            conn.stream().read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    };
+    let refused = upgrade("X-Deny: 1\r\n");
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let accepted = upgrade("");
+    assert!(accepted.starts_with("HTTP/1.1 101"), "{accepted}");
+}
