@@ -87,17 +87,6 @@ fn get(addr: &str) -> Option<String> {
     text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Puts `from` at `to` the way a deploy does: copy beside it, then rename over it.
 fn install(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("so.tmp");
@@ -181,7 +170,7 @@ fn real_main() -> Result<()> {
         get(&addr).ok_or("first GET failed")?,
         "hello from plughost v2\n".to_owned(),
     ];
-    let rss_before = rss_kib(pid);
+    let rss_before = plughost_benches::rss_kb(pid);
     let mut latencies = Vec::new();
     for i in 0..reloads {
         let (from, want) = if i % 2 == 0 {
@@ -204,7 +193,7 @@ fn real_main() -> Result<()> {
         // Let the previous reload's log line and swap settle before the next one.
         thread::sleep(Duration::from_millis(debounce + 50));
     }
-    let rss_after = rss_kib(pid);
+    let rss_after = plughost_benches::rss_kb(pid);
     let info = Command::new(&server)
         .args(["info", "-c"])
         .arg(&config)
