@@ -35,10 +35,26 @@ pub struct Queues {
     pub control: async_channel::Receiver<CloseRequest>,
 }
 
-/// Every open WebSocket connection.
+/// Shards of the registry: one per worker id (mod this), each on its own cache line, so a
+/// worker pushing to its own connections never contends with another worker.
+const SHARDS: usize = 64;
+
 #[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(RwLock<HashMap<u64, Handle>>);
+
+/// Every open WebSocket connection.
+#[derive(Debug)]
 pub struct Connections {
-    map: RwLock<HashMap<u64, Handle>>,
+    shards: Box<[Shard]>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+        }
+    }
 }
 
 /// Converts a plugin's message into one to send.
@@ -54,6 +70,11 @@ pub fn to_ws(message: &Message<'_>) -> Result<WsMessage, HostError> {
 }
 
 impl Connections {
+    fn shard(&self, id: u64) -> &RwLock<HashMap<u64, Handle>> {
+        // The worker id is in the high 16 bits of a connection id.
+        &self.shards[(id >> 48) as usize % SHARDS].0
+    }
+
     /// Registers a connection with a send queue of `capacity` messages.
     pub fn open(&self, id: u64, route: &str, capacity: usize) -> Queues {
         let (data_tx, data) = async_channel::bounded(capacity.max(1));
@@ -64,7 +85,7 @@ impl Connections {
             control: control_tx,
             closing: AtomicBool::new(false),
         };
-        if let Ok(mut map) = self.map.write() {
+        if let Ok(mut map) = self.shard(id).write() {
             map.insert(id, handle);
         }
         Queues { data, control }
@@ -72,14 +93,17 @@ impl Connections {
 
     /// Forgets a connection.
     pub fn remove(&self, id: u64) {
-        if let Ok(mut map) = self.map.write() {
+        if let Ok(mut map) = self.shard(id).write() {
             map.remove(&id);
         }
     }
 
     /// Open connections.
     pub fn count(&self) -> usize {
-        self.map.read().map(|m| m.len()).unwrap_or(0)
+        self.shards
+            .iter()
+            .map(|s| s.0.read().map(|m| m.len()).unwrap_or(0))
+            .sum()
     }
 
     fn queue(handle: &Handle, message: WsMessage) -> Result<(), HostError> {
@@ -103,7 +127,7 @@ impl Connections {
     /// Queues `message` to connection `id`.
     pub fn push(&self, id: u64, message: &Message<'_>) -> Result<(), HostError> {
         let message = to_ws(message)?;
-        let map = self.map.read().map_err(|_| HostError::NotFound)?;
+        let map = self.shard(id).read().map_err(|_| HostError::NotFound)?;
         let handle = map.get(&id).ok_or(HostError::NotFound)?;
         Self::queue(handle, message)
     }
@@ -113,16 +137,21 @@ impl Connections {
         let Ok(message) = to_ws(message) else {
             return 0;
         };
-        let Ok(map) = self.map.read() else { return 0 };
-        map.iter()
-            .filter(|(id, h)| **id != except && (route.is_empty() || h.route == route))
-            .filter(|(_, h)| Self::queue(h, message.clone()).is_ok())
-            .count() as u64
+        let mut reached = 0;
+        for shard in self.shards.iter() {
+            let Ok(map) = shard.0.read() else { continue };
+            reached += map
+                .iter()
+                .filter(|(id, h)| **id != except && (route.is_empty() || h.route == route))
+                .filter(|(_, h)| Self::queue(h, message.clone()).is_ok())
+                .count() as u64;
+        }
+        reached
     }
 
     /// Asks connection `id` to close.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> Result<(), HostError> {
-        let map = self.map.read().map_err(|_| HostError::NotFound)?;
+        let map = self.shard(id).read().map_err(|_| HostError::NotFound)?;
         let handle = map.get(&id).ok_or(HostError::NotFound)?;
         if handle.closing.swap(true, Ordering::Relaxed) {
             return Err(HostError::Closed);
@@ -133,7 +162,7 @@ impl Connections {
 
     /// Whether `id` is an open connection that is not closing.
     pub fn is_established(&self, id: u64) -> bool {
-        self.map
+        self.shard(id)
             .read()
             .ok()
             .and_then(|m| m.get(&id).map(|h| !h.closing.load(Ordering::Relaxed)))
@@ -142,15 +171,17 @@ impl Connections {
 
     /// Ids on `route` (empty: all), in no particular order.
     pub fn ids(&self, route: &str) -> Vec<u64> {
-        self.map
-            .read()
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, h)| route.is_empty() || h.route == route)
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut ids = Vec::new();
+        for shard in self.shards.iter() {
+            if let Ok(m) = shard.0.read() {
+                ids.extend(
+                    m.iter()
+                        .filter(|(_, h)| route.is_empty() || h.route == route)
+                        .map(|(id, _)| *id),
+                );
+            }
+        }
+        ids
     }
 }
 
