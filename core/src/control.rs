@@ -79,6 +79,15 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "uptime: {}s", stats.started.elapsed().as_secs());
     let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
+    for (i, w) in stats.workers.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  worker {i}: {} requests, {} connections, {} panics",
+            w.requests.load(Ordering::Relaxed),
+            w.connections.load(Ordering::Relaxed),
+            w.panics.load(Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
     let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
     let _ = writeln!(

@@ -323,9 +323,13 @@ impl<T: AsFd> Drop for Async<T> {
 impl Async<TcpListener> {
     /// Accepts a connection, registered with this thread's reactor.
     pub async fn accept(&self) -> io::Result<(Async<TcpStream>, SocketAddr)> {
-        let (stream, peer) =
-            std::future::poll_fn(|cx| self.poll_read_with(cx, |l| l.accept())).await?;
+        let (stream, peer) = self.accept_std().await?;
         Ok((Async::new(stream)?, peer))
+    }
+
+    /// Accepts a connection without registering it (it may be handed to another thread).
+    pub async fn accept_std(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_read_with(cx, |l| l.accept())).await
     }
 }
 

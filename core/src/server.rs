@@ -127,10 +127,16 @@ pub fn run(
     let stats = Arc::new(Stats::new(n));
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut workers = Vec::new();
-    for (id, listener) in listeners.into_iter().enumerate() {
-        // Unbounded: task results (`Control::Finish`) must neither block a task worker nor be
-        // dropped; they are bounded by the task queue, whose tasks each finish at most once.
-        let (tx, rx) = async_channel::unbounded();
+    // Unbounded: task results (`Control::Finish`) must neither block a task worker nor be
+    // dropped; they are bounded by the task queue, whose tasks each finish at most once.
+    let channels: Vec<_> = (0..n).map(|_| async_channel::unbounded()).collect();
+    let peers = Arc::new(
+        channels
+            .iter()
+            .map(|(tx, _)| tx.clone())
+            .collect::<Vec<_>>(),
+    );
+    for (id, (listener, (tx, rx))) in listeners.into_iter().zip(channels).enumerate() {
         let handle = worker::spawn(
             id as u32,
             listener,
@@ -138,6 +144,7 @@ pub fn run(
             host.clone(),
             stats.clone(),
             rx,
+            peers.clone(),
             ready_tx.clone(),
         )
         .map_err(StartError::io("cannot start a worker thread"))?;

@@ -9,7 +9,7 @@
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
-    net::{Shutdown as SockShutdown, TcpListener, TcpStream},
+    net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream},
     rc::Rc,
     sync::{atomic::Ordering, mpsc, Arc},
     thread,
@@ -38,6 +38,8 @@ use crate::{
 pub enum Control {
     /// Stop, gracefully or not.
     Stop(Shutdown),
+    /// Serve a connection another worker accepted (to even out keep-alive connections).
+    Adopt(TcpStream, SocketAddr),
     /// Move to a new plan between two requests; the reply says how many instances were
     /// created, or why the old ones stay.
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
@@ -112,6 +114,8 @@ pub struct Worker {
     info: WorkerInfo,
     plan: RefCell<Arc<Plan>>,
     host: HostBox,
+    /// Every worker's control channel, by id.
+    peers: Arc<Vec<async_channel::Sender<Control>>>,
     connections: Arc<Connections>,
     /// `None` after instances could not be recreated; retried on the next request.
     instances: RefCell<Option<Instances>>,
@@ -145,6 +149,19 @@ impl Worker {
     /// The HTTP limits now in force.
     pub fn limits(&self) -> Limits {
         self.plan.borrow().limits
+    }
+
+    /// The worker to hand a new connection to, when this one has two more than it.
+    fn lighter_peer(&self) -> Option<usize> {
+        let mine = self.my_stats().connections.load(Ordering::Relaxed);
+        let (id, least) = self
+            .stats
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
+            .min_by_key(|(_, c)| *c)?;
+        (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
     }
 
     /// The WebSocket registry shared by all workers.
@@ -333,6 +350,7 @@ pub fn spawn(
     host: Host,
     stats: Arc<Stats>,
     control: async_channel::Receiver<Control>,
+    peers: Arc<Vec<async_channel::Sender<Control>>>,
     ready: mpsc::Sender<(u32, Result<(), String>)>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
@@ -355,6 +373,7 @@ pub fn spawn(
                 info,
                 plan: RefCell::new(plan),
                 host,
+                peers,
                 connections,
                 instances: RefCell::new(Some(instances)),
                 conns: RefCell::new(HashMap::new()),
@@ -413,6 +432,7 @@ async fn run(
                 let _ = reply.send((worker.id(), worker.reload(plan)));
             }
             Ok(Control::Finish { task, result }) => worker.finish(&task, &result),
+            Ok(Control::Adopt(stream, peer)) => adopt(&ex, &worker, stream, peer, true),
             Err(_) => break Shutdown::Fast,
         }
     };
@@ -454,30 +474,23 @@ async fn accept_loop(
     listener: Async<TcpListener>,
 ) {
     loop {
-        match listener.accept().await {
+        match listener.accept_std().await {
             Ok((stream, peer)) => {
-                let _ = stream.get_ref().set_nodelay(true);
-                let local = worker.next_conn.get();
-                worker.next_conn.set(local + 1);
-                let conn = Rc::new(Conn {
-                    id: ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1)),
-                    stream,
-                    phase: Cell::new(Phase::ReadingHead),
-                    since: Cell::new(worker.now.get()),
-                    timed_out: Cell::new(false),
-                });
-                worker.conns.borrow_mut().insert(conn.id, conn.clone());
-                worker
-                    .my_stats()
-                    .connections
-                    .fetch_add(1, Ordering::Relaxed);
-                let w = worker.clone();
-                ex.spawn(async move {
-                    http::serve(w.clone(), conn.clone(), peer).await;
-                    w.conns.borrow_mut().remove(&conn.id);
-                    w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
-                })
-                .detach();
+                // Keep-alive connections stay where they land, so even them out as they come:
+                // a worker with two more connections than another hands the new one over.
+                let Some(to) = worker.lighter_peer() else {
+                    adopt(&ex, &worker, stream, peer, false);
+                    continue;
+                };
+                // Counted for the receiver now, so the next decision already sees it.
+                let receiver = &worker.stats.workers[to].connections;
+                receiver.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = worker.peers[to].try_send(Control::Adopt(stream, peer)) {
+                    receiver.fetch_sub(1, Ordering::Relaxed);
+                    if let Control::Adopt(stream, peer) = e.into_inner() {
+                        adopt(&ex, &worker, stream, peer, false);
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: say so, back off, keep going.
@@ -486,6 +499,52 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Registers an accepted connection with this worker and serves it. `counted`: the worker
+/// that handed it over already counted it for this one.
+fn adopt(
+    ex: &Rc<LocalExecutor<'static>>,
+    worker: &Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    counted: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    if !counted {
+        worker
+            .my_stats()
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let stream = match Async::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            worker
+                .my_stats()
+                .connections
+                .fetch_sub(1, Ordering::Relaxed);
+            log::error!("worker {}: cannot register a connection: {e}", worker.id());
+            return;
+        }
+    };
+    let local = worker.next_conn.get();
+    worker.next_conn.set(local + 1);
+    let conn = Rc::new(Conn {
+        id: ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1)),
+        stream,
+        phase: Cell::new(Phase::ReadingHead),
+        since: Cell::new(worker.now.get()),
+        timed_out: Cell::new(false),
+    });
+    worker.conns.borrow_mut().insert(conn.id, conn.clone());
+    let w = worker.clone();
+    ex.spawn(async move {
+        http::serve(w.clone(), conn.clone(), peer).await;
+        w.conns.borrow_mut().remove(&conn.id);
+        w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
+    })
+    .detach();
 }
 
 async fn sweeper(worker: Rc<Worker>) {
