@@ -137,16 +137,16 @@ pub fn run(
             .collect::<Vec<_>>(),
     );
     for (id, (listener, (tx, rx))) in listeners.into_iter().zip(channels).enumerate() {
-        let handle = worker::spawn(
-            id as u32,
+        let handle = worker::spawn(worker::Setup {
+            id: id as u32,
             listener,
-            plan.clone(),
-            host.clone(),
-            stats.clone(),
-            rx,
-            peers.clone(),
-            ready_tx.clone(),
-        )
+            plan: plan.clone(),
+            host: host.clone(),
+            stats: stats.clone(),
+            control: rx,
+            peers: peers.clone(),
+            ready: ready_tx.clone(),
+        })
         .map_err(StartError::io("cannot start a worker thread"))?;
         workers.push((tx, handle));
     }

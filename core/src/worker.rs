@@ -341,18 +341,40 @@ impl Worker {
     }
 }
 
-/// Starts worker `id` on its own thread. It reports on `ready` once its instances exist and
-/// it is accepting, or why it could not start.
-pub fn spawn(
-    id: u32,
-    listener: TcpListener,
-    plan: Arc<Plan>,
-    host: Host,
-    stats: Arc<Stats>,
-    control: async_channel::Receiver<Control>,
-    peers: Arc<Vec<async_channel::Sender<Control>>>,
-    ready: mpsc::Sender<(u32, Result<(), String>)>,
-) -> std::io::Result<thread::JoinHandle<()>> {
+/// What a worker starts with.
+#[derive(Debug)]
+pub struct Setup {
+    /// The worker's id.
+    pub id: u32,
+    /// Its own listener.
+    pub listener: TcpListener,
+    /// What to run.
+    pub plan: Arc<Plan>,
+    /// The host API.
+    pub host: Host,
+    /// Shared counters.
+    pub stats: Arc<Stats>,
+    /// Its control channel.
+    pub control: async_channel::Receiver<Control>,
+    /// Every worker's control channel, by id.
+    pub peers: Arc<Vec<async_channel::Sender<Control>>>,
+    /// Where to say it is serving, or why not.
+    pub ready: mpsc::Sender<(u32, Result<(), String>)>,
+}
+
+/// Starts a worker on its own thread. It reports on `ready` once its instances exist and it
+/// is accepting, or why it could not start.
+pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
+    let Setup {
+        id,
+        listener,
+        plan,
+        host,
+        stats,
+        control,
+        peers,
+        ready,
+    } = setup;
     thread::Builder::new()
         .name(format!("worker-{id}"))
         .spawn(move || {
