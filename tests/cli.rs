@@ -78,3 +78,43 @@ fn the_demo_config_serves_what_the_readme_shows() {
     assert_eq!(chat.status, 200);
     assert!(chat.text().contains("new WebSocket("));
 }
+
+/// Keep-alive connections are evened out over the workers, whatever the kernel's hash did:
+/// `info` shows each worker's open connections.
+#[test]
+fn open_connections_are_spread_evenly_over_the_workers() {
+    let server = Config::hello().workers(2).start();
+    let conns: Vec<_> = (0..40)
+        .map(|_| crate::common::Conn::connect(server.addr()))
+        .collect();
+    let info = || {
+        run_plughost([
+            "info".as_ref(),
+            "-c".as_ref(),
+            server.config_path().as_os_str(),
+        ])
+        .stdout
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = info();
+    while !text.lines().any(|l| l.trim() == "connections: 40") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        text = info();
+    }
+    let per_worker: Vec<u64> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("worker "))
+        .map(|l| {
+            let after = l.split(", ").nth(1).expect("requests, connections");
+            after.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(per_worker.len(), 2, "{text}");
+    assert_eq!(per_worker.iter().sum::<u64>(), 40, "{text}");
+    let spread = per_worker.iter().max().unwrap() - per_worker.iter().min().unwrap();
+    assert!(
+        spread <= 2,
+        "connections not evened out: {per_worker:?}\n{text}"
+    );
+    drop(conns);
+}
