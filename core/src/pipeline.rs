@@ -127,15 +127,6 @@ impl std::fmt::Debug for Instances {
     }
 }
 
-/// Where a request stands after the pipeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A response was produced normally (any status).
-    Done,
-    /// Plugin code panicked; the response is a 500.
-    Panicked,
-}
-
 impl Instances {
     /// Creates every instance of `plan` on this thread and runs the worker-start hooks.
     pub fn create(
@@ -306,10 +297,9 @@ impl Instances {
         route: &Match,
         resp: &mut Response,
         stats: &WorkerStats,
-    ) -> Outcome {
+    ) {
         resp.reset();
         self.served += 1;
-        let mut outcome = Outcome::Done;
         let mut ran = 0;
         let mut answered = false;
         for i in 0..self.middleware.len() {
@@ -327,7 +317,6 @@ impl Instances {
                 }
                 RResult::RErr(e) => {
                     self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                    outcome = Outcome::Panicked;
                     answered = true;
                     break;
                 }
@@ -339,8 +328,7 @@ impl Instances {
                     Some(handler) => {
                         if let RResult::RErr(e) = handler.handle(req, resp) {
                             self.failed(ComponentKind::HttpHandler, *h, &e, resp, stats);
-                            outcome = Outcome::Panicked;
-                        }
+                                }
                     }
                     None => {
                         self.handlers[*h] = self.remake(ComponentKind::HttpHandler, *h);
@@ -360,7 +348,6 @@ impl Instances {
             if let Some(m) = self.middleware[i].as_mut() {
                 if let RResult::RErr(e) = m.on_response(req, resp) {
                     self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                    outcome = Outcome::Panicked;
                 }
             }
         }
@@ -372,7 +359,6 @@ impl Instances {
                 }
             }
         }
-        outcome
     }
 
     /// Runs an upgrade request through the middleware and the WebSocket handler `ws`. Returns
