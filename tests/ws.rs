@@ -395,3 +395,48 @@ fn middleware_can_refuse_an_upgrade() {
     let accepted = upgrade("");
     assert!(accepted.starts_with("HTTP/1.1 101"), "{accepted}");
 }
+
+/// A client that stops reading: pushes queue up to `send_queue`, then the next push is
+/// refused and the connection is closed, instead of memory growing without bound.
+#[test]
+fn a_slow_reader_is_closed_when_its_send_queue_is_full() {
+    let server = TestServer::start(&chat_config(2, ", send_queue: 4").render());
+    let mut ws = connect(server.addr());
+    let id = whoami(&mut ws);
+    // From here on the client reads nothing.
+    let body = "x".repeat(64 * 1024);
+    let mut refused = None;
+    for i in 0..2000 {
+        let mut conn = Conn::connect(server.addr());
+        let resp = conn.request(format!(
+            "POST /chat/push?conn={id} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        if resp.status != 200 {
+            refused = Some((i, resp.status, resp.text()));
+            break;
+        }
+    }
+    let (after, status, text) =
+        refused.expect("2000 pushes of 64 KiB to a client that does not read were all accepted");
+    assert!(status == 409 || status == 404, "{status} {text}");
+    assert!(
+        after > 4,
+        "refused after only {after} pushes: the socket buffers take some first"
+    );
+    // The connection is gone from the registry.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let list = server.get("/chat/connections").text();
+        if !list.lines().any(|l| l == id.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connection {id} still open: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.assert_serving();
+    drop(ws);
+}
