@@ -328,7 +328,7 @@ impl Instances {
                     Some(handler) => {
                         if let RResult::RErr(e) = handler.handle(req, resp) {
                             self.failed(ComponentKind::HttpHandler, *h, &e, resp, stats);
-                                }
+                        }
                     }
                     None => {
                         self.handlers[*h] = self.remake(ComponentKind::HttpHandler, *h);
