@@ -10,6 +10,11 @@ use crate::common::{run_plughost, some_line_contains_all, Config};
 #[test]
 fn info_lists_plugins_components_workers_and_requests() {
     let server = Config::full().workers(2).start();
+    // The control socket is for the server's owner only.
+    let socket = server.dir().run_dir().join("plughost.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
     for _ in 0..3 {
         assert_eq!(server.get("/hello").status, 200);
     }

@@ -440,3 +440,40 @@ fn a_slow_reader_is_closed_when_its_send_queue_is_full() {
     server.assert_serving();
     drop(ws);
 }
+
+/// Upgrades past `max_connections` are refused with 503; a closed connection frees its place.
+#[test]
+fn upgrades_past_max_connections_get_503() {
+    let server = TestServer::start(&chat_config(1, ", max_connections: 1").render());
+    let mut first = connect(server.addr());
+    whoami(&mut first);
+    let stream = TcpStream::connect(server.addr()).unwrap();
+    match tungstenite::client(
+        format!("ws://{}/ws/chat?token=secret", server.addr()),
+        stream,
+    ) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            assert_eq!(resp.status(), 503);
+        }
+        other => panic!("expected a 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    first.close(None).unwrap();
+    let _ = expect_close(&mut first, IO_TIMEOUT);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let stream = TcpStream::connect(server.addr()).unwrap();
+        if tungstenite::client(
+            format!("ws://{}/ws/chat?token=secret", server.addr()),
+            stream,
+        )
+        .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place of a closed connection was not freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

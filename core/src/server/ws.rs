@@ -157,11 +157,11 @@ pub async fn serve(
                                 .as_ref()
                                 .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
                                 .unwrap_or((1005, String::new()));
-                            // tungstenite queued the reply; flush it.
+                            // tungstenite queued the close reply; reading on until the
+                            // stream ends writes it out (a `close` now would be refused as a
+                            // send after closing, and the client would see a reset).
                             let _ = future::or(
-                                async {
-                                    let _ = stream.close(None).await;
-                                },
+                                async { while let Some(Ok(_)) = stream.next().await {} },
                                 async {
                                     Timer::after(Duration::from_secs(1)).await;
                                 },
