@@ -540,3 +540,26 @@ fn date_header_is_the_time_of_the_response() {
     );
     assert_date_is_now(&resp);
 }
+
+/// A response far larger than the socket's send buffer goes out whole (partial writes wait
+/// for the socket to drain), and the connection serves the next request after it.
+#[test]
+fn a_large_response_is_written_whole() {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .plugin("panicky", &a.panicky)
+        .route("/big", "panicky.big")
+        .start();
+    let mut conn = crate::common::Conn::connect(server.addr());
+    let n = 20_000_000;
+    let resp = conn.request(format!("GET /big?n={n} HTTP/1.1\r\nHost: t\r\n\r\n"));
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), n);
+    assert!(resp
+        .body
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == b'0' + (i % 10) as u8));
+    let resp = conn.request("GET /hello HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(resp.status, 200);
+}
