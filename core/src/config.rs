@@ -546,11 +546,18 @@ impl Config {
 
     fn resolve_paths(mut self, base: &Path) -> Config {
         let abs = |p: &Path| -> PathBuf {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
+            // Lexically, without touching the file system: `config/../target` -> `target`.
+            let mut out = PathBuf::new();
+            for part in base.join(p).components() {
+                match part {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => out.push(other),
+                }
             }
+            out
         };
         self.runtime_dir = abs(&self.runtime_dir);
         self.log.file = self.log.file.as_deref().map(abs);
