@@ -225,6 +225,8 @@ fn start_baseline(bin: &Path) -> Result<Server> {
 struct Wrk {
     requests: u64,
     rps: f64,
+    p50_ms: f64,
+    p90_ms: f64,
     p99_ms: f64,
     errors: u64,
 }
@@ -262,6 +264,10 @@ fn parse_wrk(text: &str) -> Result<Wrk> {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             have.1 = true;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            w.p50_ms = latency_ms(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = t.strip_prefix("90%") {
+            w.p90_ms = latency_ms(v).unwrap_or(f64::NAN);
         } else if let Some(v) = t.strip_prefix("99%") {
             if let Some(ms) = latency_ms(v) {
                 w.p99_ms = ms;
@@ -707,6 +713,22 @@ impl Report<'_> {
             );
         }
         for c in CONNECTIONS {
+            // The median and p90 are not targets; they show where the p99 stands.
+            for (name, pick) in [("p50", 0), ("p90", 1)] {
+                let get = |r: &Run| {
+                    if pick == 0 {
+                        r.wrk.p50_ms
+                    } else {
+                        r.wrk.p90_ms
+                    }
+                };
+                let (p, b) = (self.agg(0, c, get), self.agg(1, c, get));
+                let _ = writeln!(
+                    s,
+                    "| {name} latency, c{c} | {p:.2} ms | {b:.2} ms | {:.2}x | (none) | - |",
+                    p / b
+                );
+            }
             let (p, b) = (
                 self.agg(0, c, |r| r.wrk.p99_ms),
                 self.agg(1, c, |r| r.wrk.p99_ms),
