@@ -465,3 +465,46 @@ fn bad_service_config_names_the_key_and_line() {
     assert!(!status.success());
     assert!(stderr.contains("process component \"record\""), "{stderr}");
 }
+
+#[test]
+fn a_reload_moves_task_workers_the_timer_and_processes_to_the_new_version() {
+    let server = base()
+        .hook("tasks.hooks")
+        .extra(
+            r#"processes: { "echo": (component: "tasks.echo", num: 1, restart_interval_ms: 100) }"#,
+        )
+        .extra(
+            r#"timer: (enable: true, jobs: [(job: "tasks.count", interval_ms: 50, immediate: true)])"#,
+        )
+        .start();
+    wait_lines(&server, &["process=echo started"], 1, LOG_WAIT);
+    wait_lines(&server, &["cron=count"], 2, LOG_WAIT);
+    server.signal(libc::SIGUSR1);
+    server.wait_for_log("reloaded plugin tasks", LOG_WAIT);
+    // The old process was told, and the new version runs (its first run panics again: the new
+    // library has fresh statics).
+    wait_lines(&server, &["process=echo on_reload"], 1, LOG_WAIT);
+    wait_lines(&server, &["process=echo started"], 2, LOG_WAIT);
+    // Task workers swapped instances: old hooks said stop, new ones start.
+    wait_lines(&server, &["hook=stop", "on=TaskWorker:0"], 1, LOG_WAIT);
+    wait_lines(&server, &["hook=start", "on=TaskWorker:0"], 2, LOG_WAIT);
+    // The timer runs the new instance: its counter starts over.
+    wait_lines(&server, &["cron=count", " n=1 "], 2, LOG_WAIT);
+    // And everything still works.
+    ok(&server, "/t/deliver?task=tasks.record&p=after");
+    wait_lines(&server, &["task=record", "p=after "], 1, LOG_WAIT);
+    ok(&server, "/t/send?process=echo&p=m2");
+    wait_lines(&server, &["process=echo got=m2 "], 1, LOG_WAIT);
+}
+
+#[test]
+fn a_failed_listener_is_retried_from_where_it_failed() {
+    let server = base()
+        .extra(r#"events: { "retry": ["tasks.first", "tasks.flaky", "tasks.third"] }"#)
+        .start();
+    ok(&server, "/t/fire?event=retry&p=r1&tries=2");
+    let got = wait_lines(&server, &["listener=", "event=retry", "p=r1"], 4, LOG_WAIT);
+    let order: Vec<&str> = got.iter().filter_map(|l| field(l, "listener")).collect();
+    // first once, flaky twice (it failed, then passed on the retry), third once.
+    assert_eq!(order, ["first", "flaky", "flaky", "third"], "{got:?}");
+}
