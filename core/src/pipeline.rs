@@ -300,28 +300,7 @@ impl Instances {
     ) {
         resp.reset();
         self.served += 1;
-        let mut ran = 0;
-        let mut answered = false;
-        for i in 0..self.middleware.len() {
-            let Some(m) = self.middleware[i].as_mut() else {
-                unavailable(resp);
-                answered = true;
-                break;
-            };
-            match m.on_request(req, resp) {
-                RResult::ROk(Flow::Continue) => ran = i + 1,
-                RResult::ROk(Flow::Respond) => {
-                    ran = i + 1;
-                    answered = true;
-                    break;
-                }
-                RResult::RErr(e) => {
-                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                    answered = true;
-                    break;
-                }
-            }
-        }
+        let (ran, answered) = self.request_hooks(req, resp, stats);
         if !answered {
             match route {
                 Match::Found(h) => match self.handlers[*h].as_mut() {
@@ -344,18 +323,54 @@ impl Instances {
                 }
             }
         }
-        for i in (0..ran).rev() {
-            if let Some(m) = self.middleware[i].as_mut() {
-                if let RResult::RErr(e) = m.on_response(req, resp) {
-                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                }
-            }
-        }
+        self.response_hooks(ran, req, resp, stats);
         for i in 0..self.cleaners.len() {
             if let Some(c) = self.cleaners[i].as_mut() {
                 if let RResult::RErr(e) = c.clean() {
                     // The response stands; a cleaner runs after it was decided.
                     self.failed(ComponentKind::Cleaner, i, &e, &mut Response::new(), stats);
+                }
+            }
+        }
+    }
+
+    /// The middleware's request hooks, in order, until one answers. Returns how many ran (their
+    /// response hooks run later) and whether the response is decided.
+    fn request_hooks(
+        &mut self,
+        req: &Request<'_>,
+        resp: &mut Response,
+        stats: &WorkerStats,
+    ) -> (usize, bool) {
+        for i in 0..self.middleware.len() {
+            let Some(m) = self.middleware[i].as_mut() else {
+                unavailable(resp);
+                return (i, true);
+            };
+            match m.on_request(req, resp) {
+                RResult::ROk(Flow::Continue) => {}
+                RResult::ROk(Flow::Respond) => return (i + 1, true),
+                RResult::RErr(e) => {
+                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
+                    return (i, true);
+                }
+            }
+        }
+        (self.middleware.len(), false)
+    }
+
+    /// The response hooks of the first `ran` middleware, in reverse order.
+    fn response_hooks(
+        &mut self,
+        ran: usize,
+        req: &Request<'_>,
+        resp: &mut Response,
+        stats: &WorkerStats,
+    ) {
+        for i in (0..ran).rev() {
+            if let Some(m) = self.middleware[i].as_mut() {
+                if let RResult::RErr(e) = m.on_response(req, resp) {
+                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
                 }
             }
         }
@@ -371,29 +386,8 @@ impl Instances {
         stats: &WorkerStats,
     ) -> bool {
         resp.reset();
-        let mut ran = 0;
         let mut accepted = false;
-        let mut answered = false;
-        for i in 0..self.middleware.len() {
-            let Some(m) = self.middleware[i].as_mut() else {
-                unavailable(resp);
-                answered = true;
-                break;
-            };
-            match m.on_request(req, resp) {
-                RResult::ROk(Flow::Continue) => ran = i + 1,
-                RResult::ROk(Flow::Respond) => {
-                    ran = i + 1;
-                    answered = true;
-                    break;
-                }
-                RResult::RErr(e) => {
-                    self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                    answered = true;
-                    break;
-                }
-            }
-        }
+        let (ran, answered) = self.request_hooks(req, resp, stats);
         if !answered {
             match self.websocket[ws].as_mut() {
                 None => {
@@ -416,13 +410,7 @@ impl Instances {
         }
         if !accepted {
             // A refusal is a response like any other: the middleware sees it.
-            for i in (0..ran).rev() {
-                if let Some(m) = self.middleware[i].as_mut() {
-                    if let RResult::RErr(e) = m.on_response(req, resp) {
-                        self.failed(ComponentKind::Middleware, i, &e, resp, stats);
-                    }
-                }
-            }
+            self.response_hooks(ran, req, resp, stats);
         }
         accepted
     }
