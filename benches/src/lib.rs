@@ -263,3 +263,27 @@ impl Drop for Server {
         self.stop_inner();
     }
 }
+
+/// The workspace root (this crate lives in `benches/`).
+pub fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ has a parent")
+        .to_path_buf()
+}
+
+/// Runs cargo with `args` in the workspace root.
+pub fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("[bench] cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo {} failed: {status}", args.join(" ")));
+    }
+    Ok(())
+}

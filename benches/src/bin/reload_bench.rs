@@ -15,14 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-type Result<T> = std::result::Result<T, String>;
+use plughost_benches::root;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+type Result<T> = std::result::Result<T, String>;
 
 fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;

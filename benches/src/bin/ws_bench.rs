@@ -17,7 +17,8 @@
 //! [--rounds N] [--conns N] [--quick]` (see `--help`).
 
 use plughost_benches::{
-    clock_ticks, cpu_ticks, load_average, machine, median, rss_kb, thread_ticks, utc_now, Server,
+    cargo, clock_ticks, cpu_ticks, load_average, machine, median, root, rss_kb, thread_ticks,
+    utc_now, Server,
 };
 
 /// The WebSocket route both servers echo on.
@@ -29,7 +30,7 @@ use std::{
     net::TcpStream,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Barrier,
@@ -140,35 +141,12 @@ fn parse_args() -> Result<Opts> {
     Ok(o)
 }
 
-/// The workspace root (this crate lives in `benches/`).
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("benches/ has a parent")
-        .to_path_buf()
-}
-
 fn log(msg: impl AsRef<str>) {
     eprintln!("[ws_bench] {}", msg.as_ref());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Building
-
-fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    log(format!("cargo {}", args.join(" ")));
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(root())
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
-    if !status.success() {
-        return Err(format!("cargo {} failed: {status}", args.join(" ")));
-    }
-    Ok(())
-}
 
 struct Binaries {
     plughost: PathBuf,
