@@ -1,8 +1,8 @@
 //! The services beside the HTTP workers: task workers ([`task`]: tasks and events), the cron
 //! timer ([`crate::timer`]) and custom processes ([`crate::process`]). They share one shape:
-//! started from a [`Plan`] after the HTTP workers are ready, moved to a new plan on reload, and stopped with a
-//! deadline, after which whatever has not returned is logged and left behind (the process exits
-//! anyway, so nothing outlives `plughost stop`).
+//! started from a [`Plan`] after the HTTP workers are ready, moved to a new plan on reload,
+//! and stopped with a deadline, after which whatever has not returned is logged and left
+//! behind (the process exits anyway, so nothing outlives `plughost stop`).
 
 use std::{
     collections::BTreeMap,
