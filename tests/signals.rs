@@ -285,3 +285,27 @@ fn daemonized_start_reports_a_failure() {
     assert!(!out.status.success(), "{out:?}");
     assert!(out.stderr.contains("db.invalid"), "{out:?}");
 }
+
+/// An edit the running server refused must not lock the user out: `info` and `stop` still
+/// reach the server through the runtime folder the broken config names.
+#[test]
+fn stop_and_info_work_with_a_config_that_no_longer_validates() {
+    let server = TestServer::start(&Config::hello().render());
+    let config = server.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("worker_num", "colour: 3,\n    worker_num", 1),
+    )
+    .unwrap();
+    let info = plughost_cmd("info", &server);
+    assert!(info.status.success(), "{info:?}");
+    assert!(
+        info.stderr.contains("warning") && info.stderr.contains("colour"),
+        "{info:?}"
+    );
+    assert!(info.stdout.contains("workers: 2"), "{info:?}");
+    let stop = plughost_cmd("stop", &server);
+    assert!(stop.status.success(), "{stop:?}");
+    assert!(stop.stdout.contains("plughost stopped"), "{stop:?}");
+}

@@ -73,7 +73,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Command::Start(args) => start(&args),
-        Command::Stop(c) => match load(&c) {
+        Command::Stop(c) => match load_for_control(&c) {
             Ok(l) => stop(&l, true),
             Err(code) => code,
         },
@@ -87,11 +87,11 @@ pub fn main() -> i32 {
             }
             Err(code) => code,
         },
-        Command::Reload(c) => match load(&c) {
+        Command::Reload(c) => match load_for_control(&c) {
             Ok(l) => reload(&l),
             Err(code) => code,
         },
-        Command::Info(c) => match load(&c) {
+        Command::Info(c) => match load_for_control(&c) {
             Ok(l) => info(&l),
             Err(code) => code,
         },
@@ -103,6 +103,25 @@ fn load(c: &Common) -> Result<Loaded, i32> {
         eprintln!("plughost: {e}");
         2
     })
+}
+
+/// The config for a command that only talks to the running server: a config that does not
+/// validate still tells where that server's runtime folder is.
+fn load_for_control(c: &Common) -> Result<Loaded, i32> {
+    match Config::load_for_control(&c.config, c.env.as_deref()) {
+        Ok((loaded, None)) => Ok(loaded),
+        Ok((loaded, Some(e))) => {
+            eprintln!(
+                "plughost: warning: {e}\nplughost: reaching the server through {} anyway",
+                loaded.config.runtime_dir.display()
+            );
+            Ok(loaded)
+        }
+        Err(e) => {
+            eprintln!("plughost: {e}");
+            Err(2)
+        }
+    }
 }
 
 fn start(args: &StartArgs) -> i32 {

@@ -355,6 +355,51 @@ impl Config {
         })
     }
 
+    /// For `stop`, `reload` and `info`: the config, or, when it does not validate (say an
+    /// edit the running server refused), just its `runtime_dir` and `max_wait_time`, which is
+    /// all it takes to reach the running server. The error comes back beside it.
+    pub fn load_for_control(
+        path: &Path,
+        env: Option<&str>,
+    ) -> Result<(Loaded, Option<ConfigError>), ConfigError> {
+        let err = match Config::load(path, env) {
+            Ok(l) => return Ok((l, None)),
+            Err(e @ ConfigError::Read { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        let path = match &err {
+            ConfigError::Parse { path, .. } | ConfigError::Invalid { path, .. } => path.clone(),
+            ConfigError::Read { .. } => unreachable!(),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let Ok(ron::Value::Map(map)) = ron::from_str::<ron::Value>(&text) else {
+            return Err(err);
+        };
+        let mut config = Config::default();
+        for (k, v) in map.iter() {
+            match (k, v) {
+                (ron::Value::String(k), ron::Value::String(dir)) if k == "runtime_dir" => {
+                    config.runtime_dir = dir.into();
+                }
+                (ron::Value::String(k), ron::Value::Number(n)) if k == "max_wait_time" => {
+                    config.max_wait_time = n.as_i64().unwrap_or(5).max(0) as u64;
+                }
+                _ => {}
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        Ok((
+            Loaded {
+                config: config.resolve_paths(&base),
+                path,
+            },
+            Some(err),
+        ))
+    }
+
     /// Parses and validates config text; `path` is only used in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let options = ron::Options::default();
