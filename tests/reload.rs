@@ -68,7 +68,7 @@ fn edit(path: &Path, from: &str, to: &str) {
 fn build(krate: &Path) -> PathBuf {
     let output = Command::new(cargo())
         .current_dir(krate)
-        .args(["build", "--offline", "--quiet"])
+        .args(["build", "--quiet"])
         .env("CARGO_TARGET_DIR", target_dir())
         .stdin(Stdio::null())
         .output()

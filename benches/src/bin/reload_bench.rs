@@ -61,7 +61,7 @@ fn build(work: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     .map_err(|e| e.to_string())?;
     run(Command::new(&cargo)
         .current_dir(&krate)
-        .args(["build", "--release", "--offline", "--quiet"])
+        .args(["build", "--release", "--quiet"])
         .env("CARGO_TARGET_DIR", root.join("target")))?;
     let release = root.join("target/release");
     Ok((
