@@ -477,3 +477,24 @@ fn upgrades_past_max_connections_get_503() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `on_handshake` can pick a subprotocol: its response headers go out with the 101.
+#[test]
+fn the_handler_picks_a_subprotocol() {
+    use tungstenite::client::IntoClientRequest;
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut request = format!("ws://{}/ws/chat?token=secret", server.addr())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "other, chat.v1".parse().unwrap());
+    let stream = TcpStream::connect(server.addr()).unwrap();
+    let (_ws, resp) = tungstenite::client(request, stream).expect("handshake");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("chat.v1")
+    );
+}

@@ -44,6 +44,11 @@ impl WebSocketHandler for Chat {
                 return Handshake::Refuse;
             }
         }
+        // Pick a subprotocol when the client offers ours.
+        let offered = req.header("sec-websocket-protocol").unwrap_or("");
+        if offered.split(',').any(|p| p.trim() == "chat.v1") {
+            resp.header("sec-websocket-protocol", "chat.v1");
+        }
         resp.header("x-chat", "welcome");
         Handshake::Accept
     }
