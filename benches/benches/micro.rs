@@ -13,15 +13,11 @@
 //! the `.so`, which no host-side counter sees).
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -40,44 +36,20 @@ use plughost_plugin_api::{
     Header, HttpHandler, HttpVersion, Request, Response,
 };
 
-/// The system allocator, counting allocations and reallocations (like core's `alloc-stats`).
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Core's counting allocator, so the benches can count allocations per call.
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: plughost::alloc::Counting = plughost::alloc::Counting;
 
 /// Allocations per call of `f` in the steady state.
 fn allocations_per_call(what: &str, mut f: impl FnMut()) {
     for _ in 0..100 {
         f();
     }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = plughost::alloc::allocations();
     for _ in 0..10_000 {
         f();
     }
-    let n = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let n = plughost::alloc::allocations() - before;
     eprintln!("{what}: {:.2} allocations per call", n as f64 / 10_000.0);
 }
 

@@ -34,5 +34,11 @@ unsafe impl GlobalAlloc for Counting {
 
 /// Allocations so far, when this build counts them.
 pub fn count() -> Option<u64> {
-    cfg!(feature = "alloc-stats").then(|| ALLOCATIONS.load(Ordering::Relaxed))
+    cfg!(feature = "alloc-stats").then(allocations)
+}
+
+/// Allocations made through [`Counting`] so far (0 unless it is the global allocator; the
+/// micro-benchmarks install it themselves).
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
 }
