@@ -1,9 +1,14 @@
 //! HTTP/1.1 serving: responses, keep-alive, pipelining, bodies, HTTP/1.0, HEAD,
 //! `Expect: 100-continue`, routing.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
-use crate::common::{get_request, is_http_date, Config, Conn, HELLO_BODY};
+use crate::common::{
+    get_request, is_http_date, run_plughost, Config, Conn, TestServer, HELLO_BODY,
+};
 
 #[test]
 fn hello_is_served_with_date_length_and_timing_headers() {
@@ -562,4 +567,119 @@ fn a_large_response_is_written_whole() {
         .all(|(i, &b)| b == b'0' + (i % 10) as u8));
     let resp = conn.request("GET /hello HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(resp.status, 200);
+}
+
+/// The worker that answered.
+fn worker_of(resp: &crate::common::Response) -> String {
+    resp.header("x-worker")
+        .unwrap_or_else(|| panic!("no x-worker header: {resp:?}"))
+        .to_owned()
+}
+
+/// `worker N: ...` lines of `plughost info`, by worker id.
+fn worker_info(server: &TestServer) -> Vec<String> {
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(info.status.success(), "{info:?}");
+    info.stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("worker "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Requests worker `w` has started, from `plughost info`.
+fn requests_started(server: &TestServer, w: &str) -> u64 {
+    let line = worker_info(server)
+        .into_iter()
+        .find(|l| l.starts_with(&format!("{w}:")))
+        .unwrap_or_else(|| panic!("no info line for worker {w}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Two keep-alive connections served by the same worker, then one blocks that worker in a
+/// slow handler; returns the server, the worker, the slow connection and the other one.
+fn two_connections_on_one_worker(config: Config) -> (TestServer, String, Conn, Conn, Vec<Conn>) {
+    let server = config.workers(2).start();
+    let mut first = server.conn();
+    let w = worker_of(&first.request(get_request("/hello")));
+    let mut others = Vec::new();
+    let second = loop {
+        assert!(
+            others.len() < 50,
+            "no second connection landed on worker {w}"
+        );
+        let mut c = server.conn();
+        if worker_of(&c.request(get_request("/hello"))) == w {
+            break c;
+        }
+        others.push(c);
+    };
+    // The slow request has started once worker w counted it.
+    let before = requests_started(&server, &w);
+    first.send(get_request("/slow?ms=3000"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests_started(&server, &w) == before {
+        assert!(Instant::now() < deadline, "the slow request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (server, w, first, second, others)
+}
+
+/// A worker stuck in a slow handler does not hold up its other keep-alive connections: an
+/// idle worker takes them over at their next request, and keeps serving them.
+#[test]
+fn an_idle_worker_takes_over_connections_waiting_on_a_stuck_one() {
+    let (server, w, mut slow, mut waiting, _others) = two_connections_on_one_worker(Config::full());
+    let resp = waiting.request(get_request("/hello"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_ne!(
+        worker_of(&resp),
+        w,
+        "answered by the stuck worker, after its slow handler"
+    );
+    // Answered while the slow handler still runs: its response has not come.
+    slow.stream().set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let pending = slow.stream().peek(&mut byte);
+    assert!(
+        matches!(&pending, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the slow response came before the other connection was answered: {pending:?}"
+    );
+    slow.stream().set_nonblocking(false).unwrap();
+    // The connection taken over keeps working, on its new worker.
+    for _ in 0..3 {
+        let resp = waiting.request(get_request("/hello"));
+        assert_eq!(
+            (resp.status, worker_of(&resp) != w),
+            (200, true),
+            "{resp:?}"
+        );
+    }
+    let resp = slow.read_response();
+    assert_eq!((resp.status, resp.text().as_str()), (200, "slept 3000\n"));
+    let info = worker_info(&server);
+    assert!(
+        info.iter()
+            .any(|l| !l.starts_with(&format!("{w}:")) && l.ends_with(" 1 connections taken over")),
+        "{info:?}"
+    );
+    server.assert_serving();
+}
+
+/// With `steal_after_us: 0` connections stay on their worker: the same scene as above waits.
+#[test]
+fn with_stealing_off_a_stuck_worker_holds_up_its_connections() {
+    let (_server, w, mut slow, mut waiting, _others) =
+        two_connections_on_one_worker(Config::full().extra("steal_after_us: 0"));
+    let resp = waiting.request(get_request("/hello"));
+    assert_eq!((resp.status, worker_of(&resp)), (200, w));
+    // It waited for the slow handler: the slow response was already sent (over loopback, so
+    // it already sits in our socket) when this one came.
+    slow.stream().set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let ready = slow.stream().peek(&mut byte);
+    assert!(matches!(ready, Ok(1)), "{ready:?}");
+    slow.stream().set_nonblocking(false).unwrap();
+    let resp = slow.read_response();
+    assert_eq!((resp.status, resp.text().as_str()), (200, "slept 3000\n"));
 }

@@ -21,6 +21,9 @@ pub struct Config {
     pub worker_num: usize,
     /// After this many requests a worker recreates its plugin instances; 0 = never.
     pub max_request: u64,
+    /// An idle worker takes over the waiting keep-alive connections of a worker whose event
+    /// loop has stood still this many microseconds (a slow handler, or preempted); 0 = never.
+    pub steal_after_us: u64,
     /// Seconds a graceful stop waits for in-flight requests.
     pub max_wait_time: u64,
     /// Folder for the pid file, the control socket and the copies of loaded plugins.
@@ -190,6 +193,7 @@ impl Default for Config {
             listen: "127.0.0.1:5200".into(),
             worker_num: 0,
             max_request: 0,
+            steal_after_us: 500,
             max_wait_time: 5,
             runtime_dir: "run".into(),
             log: LogConfig::default(),

@@ -82,10 +82,11 @@ fn info(state: &State) -> String {
     for (i, w) in stats.workers.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  worker {i}: {} requests, {} connections, {} panics",
+            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over",
             w.requests.load(Ordering::Relaxed),
             w.connections.load(Ordering::Relaxed),
-            w.panics.load(Ordering::Relaxed)
+            w.panics.load(Ordering::Relaxed),
+            w.taken_over.load(Ordering::Relaxed)
         );
     }
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));

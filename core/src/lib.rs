@@ -21,6 +21,7 @@ pub mod router;
 pub mod server;
 pub mod services;
 pub mod stats;
+pub mod steal;
 pub mod task;
 pub mod timer;
 pub mod worker;

@@ -46,6 +46,8 @@ pub struct Plan {
     pub limits: Limits,
     /// Requests after which a worker recreates its instances (0 = never).
     pub max_request: u64,
+    /// See `Config::steal_after_us`.
+    pub steal_after_us: u64,
     /// Task handlers, listeners, cron jobs and custom processes (HTTP workers hold instances
     /// of the task handlers too, for `finish`).
     pub services: ServicePlan,
@@ -98,6 +100,7 @@ impl Plan {
             hooks: slots(&config.hooks, ComponentKind::Lifecycle)?,
             limits: config.limits,
             max_request: config.max_request,
+            steal_after_us: config.steal_after_us,
             services: ServicePlan::build(config, registry)?,
         })
     }

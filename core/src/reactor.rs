@@ -16,12 +16,13 @@ use std::{
     collections::BTreeMap,
     future::Future,
     io::{self, Read, Write},
+    mem::ManuallyDrop,
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, RawFd},
     pin::{pin, Pin},
     rc::Rc,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll, Wake, Waker},
@@ -68,8 +69,64 @@ impl Source {
     }
 }
 
+/// What other threads may see of a reactor: whether its thread is making progress, and its
+/// epoll, from which they may remove a socket they took over.
+#[derive(Debug)]
+pub struct Pulse {
+    epfd: RawFd,
+    turns: AtomicU64,
+    waiting: AtomicBool,
+}
+
+impl Pulse {
+    /// Turns of the event loop so far: a count that stands still while the thread is stuck
+    /// in a long call or preempted.
+    pub fn turns(&self) -> u64 {
+        self.turns.load(Ordering::Acquire)
+    }
+
+    /// Whether the thread is asleep in `epoll_wait` (idle, not stuck).
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Removes `fd` from this reactor's epoll. Callable from any thread; the caller must
+    /// own `fd` (it is open and will not be reused meanwhile).
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: epoll_ctl on two descriptors that are open; DEL takes no event.
+        let r =
+            unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Pulse {
+    pub(crate) fn for_test(epfd: RawFd) -> Pulse {
+        Pulse {
+            epfd,
+            turns: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn set_for_test(&self, turns: u64, waiting: bool) {
+        self.turns.store(turns, Ordering::Release);
+        self.waiting.store(waiting, Ordering::Release);
+    }
+}
+
+/// This thread's [`Pulse`]. Must run inside [`block_on`].
+pub fn pulse() -> Arc<Pulse> {
+    current().pulse.clone()
+}
+
 /// A thread's reactor.
 struct Reactor {
+    pulse: Arc<Pulse>,
     poller: RefCell<Poller>,
     registry: Registry,
     sources: RefCell<Vec<Option<Rc<Source>>>>,
@@ -115,6 +172,11 @@ impl Reactor {
         let _ = self
             .registry
             .deregister(&mut SourceFd(&fd.as_fd().as_raw_fd()));
+        self.release(key);
+    }
+
+    /// Frees a source's slot without touching its descriptor.
+    fn release(&self, key: usize) {
         self.sources.borrow_mut()[key] = None;
         self.free.borrow_mut().push(key);
     }
@@ -192,10 +254,25 @@ impl Wake for Signal {
 
 /// Runs `future` to completion on this thread with a reactor of its own.
 pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
+    block_on_idle(future, || None)
+}
+
+/// Like [`block_on`], calling `on_idle` each time the thread is about to sleep: it may wake
+/// the future (new work), and returns how long to sleep at most (`None`: until an event).
+pub fn block_on_idle<F: Future>(
+    future: F,
+    mut on_idle: impl FnMut() -> Option<Duration>,
+) -> io::Result<F::Output> {
     let poller = Poller::new()?;
     let registry = poller.registry().try_clone()?;
     let waker = mio::Waker::new(&registry, WAKE)?;
+    let pulse = Arc::new(Pulse {
+        epfd: poller.as_raw_fd(),
+        turns: AtomicU64::new(0),
+        waiting: AtomicBool::new(false),
+    });
     let reactor = Rc::new(Reactor {
+        pulse: pulse.clone(),
         poller: RefCell::new(poller),
         registry,
         sources: RefCell::new(Vec::new()),
@@ -220,11 +297,23 @@ pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
                 break Ok(v);
             }
         }
-        let timeout = signal
-            .woken
-            .load(Ordering::Acquire)
-            .then_some(Duration::ZERO);
-        if let Err(e) = reactor.react(timeout) {
+        let mut timeout = Some(Duration::ZERO);
+        if !signal.woken.load(Ordering::Acquire) {
+            timeout = on_idle();
+            if signal.woken.load(Ordering::Acquire) {
+                timeout = Some(Duration::ZERO);
+            }
+        }
+        let sleeps = timeout != Some(Duration::ZERO);
+        if sleeps {
+            pulse.waiting.store(true, Ordering::Release);
+        }
+        let reacted = reactor.react(timeout);
+        if sleeps {
+            pulse.waiting.store(false, Ordering::Release);
+        }
+        pulse.turns.fetch_add(1, Ordering::Release);
+        if let Err(e) = reacted {
             break Err(e);
         }
     };
@@ -235,9 +324,11 @@ pub fn block_on<F: Future>(future: F) -> io::Result<F::Output> {
 /// A nonblocking socket registered with this thread's reactor.
 #[derive(Debug)]
 pub struct Async<T: AsFd> {
-    io: T,
+    io: ManuallyDrop<T>,
     key: usize,
     source: Rc<Source>,
+    /// Another thread owns the descriptor now: drop neither deregisters nor closes it.
+    released: Cell<bool>,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -257,8 +348,33 @@ impl<T: AsFd> Async<T> {
                 return Err(io::Error::last_os_error());
             }
         }
+        Async::new_nonblocking(io)
+    }
+
+    /// Registers `io`, which is already nonblocking. Must run inside [`block_on`].
+    pub fn new_nonblocking(io: T) -> io::Result<Async<T>> {
         let (key, source) = current().register(&io)?;
-        Ok(Async { io, key, source })
+        Ok(Async {
+            io: ManuallyDrop::new(io),
+            key,
+            source,
+            released: Cell::new(false),
+        })
+    }
+
+    /// Gives the descriptor up: another thread took it over (and removed it from this
+    /// reactor's epoll). Dropping this then makes no syscall on it, as it may already be
+    /// closed and its number reused.
+    pub fn release(&self) {
+        self.released.set(true);
+    }
+
+    /// Wakes whoever waits for this socket to become readable (to look at shared state).
+    pub fn wake_reader(&self) {
+        self.source.readable.set(true);
+        if let Some(w) = self.source.read_waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 
     /// The socket.
@@ -313,10 +429,20 @@ impl<T: AsFd> Async<T> {
 
 impl<T: AsFd> Drop for Async<T> {
     fn drop(&mut self) {
-        // Outside block_on (a thread tearing down) there is nothing to deregister from.
-        if let Some(r) = CURRENT.with(|c| c.borrow().clone()) {
-            r.deregister(&self.io, self.key);
+        let reactor = CURRENT.with(|c| c.borrow().clone());
+        if self.released.get() {
+            // Not ours any more: free the slot only; the descriptor is never touched.
+            if let Some(r) = reactor {
+                r.release(self.key);
+            }
+            return;
         }
+        // Outside block_on (a thread tearing down) there is nothing to deregister from.
+        if let Some(r) = reactor {
+            r.deregister(&*self.io, self.key);
+        }
+        // SAFETY: dropped once, here; `io` is not used after.
+        unsafe { ManuallyDrop::drop(&mut self.io) };
     }
 }
 

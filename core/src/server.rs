@@ -136,6 +136,7 @@ pub fn run(
             .map(|(tx, _)| tx.clone())
             .collect::<Vec<_>>(),
     );
+    let lobbies = Arc::new((0..n).map(|_| Arc::default()).collect::<Vec<_>>());
     for (id, (listener, (tx, rx))) in listeners.into_iter().zip(channels).enumerate() {
         let handle = worker::spawn(worker::Setup {
             id: id as u32,
@@ -145,6 +146,7 @@ pub fn run(
             stats: stats.clone(),
             control: rx,
             peers: peers.clone(),
+            lobbies: lobbies.clone(),
             ready: ready_tx.clone(),
         })
         .map_err(StartError::io("cannot start a worker thread"))?;

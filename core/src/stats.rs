@@ -18,6 +18,8 @@ pub struct WorkerStats {
     pub connections: AtomicU64,
     /// Instances recreated by `max_request`.
     pub recycles: AtomicU64,
+    /// Keep-alive connections this worker took over from a stalled one.
+    pub taken_over: AtomicU64,
 }
 
 /// All counters.

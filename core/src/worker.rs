@@ -10,13 +10,17 @@ use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
     net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     rc::Rc,
     sync::{atomic::Ordering, mpsc, Arc},
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::reactor::{self, Async, Timer};
+use crate::{
+    reactor::{self, Async, Timer},
+    steal::{self, Claim, Lobby, Watch},
+};
 use async_executor::LocalExecutor;
 use plughost_plugin_api::{
     abi::{HostBox, ThreadKind, WorkerInfo},
@@ -43,6 +47,8 @@ pub enum Control {
     /// Move to a new plan between two requests; the reply says how many instances were
     /// created, or why the old ones stay.
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
+    /// Another worker took over connection `id` (see `steal`): let its task go.
+    Released(u64),
     /// The result of a task this worker delivered: run its handler's `finish` here.
     Finish {
         /// The task handler, `plugin.component`.
@@ -77,9 +83,27 @@ pub struct Conn {
     phase: Cell<Phase>,
     since: Cell<Instant>,
     timed_out: Cell<bool>,
+    /// Whether this worker or another may use the socket (see `steal`).
+    pub claim: Arc<Claim>,
+    lobby: Arc<Lobby>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Unlisted before the socket closes, so no other worker can take a closed descriptor.
+        self.lobby.leave(self.id);
+        if self.claim.taken() {
+            self.stream.release();
+        }
+    }
 }
 
 impl Conn {
+    /// Stops other workers from taking this connection over (it became a WebSocket).
+    pub fn leave_lobby(&self) {
+        self.lobby.leave(self.id);
+    }
+
     /// Moves to `phase`, restarting its clock when it changes.
     pub fn set_phase(&self, phase: Phase, worker: &Worker) {
         if self.phase.get() != phase {
@@ -104,6 +128,9 @@ impl Conn {
     }
 
     fn cut(&self) {
+        if !self.claim.hold() {
+            return; // another worker serves it now
+        }
         self.timed_out.set(true);
         let _ = self.stream.get_ref().shutdown(SockShutdown::Read);
     }
@@ -116,6 +143,8 @@ pub struct Worker {
     host: HostBox,
     /// Every worker's control channel, by id.
     peers: Arc<Vec<async_channel::Sender<Control>>>,
+    /// Every worker's connections as the others see them, by id.
+    lobbies: Arc<Vec<Arc<Lobby>>>,
     connections: Arc<Connections>,
     /// `None` after instances could not be recreated; retried on the next request.
     instances: RefCell<Option<Instances>>,
@@ -162,6 +191,46 @@ impl Worker {
             .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
             .min_by_key(|(_, c)| *c)?;
         (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
+    }
+
+    fn lobby(&self) -> &Arc<Lobby> {
+        &self.lobbies[self.info.id as usize]
+    }
+
+    /// About to sleep: takes over connections waiting on a stalled worker, and says how long
+    /// to sleep at most before looking again.
+    fn on_idle(
+        self: &Rc<Self>,
+        ex: &Rc<LocalExecutor<'static>>,
+        watch: &mut Watch,
+        scratch: &mut Vec<(u64, libc::pollfd)>,
+    ) -> Option<Duration> {
+        let after = self.plan.borrow().steal_after_us;
+        if after == 0 || self.draining() || self.lobbies.len() < 2 {
+            return None;
+        }
+        let me = self.info.id as usize;
+        watch.check(me, &self.lobbies, Duration::from_micros(after), |from| {
+            let taken = steal::take_from(&self.lobbies[from], scratch);
+            if taken.is_empty() {
+                return;
+            }
+            log::trace!(
+                "worker {me}: took over {} connection(s) from stalled worker {from}",
+                taken.len()
+            );
+            let n = taken.len() as u64;
+            self.stats.workers[from]
+                .connections
+                .fetch_sub(n, Ordering::Relaxed);
+            let mine = self.my_stats();
+            mine.connections.fetch_add(n, Ordering::Relaxed);
+            mine.taken_over.fetch_add(n, Ordering::Relaxed);
+            for t in taken {
+                let _ = self.peers[from].try_send(Control::Released(t.id));
+                adopt(ex, self, t.stream, t.peer, Origin::TakenOver);
+            }
+        })
     }
 
     /// The WebSocket registry shared by all workers.
@@ -334,7 +403,10 @@ impl Worker {
                 }
                 Phase::Busy | Phase::WebSocket => continue,
             };
-            if !conn.timed_out() && now.duration_since(conn.since.get()) >= limit {
+            if conn.claim.taken() {
+                // Its Released message was lost: let the task go now.
+                conn.stream.wake_reader();
+            } else if !conn.timed_out() && now.duration_since(conn.since.get()) >= limit {
                 conn.cut();
             }
         }
@@ -358,6 +430,8 @@ pub struct Setup {
     pub control: async_channel::Receiver<Control>,
     /// Every worker's control channel, by id.
     pub peers: Arc<Vec<async_channel::Sender<Control>>>,
+    /// Every worker's lobby, by id.
+    pub lobbies: Arc<Vec<Arc<Lobby>>>,
     /// Where to say it is serving, or why not.
     pub ready: mpsc::Sender<(u32, Result<(), String>)>,
 }
@@ -373,6 +447,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
         stats,
         control,
         peers,
+        lobbies,
         ready,
     } = setup;
     thread::Builder::new()
@@ -396,6 +471,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 plan: RefCell::new(plan),
                 host,
                 peers,
+                lobbies,
                 connections,
                 instances: RefCell::new(Some(instances)),
                 conns: RefCell::new(HashMap::new()),
@@ -409,13 +485,16 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
             });
             worker.refresh_clock();
             let ex = Rc::new(LocalExecutor::new());
-            let served = reactor::block_on(ex.run(run(
-                ex.clone(),
-                worker.clone(),
-                listener,
-                control,
-                ready,
-            )));
+            let on_idle = {
+                let (ex, worker) = (ex.clone(), worker.clone());
+                let mut watch = Watch::new(worker.lobbies.len());
+                let mut scratch = Vec::new();
+                move || worker.on_idle(&ex, &mut watch, &mut scratch)
+            };
+            let served = reactor::block_on_idle(
+                ex.run(run(ex.clone(), worker.clone(), listener, control, ready)),
+                on_idle,
+            );
             if let Err(e) = served {
                 log::error!("worker {id}: event loop failed: {e}");
             }
@@ -443,6 +522,7 @@ async fn run(
             return;
         }
     };
+    worker.lobby().set_pulse(reactor::pulse());
     let _ = ready.send((worker.id(), Ok(())));
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
@@ -454,7 +534,14 @@ async fn run(
                 let _ = reply.send((worker.id(), worker.reload(plan)));
             }
             Ok(Control::Finish { task, result }) => worker.finish(&task, &result),
-            Ok(Control::Adopt(stream, peer)) => adopt(&ex, &worker, stream, peer, true),
+            Ok(Control::Adopt(stream, peer)) => {
+                adopt(&ex, &worker, stream, peer, Origin::HandedOver)
+            }
+            Ok(Control::Released(id)) => {
+                if let Some(conn) = worker.conns.borrow().get(&id) {
+                    conn.stream.wake_reader();
+                }
+            }
             Err(_) => break Shutdown::Fast,
         }
     };
@@ -501,7 +588,7 @@ async fn accept_loop(
                 // Keep-alive connections stay where they land, so even them out as they come:
                 // a worker with two more connections than another hands the new one over.
                 let Some(to) = worker.lighter_peer() else {
-                    adopt(&ex, &worker, stream, peer, false);
+                    adopt(&ex, &worker, stream, peer, Origin::Accepted);
                     continue;
                 };
                 // Counted for the receiver now, so the next decision already sees it.
@@ -510,7 +597,7 @@ async fn accept_loop(
                 if let Err(e) = worker.peers[to].try_send(Control::Adopt(stream, peer)) {
                     receiver.fetch_sub(1, Ordering::Relaxed);
                     if let Control::Adopt(stream, peer) = e.into_inner() {
-                        adopt(&ex, &worker, stream, peer, false);
+                        adopt(&ex, &worker, stream, peer, Origin::Accepted);
                     }
                 }
             }
@@ -523,23 +610,38 @@ async fn accept_loop(
     }
 }
 
-/// Registers an accepted connection with this worker and serves it. `counted`: the worker
-/// that handed it over already counted it for this one.
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This worker accepted it.
+    Accepted,
+    /// Another worker accepted it and handed it over (and counted it for this one).
+    HandedOver,
+    /// Taken over from a stalled worker: counted, and already nonblocking with `TCP_NODELAY`.
+    TakenOver,
+}
+
+/// Registers a connection with this worker and serves it.
 fn adopt(
     ex: &Rc<LocalExecutor<'static>>,
     worker: &Rc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
-    counted: bool,
+    origin: Origin,
 ) {
-    let _ = stream.set_nodelay(true);
-    if !counted {
+    let stream = if origin == Origin::TakenOver {
+        Async::new_nonblocking(stream)
+    } else {
+        let _ = stream.set_nodelay(true);
+        Async::new(stream)
+    };
+    if origin == Origin::Accepted {
         worker
             .my_stats()
             .connections
             .fetch_add(1, Ordering::Relaxed);
     }
-    let stream = match Async::new(stream) {
+    let stream = match stream {
         Ok(s) => s,
         Err(e) => {
             worker
@@ -552,19 +654,28 @@ fn adopt(
     };
     let local = worker.next_conn.get();
     worker.next_conn.set(local + 1);
+    let id = ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1));
+    let claim = Arc::new(Claim::default());
+    let lobby = worker.lobby().clone();
+    lobby.enter(id, stream.get_ref().as_raw_fd(), peer, claim.clone());
     let conn = Rc::new(Conn {
-        id: ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1)),
+        id,
         stream,
         phase: Cell::new(Phase::ReadingHead),
         since: Cell::new(worker.now.get()),
         timed_out: Cell::new(false),
+        claim,
+        lobby,
     });
     worker.conns.borrow_mut().insert(conn.id, conn.clone());
     let w = worker.clone();
     ex.spawn(async move {
         http::serve(w.clone(), conn.clone(), peer).await;
         w.conns.borrow_mut().remove(&conn.id);
-        w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
+        // A connection taken over is counted by the worker that took it.
+        if !conn.claim.taken() {
+            w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
+        }
     })
     .detach();
 }

@@ -86,14 +86,44 @@ enum BodyKind {
     Chunked,
 }
 
-/// The read buffer: `data[start..end]` holds bytes not yet consumed.
+/// The read buffer: `data[start..end]` holds bytes not yet consumed. It starts small and
+/// grows, up to `max`, only for a long head or a body read in place.
 struct ReadBuf {
     data: Box<[u8]>,
     start: usize,
     end: usize,
+    max: usize,
 }
 
 impl ReadBuf {
+    /// Most requests fit: curl's is under 100 bytes, a browser's with cookies about 1 KiB.
+    const INITIAL: usize = 2048;
+
+    fn new(max: usize) -> ReadBuf {
+        ReadBuf {
+            data: vec![0u8; Self::INITIAL.min(max)].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            max,
+        }
+    }
+
+    /// Grows the buffer so `data[start..start + len]` fits, when `max` allows.
+    fn fit(&mut self, len: usize) -> bool {
+        let need = self.start + len;
+        if need <= self.data.len() {
+            return true;
+        }
+        if need > self.max {
+            return false;
+        }
+        let size = (self.data.len() * 2).clamp(need, self.max);
+        let mut data = vec![0u8; size].into_boxed_slice();
+        data[self.start..self.end].copy_from_slice(&self.data[self.start..self.end]);
+        self.data = data;
+        true
+    }
+
     fn pending(&self) -> &[u8] {
         &self.data[self.start..self.end]
     }
@@ -106,12 +136,15 @@ impl ReadBuf {
         }
     }
 
-    /// Room to read into, moving pending bytes to the front when that makes room.
+    /// Room to read into, moving pending bytes to the front or growing when that makes room.
     fn space(&mut self) -> &mut [u8] {
         if self.end == self.data.len() && self.start > 0 {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        if self.end == self.data.len() {
+            self.fit(self.end - self.start + 1);
         }
         &mut self.data[self.end..]
     }
@@ -348,11 +381,7 @@ struct Buffers {
 pub async fn serve(worker: Rc<Worker>, conn: Rc<Conn>, peer: SocketAddr) {
     let limits = worker.limits();
     let mut b = Buffers {
-        read: ReadBuf {
-            data: vec![0u8; limits.max_header_bytes.max(1024) + 1024].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        },
+        read: ReadBuf::new(limits.max_header_bytes.max(1024) + 1024),
         out: Vec::with_capacity(1024),
         body: Vec::new(),
         header_pos: Vec::with_capacity(16),
@@ -402,7 +431,13 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
             if b.read.pending().is_empty() {
                 // Between requests the socket is almost always drained: wait for readiness
                 // instead of a read that would fail with EAGAIN (a syscall per request).
-                stream.readable().await?;
+                // Meanwhile an idle worker may take the connection over (see `steal`).
+                conn.claim.park();
+                let ready = stream.readable().await;
+                if !conn.claim.hold() {
+                    return Ok(());
+                }
+                ready?;
             }
             let n = read_some(stream, &mut b.read).await?;
             if n == 0 {
@@ -432,7 +467,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
                         .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await?;
                 }
-                if head.len + n <= b.read.data.len() - b.read.start {
+                if b.read.fit(head.len + n) {
                     // The body fits behind the head in the read buffer.
                     while b.read.pending().len() < head.len + n {
                         conn.set_phase(Phase::ReadingBody, worker);
@@ -539,6 +574,7 @@ async fn serve_inner(worker: &Worker, conn: &Conn, peer: &str, b: &mut Buffers) 
             Next::KeepAlive => false,
             Next::Close => true,
             Next::Upgrade(ws, queues, opened) => {
+                conn.leave_lobby();
                 (&conn.stream).write_all(&b.out).await?;
                 b.out.clear();
                 // Bytes past the head already belong to the WebSocket.

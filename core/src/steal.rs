@@ -1,0 +1,363 @@
+//! Taking over keep-alive connections from a stalled worker.
+//!
+//! A connection lives on one worker, which holds its task and buffers. While that worker is
+//! stuck (in a slow handler, or preempted on a busy machine), requests that arrive on its other
+//! keep-alive connections wait, even when another worker is idle. tokio steals tasks for this.
+//! Here, a worker about to sleep looks at the other workers' event loops. From one that has
+//! not turned for `steal_after_us`, it takes over the connections that sit between two
+//! requests and already have a request readable.
+//!
+//! Between two requests a connection is only its socket: its buffers are empty and nothing is
+//! owed. So taking it over means three steps. The taker claims it, one compare-and-swap
+//! against the one its owner makes when it wakes. The taker then removes it from the owner's
+//! epoll and registers it in its own. The owner's task, woken by a `Control::Released`,
+//! finds the claim lost and leaves without touching the descriptor.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpStream},
+    os::fd::{FromRawFd, RawFd},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::reactor::Pulse;
+
+const BUSY: u8 = 0;
+const PARKED: u8 = 1;
+const TAKEN: u8 = 2;
+
+/// Who may use a connection's socket: its worker, or (once taken) another.
+#[derive(Debug, Default)]
+pub struct Claim(AtomicU8);
+
+impl Claim {
+    /// The connection waits between two requests: another worker may take it over.
+    pub fn park(&self) {
+        self.0.store(PARKED, Ordering::Release);
+    }
+
+    /// Its worker uses it again (to read, or to close it). False when another worker took
+    /// it over: the socket is not this worker's any more.
+    pub fn hold(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(PARKED, BUSY, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now != TAKEN,
+        }
+    }
+
+    /// Whether another worker took the connection over.
+    pub fn taken(&self) -> bool {
+        self.0.load(Ordering::Acquire) == TAKEN
+    }
+
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(PARKED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn parked(&self) -> bool {
+        self.0.load(Ordering::Acquire) == PARKED
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    fd: RawFd,
+    peer: SocketAddr,
+    claim: Arc<Claim>,
+}
+
+/// A worker's HTTP connections as other workers see them.
+///
+/// A connection leaves the lobby before its descriptor closes, under the lock a taker holds,
+/// so a taker only ever sees descriptors that are open and belong to the listed connection.
+#[derive(Debug, Default)]
+pub struct Lobby {
+    pulse: OnceLock<Arc<Pulse>>,
+    conns: Mutex<HashMap<u64, Entry>>,
+}
+
+impl Lobby {
+    /// Publishes the worker's event loop, once it runs.
+    pub fn set_pulse(&self, pulse: Arc<Pulse>) {
+        let _ = self.pulse.set(pulse);
+    }
+
+    /// Lists connection `id`.
+    pub fn enter(&self, id: u64, fd: RawFd, peer: SocketAddr, claim: Arc<Claim>) {
+        self.lock().insert(id, Entry { fd, peer, claim });
+    }
+
+    /// Unlists connection `id`; after this no other worker can take it.
+    pub fn leave(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        // The map stays consistent even if a holder panicked: every change is one call.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection taken over from another worker.
+#[derive(Debug)]
+pub struct Taken {
+    /// Its id on the worker it came from.
+    pub id: u64,
+    /// The socket, now owned here.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// Takes over from `from` every parked connection with something to read (a request, or
+/// the client's close). `fds` is scratch space, kept by the caller across calls.
+pub fn take_from(from: &Lobby, fds: &mut Vec<(u64, libc::pollfd)>) -> Vec<Taken> {
+    let mut taken = Vec::new();
+    let Some(pulse) = from.pulse.get() else {
+        return taken;
+    };
+    // Never wait for the owner: it may hold the lock while preempted.
+    let Ok(mut conns) = from.conns.try_lock() else {
+        return taken;
+    };
+    fds.clear();
+    fds.extend(
+        conns
+            .iter()
+            .filter(|(_, e)| e.claim.parked())
+            .map(|(id, e)| {
+                (
+                    *id,
+                    libc::pollfd {
+                        fd: e.fd,
+                        events: libc::POLLIN | libc::POLLRDHUP,
+                        revents: 0,
+                    },
+                )
+            }),
+    );
+    if fds.is_empty() {
+        return taken;
+    }
+    let mut polled: Vec<libc::pollfd> = fds.iter().map(|(_, p)| *p).collect();
+    // SAFETY: poll over descriptors that stay open while we hold the lobby's lock; timeout 0.
+    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) };
+    if n <= 0 {
+        return taken;
+    }
+    for ((id, _), p) in fds.iter().zip(&polled) {
+        if p.revents == 0 {
+            continue;
+        }
+        let Some(entry) = conns.get(id) else { continue };
+        if !entry.claim.take() {
+            continue; // its worker woke up and holds it
+        }
+        if let Err(e) = pulse.remove(entry.fd) {
+            // Left in the owner's epoll, it only wakes a task that will find it taken.
+            log::debug!("taking over connection {id}: cannot remove it from its epoll: {e}");
+        }
+        let entry = conns.remove(id).expect("listed");
+        taken.push(Taken {
+            id: *id,
+            // SAFETY: the claim made us the descriptor's only user; the owner's task leaves
+            // without closing it (`Claim::taken`).
+            stream: unsafe { TcpStream::from_raw_fd(entry.fd) },
+            peer: entry.peer,
+        });
+    }
+    taken
+}
+
+/// What an idle worker knows of the others' event loops.
+#[derive(Debug)]
+pub struct Watch {
+    /// Per worker: the turn count last seen, and since when.
+    seen: Vec<Option<(u64, Instant)>>,
+}
+
+impl Watch {
+    /// Watches `workers` workers.
+    pub fn new(workers: usize) -> Watch {
+        Watch {
+            seen: vec![None; workers],
+        }
+    }
+
+    /// Called by worker `me` about to sleep. Calls `take(i)` for each worker `i` whose event
+    /// loop has not turned for `after` while awake, and returns how long to sleep at most
+    /// before looking again (`None`: every other worker sleeps too).
+    pub fn check(
+        &mut self,
+        me: usize,
+        lobbies: &[Arc<Lobby>],
+        after: Duration,
+        mut take: impl FnMut(usize),
+    ) -> Option<Duration> {
+        let mut sleep: Option<Duration> = None;
+        let mut now = None;
+        for (i, lobby) in lobbies.iter().enumerate() {
+            if i == me {
+                continue;
+            }
+            let Some(pulse) = lobby.pulse.get() else {
+                continue;
+            };
+            if pulse.waiting() {
+                self.seen[i] = None;
+                continue;
+            }
+            let now = *now.get_or_insert_with(Instant::now);
+            let turns = pulse.turns();
+            let since = match self.seen[i] {
+                Some((t, at)) if t == turns => at,
+                _ => {
+                    self.seen[i] = Some((turns, now));
+                    now
+                }
+            };
+            let stalled = now.duration_since(since);
+            let wait = if stalled >= after {
+                take(i);
+                self.seen[i] = Some((turns, now));
+                after
+            } else {
+                after - stalled
+            };
+            sleep = Some(sleep.map_or(wait, |s: Duration| s.min(wait)));
+        }
+        sleep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::{Read, Write},
+        net::TcpListener,
+        os::fd::AsRawFd,
+    };
+
+    #[test]
+    fn the_owner_and_a_taker_never_both_hold_a_connection() {
+        let claim = Claim::default();
+        claim.park();
+        assert!(claim.take());
+        assert!(!claim.hold(), "the owner must see it taken");
+        assert!(claim.taken());
+
+        let claim = Claim::default();
+        claim.park();
+        assert!(claim.hold());
+        assert!(!claim.take(), "a held connection cannot be taken");
+        assert!(claim.hold(), "held twice (a close while busy) stays held");
+    }
+
+    #[test]
+    fn only_parked_connections_with_a_request_waiting_are_taken() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let quiet = TcpStream::connect(addr).unwrap();
+        let (quiet_s, quiet_peer) = listener.accept().unwrap();
+        let mut asking = TcpStream::connect(addr).unwrap();
+        let (asking_s, asking_peer) = listener.accept().unwrap();
+        let mut busy = TcpStream::connect(addr).unwrap();
+        let (busy_s, busy_peer) = listener.accept().unwrap();
+
+        let lobby = Lobby::default();
+        // An epoll of its own stands for the owner's reactor.
+        // SAFETY: creating an epoll descriptor.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0);
+        lobby.set_pulse(Arc::new(Pulse::for_test(epfd)));
+        let claims: Vec<Arc<Claim>> = (0..3).map(|_| Arc::new(Claim::default())).collect();
+        for (id, (s, peer)) in [
+            (&quiet_s, quiet_peer),
+            (&asking_s, asking_peer),
+            (&busy_s, busy_peer),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: id as u64,
+            };
+            // SAFETY: both descriptors are open.
+            assert_eq!(
+                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) },
+                0
+            );
+            lobby.enter(id as u64, s.as_raw_fd(), peer, claims[id].clone());
+        }
+        claims[0].park();
+        claims[1].park();
+        // The busy one has a request too, but its worker holds it.
+        asking.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        busy.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+
+        let mut scratch = Vec::new();
+        let taken = take_from(&lobby, &mut scratch);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, 1);
+        assert_eq!(taken[0].peer, asking_peer);
+        assert!(claims[1].taken() && !claims[1].hold());
+        assert!(claims[0].hold() && claims[2].hold());
+        // Gone from the lobby: not taken twice.
+        claims[0].park();
+        assert!(take_from(&lobby, &mut scratch).is_empty());
+
+        // The taker reads the request the owner never saw; the owner's copy must not close it.
+        std::mem::forget(asking_s);
+        let mut stream = taken.into_iter().next().unwrap().stream;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"GET / "));
+        stream.write_all(b"ok").unwrap();
+        let mut got = [0u8; 2];
+        asking.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ok");
+        drop((quiet_s, busy_s, quiet));
+        // SAFETY: closing the epoll we created.
+        unsafe { libc::close(epfd) };
+    }
+
+    #[test]
+    fn a_worker_is_stalled_only_while_awake_and_not_turning() {
+        let lobbies: Vec<Arc<Lobby>> = (0..2).map(|_| Arc::new(Lobby::default())).collect();
+        let pulse = Arc::new(Pulse::for_test(-1));
+        lobbies[1].set_pulse(pulse.clone());
+        let mut watch = Watch::new(2);
+        let after = Duration::from_millis(20);
+        let mut took = Vec::new();
+
+        // Asleep: nothing to watch, sleep until an event.
+        pulse.set_for_test(5, true);
+        assert_eq!(watch.check(0, &lobbies, after, |i| took.push(i)), None);
+        // Awake: look again within `after`.
+        pulse.set_for_test(5, false);
+        let wait = watch.check(0, &lobbies, after, |i| took.push(i)).unwrap();
+        assert!(wait <= after);
+        assert!(took.is_empty());
+        // Turning: never stalled.
+        for t in 6..9 {
+            pulse.set_for_test(t, false);
+            watch.check(0, &lobbies, after, |i| took.push(i));
+        }
+        assert!(took.is_empty());
+        // Standing still for `after`: stalled.
+        std::thread::sleep(after);
+        watch.check(0, &lobbies, after, |i| took.push(i));
+        assert_eq!(took, vec![1]);
+    }
+}
