@@ -1,6 +1,8 @@
 //! An HTTP worker: one thread, one `LocalExecutor` on its own epoll (see `reactor`), its own
-//! `SO_REUSEPORT` listener and its own instance of every component. Instances never leave the thread, so plugin code
-//! needs no locks. A handler call is synchronous; the IO around it is async.
+//! `SO_REUSEPORT` listener and its own instance of every component. Instances never leave the
+//! thread, so plugin code needs no locks. A handler call is synchronous; the IO around it is
+//! async. A connection lives on one worker; between two requests an idle worker may take it
+//! over from a stalled one (see `steal`).
 //!
 //! A sweeper task keeps a coarse clock and the `date` header, and closes connections that
 //! overstay a timeout (it half-closes the socket's read side, which wakes the connection's
@@ -129,7 +131,9 @@ impl Conn {
 
     fn cut(&self) {
         if !self.claim.hold() {
-            return; // another worker serves it now
+            // Another worker serves it now: only let this side's task go.
+            self.stream.wake_reader();
+            return;
         }
         self.timed_out.set(true);
         let _ = self.stream.get_ref().shutdown(SockShutdown::Read);

@@ -64,7 +64,8 @@ pub struct Request<'a> {
     pub body: RSlice<'a, u8>,
     /// The client's address, `ip:port`.
     pub peer: RStr<'a>,
-    /// The global id of the connection.
+    /// The global id of the connection. A WebSocket keeps it; a keep-alive HTTP connection
+    /// that another worker takes over between two requests gets a new one.
     pub conn_id: u64,
     /// The id of the worker thread serving this request.
     pub worker_id: u32,
