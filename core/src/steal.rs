@@ -181,27 +181,38 @@ pub fn take_from(from: &Lobby, fds: &mut Vec<(u64, libc::pollfd)>) -> Vec<Taken>
 /// What an idle worker knows of the others' event loops.
 #[derive(Debug)]
 pub struct Watch {
-    /// Per worker: the turn count last seen, and since when.
-    seen: Vec<Option<(u64, Instant)>>,
+    peers: Vec<Option<Seen>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The turn count last seen.
+    turns: u64,
+    /// When to look at that worker's connections next.
+    next: Instant,
+    /// Looks in a row that found nothing to take (each doubles the wait, up to 16x).
+    empty: u32,
 }
 
 impl Watch {
     /// Watches `workers` workers.
     pub fn new(workers: usize) -> Watch {
         Watch {
-            seen: vec![None; workers],
+            peers: vec![None; workers],
         }
     }
 
-    /// Called by worker `me` about to sleep. Calls `take(i)` for each worker `i` whose event
-    /// loop has not turned for `after` while awake, and returns how long to sleep at most
-    /// before looking again (`None`: every other worker sleeps too).
+    /// Called by worker `me` about to sleep. Calls `take(i)` (which returns how many
+    /// connections it took) for each worker `i` whose event loop has not turned for `after`
+    /// while awake, and returns how long to sleep at most before looking again (`None`: every
+    /// other worker sleeps too). While a worker stays stuck and nothing is taken, the looks
+    /// back off to one per `16 * after`.
     pub fn check(
         &mut self,
         me: usize,
         lobbies: &[Arc<Lobby>],
         after: Duration,
-        mut take: impl FnMut(usize),
+        mut take: impl FnMut(usize) -> usize,
     ) -> Option<Duration> {
         let mut sleep: Option<Duration> = None;
         let mut now = None;
@@ -213,26 +224,28 @@ impl Watch {
                 continue;
             };
             if pulse.waiting() {
-                self.seen[i] = None;
+                self.peers[i] = None;
                 continue;
             }
             let now = *now.get_or_insert_with(Instant::now);
             let turns = pulse.turns();
-            let since = match self.seen[i] {
-                Some((t, at)) if t == turns => at,
-                _ => {
-                    self.seen[i] = Some((turns, now));
-                    now
-                }
+            let seen = match &mut self.peers[i] {
+                Some(seen) if seen.turns == turns => seen,
+                slot => slot.insert(Seen {
+                    turns,
+                    next: now + after,
+                    empty: 0,
+                }),
             };
-            let stalled = now.duration_since(since);
-            let wait = if stalled >= after {
-                take(i);
-                self.seen[i] = Some((turns, now));
-                after
-            } else {
-                after - stalled
-            };
+            if now >= seen.next {
+                seen.empty = if take(i) > 0 {
+                    0
+                } else {
+                    (seen.empty + 1).min(4)
+                };
+                seen.next = now + after * (1 << seen.empty);
+            }
+            let wait = seen.next - now;
             sleep = Some(sleep.map_or(wait, |s: Duration| s.min(wait)));
         }
         sleep
@@ -341,23 +354,28 @@ mod tests {
         let after = Duration::from_millis(20);
         let mut took = Vec::new();
 
+        let mut take = |i: usize| {
+            took.push(i);
+            0
+        };
+
         // Asleep: nothing to watch, sleep until an event.
         pulse.set_for_test(5, true);
-        assert_eq!(watch.check(0, &lobbies, after, |i| took.push(i)), None);
+        assert_eq!(watch.check(0, &lobbies, after, &mut take), None);
         // Awake: look again within `after`.
         pulse.set_for_test(5, false);
-        let wait = watch.check(0, &lobbies, after, |i| took.push(i)).unwrap();
+        let wait = watch.check(0, &lobbies, after, &mut take).unwrap();
         assert!(wait <= after);
-        assert!(took.is_empty());
         // Turning: never stalled.
         for t in 6..9 {
             pulse.set_for_test(t, false);
-            watch.check(0, &lobbies, after, |i| took.push(i));
+            watch.check(0, &lobbies, after, &mut take);
         }
-        assert!(took.is_empty());
         // Standing still for `after`: stalled.
         std::thread::sleep(after);
-        watch.check(0, &lobbies, after, |i| took.push(i));
+        let wait = watch.check(0, &lobbies, after, &mut take).unwrap();
         assert_eq!(took, vec![1]);
+        // Nothing was taken: the next look waits twice as long.
+        assert!(wait > after && wait <= 2 * after, "{wait:?}");
     }
 }

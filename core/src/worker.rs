@@ -217,7 +217,7 @@ impl Worker {
         watch.check(me, &self.lobbies, Duration::from_micros(after), |from| {
             let taken = steal::take_from(&self.lobbies[from], scratch);
             if taken.is_empty() {
-                return;
+                return 0;
             }
             log::trace!(
                 "worker {me}: took over {} connection(s) from stalled worker {from}",
@@ -234,6 +234,7 @@ impl Worker {
                 let _ = self.peers[from].try_send(Control::Released(t.id));
                 adopt(ex, self, t.stream, t.peer, Origin::TakenOver);
             }
+            n as usize
         })
     }
 
