@@ -683,3 +683,49 @@ fn with_stealing_off_a_stuck_worker_holds_up_its_connections() {
     let resp = slow.read_response();
     assert_eq!((resp.status, resp.text().as_str()), (200, "slept 3000\n"));
 }
+
+/// Many keep-alive clients, some requests slow, so workers stall and take connections over
+/// from each other all the time: every response still answers its own request, and the
+/// connections taken over keep working.
+#[test]
+fn connections_taken_over_under_load_each_get_their_own_answers() {
+    let server = Config::full().workers(2).start();
+    let addr = server.addr();
+    let clients: Vec<_> = (0..16)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut conn = Conn::connect(addr);
+                for i in 0..60 {
+                    if i % 10 == 3 {
+                        let resp = conn.request(get_request("/slow?ms=20"));
+                        assert_eq!((resp.status, resp.text().as_str()), (200, "slept 20\n"));
+                        continue;
+                    }
+                    let name = format!("c{c}r{i}");
+                    let resp = conn.request(get_request(&format!("/hello/{name}")));
+                    assert_eq!(
+                        (resp.status, resp.text()),
+                        (200, format!("hello, {name}!\n")),
+                        "client {c}, request {i}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+    let taken: u64 = worker_info(&server)
+        .iter()
+        .map(|l| {
+            let n = l.rsplit(", ").next().unwrap();
+            n.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(
+        taken > 0,
+        "no connection was taken over: {:?}",
+        worker_info(&server)
+    );
+    server.assert_serving();
+}
