@@ -498,3 +498,29 @@ fn the_handler_picks_a_subprotocol() {
         Some("chat.v1")
     );
 }
+
+/// A burst of messages in one write: every echo comes back, in order (the server reads the
+/// burst in bursts of its own and writes the replies out together).
+#[test]
+fn a_burst_of_messages_is_echoed_whole_and_in_order() {
+    let server = chat_config(1, "").start();
+    let mut ws = connect(server.addr());
+    let n = 500u32;
+    for i in 0..n {
+        ws.write(Message::binary(i.to_be_bytes().to_vec()))
+            .expect("queue a message");
+    }
+    ws.flush().expect("write the burst");
+    let mut i = 0;
+    while i < n {
+        match next(&mut ws, IO_TIMEOUT) {
+            Some(Message::Binary(b)) => assert_eq!(&b[..], &i.to_be_bytes(), "echo {i}"),
+            Some(Message::Text(t)) if t.ends_with(" joined") => continue,
+            other => panic!("echo {i}: {other:?}"),
+        }
+        i += 1;
+    }
+    // Still a working connection.
+    ws.send(Message::binary(vec![7u8])).unwrap();
+    assert_eq!(next(&mut ws, IO_TIMEOUT), Some(Message::binary(vec![7u8])));
+}

@@ -21,6 +21,7 @@ use async_tungstenite::{
     WebSocketStream,
 };
 use futures_lite::{future, AsyncRead, AsyncWrite, StreamExt};
+use futures_sink::Sink;
 use plughost_plugin_api::Message;
 
 use crate::{
@@ -56,6 +57,31 @@ impl AsyncWrite for Io<'_> {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut &*self.0).poll_close(cx)
     }
+}
+
+/// Messages read in a row before what is queued to send goes out.
+const READ_BURST: u32 = 16;
+
+/// Most messages written out together.
+const WRITE_BURST: usize = 64;
+
+/// Sends `first` and whatever else is queued (up to [`WRITE_BURST`]), flushing once.
+async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut WebSocketStream<S>,
+    first: WsMessage,
+    queues: &Queues,
+) -> Result<(), tungstenite::Error> {
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(message) = next.take() {
+        future::poll_fn(|cx| Pin::new(&mut *stream).poll_ready(cx)).await?;
+        Pin::new(&mut *stream).start_send(message)?;
+        n += 1;
+        if n < WRITE_BURST {
+            next = queues.data.try_recv().ok();
+        }
+    }
+    future::poll_fn(|cx| Pin::new(&mut *stream).poll_flush(cx)).await
 }
 
 enum Step {
@@ -109,13 +135,34 @@ pub async fn serve(
     let ending = if !opened {
         Ending::send(1011, "internal error")
     } else {
+        // Messages read in a row without sending: a client that keeps sending cannot hold
+        // back what is queued for it for long.
+        let mut reads = 0;
         loop {
-            // Fast path: a close request or a queued message needs no waiting (and no
-            // listener registered on the channels, which was a measurable cost per message).
-            let step = if let Ok(close) = queues.control.try_recv() {
-                Step::Control(Some(close))
-            } else if let Ok(message) = queues.data.try_recv() {
-                Step::Outgoing(Some(message))
+            // Fast path, nothing to wait for: a close request first, then a message already
+            // read and buffered (so the replies to a burst of messages go out together), then
+            // what is queued to send. This also registers no listener on the channels, which
+            // was a measurable cost per message.
+            let ready = future::poll_fn(|cx| {
+                if let Ok(close) = queues.control.try_recv() {
+                    return Poll::Ready(Some(Step::Control(Some(close))));
+                }
+                if reads < READ_BURST {
+                    if let Poll::Ready(incoming) = stream.poll_next(cx) {
+                        return Poll::Ready(Some(Step::Incoming(incoming)));
+                    }
+                }
+                Poll::Ready(
+                    queues
+                        .data
+                        .try_recv()
+                        .ok()
+                        .map(|message| Step::Outgoing(Some(message))),
+                )
+            })
+            .await;
+            let step = if let Some(step) = ready {
+                step
             } else {
                 future::or(
                     async { Step::Control(queues.control.recv().await.ok()) },
@@ -126,18 +173,26 @@ pub async fn serve(
                 )
                 .await
             };
+            reads = match step {
+                Step::Incoming(_) => reads + 1,
+                _ => 0,
+            };
             match step {
                 Step::Control(Some((code, reason))) => break Ending::send(code, &reason),
                 Step::Control(None) | Step::Outgoing(None) => {
                     break Ending::send(1001, "going away")
                 }
                 Step::Outgoing(Some(message)) => {
-                    // A client that stops reading must not stall us forever: a close request
-                    // (send queue full, heartbeat, stop) wins over a blocked write.
-                    let sent = future::or(async { Some(stream.send(message).await) }, async {
-                        let _ = queues.control.recv().await;
-                        None
-                    })
+                    // Everything queued goes out in one write. A client that stops reading
+                    // must not stall us forever: a close request (send queue full,
+                    // heartbeat, stop) wins over a blocked write.
+                    let sent = future::or(
+                        async { Some(send_all(&mut stream, message, &queues).await) },
+                        async {
+                            let _ = queues.control.recv().await;
+                            None
+                        },
+                    )
                     .await;
                     match sent {
                         Some(Ok(())) => {}

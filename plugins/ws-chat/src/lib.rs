@@ -59,7 +59,11 @@ impl WebSocketHandler for Chat {
     }
 
     fn on_message(&mut self, conn: u64, message: Message<'_>) {
-        match message.as_text() {
+        let text = match message.kind {
+            MessageKind::Text => message.as_text(),
+            MessageKind::Binary => None,
+        };
+        match text {
             Some("/panic") => panic!("chat asked to panic by #{conn}"),
             Some("/whoami") => {
                 let _ = self.host.push_text(conn, &format!("you are #{conn}"));
