@@ -118,9 +118,17 @@ pub struct Taken {
     pub peer: SocketAddr,
 }
 
+/// Scratch space for [`take_from`], kept by the caller across calls: the parked connections'
+/// ids and their `pollfd`s, side by side.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    ids: Vec<u64>,
+    fds: Vec<libc::pollfd>,
+}
+
 /// Takes over from `from` every parked connection with something to read (a request, or
-/// the client's close). `fds` is scratch space, kept by the caller across calls.
-pub fn take_from(from: &Lobby, fds: &mut Vec<(u64, libc::pollfd)>) -> Vec<Taken> {
+/// the client's close).
+pub fn take_from(from: &Lobby, scratch: &mut Scratch) -> Vec<Taken> {
     let mut taken = Vec::new();
     let Some(pulse) = from.pulse.get() else {
         return taken;
@@ -129,32 +137,26 @@ pub fn take_from(from: &Lobby, fds: &mut Vec<(u64, libc::pollfd)>) -> Vec<Taken>
     let Ok(mut conns) = from.conns.try_lock() else {
         return taken;
     };
+    let Scratch { ids, fds } = scratch;
+    ids.clear();
     fds.clear();
-    fds.extend(
-        conns
-            .iter()
-            .filter(|(_, e)| e.claim.parked())
-            .map(|(id, e)| {
-                (
-                    *id,
-                    libc::pollfd {
-                        fd: e.fd,
-                        events: libc::POLLIN | libc::POLLRDHUP,
-                        revents: 0,
-                    },
-                )
-            }),
-    );
+    for (id, e) in conns.iter().filter(|(_, e)| e.claim.parked()) {
+        ids.push(*id);
+        fds.push(libc::pollfd {
+            fd: e.fd,
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        });
+    }
     if fds.is_empty() {
         return taken;
     }
-    let mut polled: Vec<libc::pollfd> = fds.iter().map(|(_, p)| *p).collect();
     // SAFETY: poll over descriptors that stay open while we hold the lobby's lock; timeout 0.
-    let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) };
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
     if n <= 0 {
         return taken;
     }
-    for ((id, _), p) in fds.iter().zip(&polled) {
+    for (id, p) in ids.iter().zip(fds.iter()) {
         if p.revents == 0 {
             continue;
         }
@@ -319,7 +321,7 @@ mod tests {
         asking.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         busy.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
 
-        let mut scratch = Vec::new();
+        let mut scratch = Scratch::default();
         let taken = take_from(&lobby, &mut scratch);
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].id, 1);

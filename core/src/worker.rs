@@ -21,7 +21,7 @@ use std::{
 
 use crate::{
     reactor::{self, Async, Timer},
-    steal::{self, Claim, Lobby, Watch},
+    steal::{self, Claim, Lobby, Scratch, Watch},
 };
 use async_executor::LocalExecutor;
 use plughost_plugin_api::{
@@ -207,10 +207,10 @@ impl Worker {
         self: &Rc<Self>,
         ex: &Rc<LocalExecutor<'static>>,
         watch: &mut Watch,
-        scratch: &mut Vec<(u64, libc::pollfd)>,
+        scratch: &mut Scratch,
     ) -> Option<Duration> {
         let after = self.plan.borrow().steal_after_us;
-        if after == 0 || self.draining() || self.lobbies.len() < 2 {
+        if after == 0 || self.draining() {
             return None;
         }
         let me = self.info.id as usize;
@@ -408,10 +408,10 @@ impl Worker {
                 }
                 Phase::Busy | Phase::WebSocket => continue,
             };
-            if conn.claim.taken() {
-                // Its Released message was lost: let the task go now.
-                conn.stream.wake_reader();
-            } else if !conn.timed_out() && now.duration_since(conn.since.get()) >= limit {
+            // A connection another worker took over is let go at once (in case its Released
+            // message was lost): `cut` does that too.
+            let overstayed = !conn.timed_out() && now.duration_since(conn.since.get()) >= limit;
+            if overstayed || conn.claim.taken() {
                 conn.cut();
             }
         }
@@ -493,7 +493,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
             let on_idle = {
                 let (ex, worker) = (ex.clone(), worker.clone());
                 let mut watch = Watch::new(worker.lobbies.len());
-                let mut scratch = Vec::new();
+                let mut scratch = Scratch::default();
                 move || worker.on_idle(&ex, &mut watch, &mut scratch)
             };
             let served = reactor::block_on_idle(
