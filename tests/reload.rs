@@ -12,9 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{
-    artifacts, run_plughost, Config, Conn, TestDir, TestServer, HELLO_BODY, IO_TIMEOUT,
-};
+use crate::common::{artifacts, run_plughost, Config, Conn, TestDir, TestServer, HELLO_BODY};
 
 /// How long a reload may take to show (a debug build copies and loads a large .so).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,24 +89,6 @@ fn count(server: &TestServer, needle: &str) -> usize {
     server.logs().matches(needle).count()
 }
 
-/// Waits until GET `path` answers `body`.
-fn wait_for_body(server: &TestServer, path: &str, body: &str) {
-    let deadline = Instant::now() + RELOAD_TIMEOUT;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let resp = server.get(path);
-        last = resp.text();
-        if resp.status == 200 && last == body {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!(
-        "GET {path} never answered {body:?}; last {last:?}\nlogs:\n{}",
-        server.logs()
-    );
-}
-
 fn reload_config(plugin: &Path) -> Config {
     Config::empty()
         .plugin("hello", plugin)
@@ -132,9 +112,18 @@ fn a_rebuilt_plugin_is_served_without_a_restart() {
         "{} from plughost, rebuilt",
     );
     build(&krate);
-    wait_for_body(&server, "/hello", "hello from plughost, rebuilt\n");
+    server.wait_for_log("reloaded plugin hello on 2/2 workers", RELOAD_TIMEOUT);
+    // Every worker answers with the new version, and only with it.
+    for resp in server.first_answer_of_each_worker("/hello", 2) {
+        assert_eq!(resp.text(), "hello from plughost, rebuilt\n", "{resp:?}");
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            server.get("/hello").text(),
+            "hello from plughost, rebuilt\n"
+        );
+    }
     assert_eq!(server.pid(), pid_before);
-    server.wait_for_log("reloaded plugin hello", IO_TIMEOUT);
     assert!(
         server.logs().contains("library versions held: 2"),
         "{}",
@@ -215,8 +204,10 @@ fn a_config_edit_adds_a_route_live_and_an_invalid_edit_is_refused() {
     server
         .dir()
         .write_config(&config.clone().route("/hi", "hello.hello").render());
-    wait_for_body(&server, "/hi", HELLO_BODY);
-    server.wait_for_log("reloaded config", IO_TIMEOUT);
+    server.wait_for_log("reloaded config on 2/2 workers", RELOAD_TIMEOUT);
+    for resp in server.first_answer_of_each_worker("/hi", 2) {
+        assert_eq!(resp.text(), HELLO_BODY, "{resp:?}");
+    }
 
     // An invalid edit: logged with its line, the running config stays.
     let broken = config
@@ -259,10 +250,29 @@ fn plughost_reload_reloads_every_plugin() {
     let a = artifacts();
     let config = Config::full();
     let server = TestServer::start(&config.render());
+    // Each worker's hello instance counts its requests (`x-served`): serve a few on each.
+    for _ in 0..3 {
+        server.first_answer_of_each_worker("/hello", 2);
+    }
     let out = run_plughost(["reload", "-c", &server.config_path().to_string_lossy()]);
     assert!(out.status.success(), "{out:?}");
-    server.wait_for_log("reloaded plugin hello, panicky, timing", RELOAD_TIMEOUT);
-    server.assert_serving();
+    server.wait_for_log(
+        "reloaded plugin hello, panicky, timing on 2/2 workers",
+        RELOAD_TIMEOUT,
+    );
+    // Every worker answers from a new instance of the new library: its count starts again.
+    for (worker, resp) in server
+        .first_answer_of_each_worker("/hello", 2)
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(resp.text(), HELLO_BODY);
+        assert_eq!(
+            resp.header("x-served"),
+            Some("1"),
+            "worker {worker}: {resp:?}"
+        );
+    }
     let _ = a;
 }
 
@@ -296,7 +306,7 @@ fn ten_reloads_under_load_fail_no_request() {
     for i in 1..=10 {
         server.signal(libc::SIGUSR1);
         let deadline = Instant::now() + RELOAD_TIMEOUT;
-        while count(&server, "reloaded plugin") < i {
+        while count(&server, "reloaded plugin hello on 2/2 workers") < i {
             assert!(
                 Instant::now() < deadline,
                 "reload {i} did not finish:\n{}",
@@ -311,6 +321,7 @@ fn ten_reloads_under_load_fail_no_request() {
     }
     let served = ok.load(Ordering::Relaxed);
     assert!(served >= 100, "only {served} requests during the reloads");
+    assert_eq!(count(&server, "reloaded plugin"), 10, "{}", server.logs());
     assert!(
         server.logs().contains("library versions held: 11"),
         "{}",

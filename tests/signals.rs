@@ -97,8 +97,8 @@ fn sigterm_lets_the_in_flight_request_finish() {
     let resp = conn.request(get_request("/hello"));
     assert_eq!(resp.status, 200, "{resp:?}");
     conn.send(get_request("/slow?ms=1000"));
-    // Let the request reach its (1 s) handler; the signal then lands in the middle of it.
-    thread::sleep(Duration::from_millis(300));
+    // The signal lands while the request is inside its (1 s) handler.
+    server.wait_for_log("slow handler entered: sleeping 1000 ms", LOG_WAIT);
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
     let resp = conn.read_response();
@@ -132,7 +132,7 @@ fn sigterm_gives_up_after_max_wait_time() {
     let resp = conn.request(get_request("/hello"));
     assert_eq!(resp.status, 200, "{resp:?}");
     conn.send(get_request("/slow?ms=8000"));
-    thread::sleep(Duration::from_millis(300));
+    server.wait_for_log("slow handler entered: sleeping 8000 ms", LOG_WAIT);
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(6));

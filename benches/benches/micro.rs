@@ -1,7 +1,7 @@
 //! Micro-benchmarks of plughost's building blocks (criterion, ~2 s each, < 1 min in all):
 //!
 //! 1. a call into the hello plugin through the ABI (`HttpHandlerBox` from `Slot::instantiate`,
-//!    and the whole `pipeline::Instances::run`), with a request view of 10 headers and a
+//!    and the whole `http::pipeline::Instances::run`), with a request view of 10 headers and a
 //!    1 KiB body, against the same handler logic called natively (`&mut dyn HttpHandler`);
 //! 2. routing with a 20-route `Router`: an exact, a parameter and a prefix route;
 //! 3. `Config::parse` of `config/server.ron`.
@@ -24,11 +24,11 @@ use std::{
 use criterion::{criterion_group, criterion_main, Criterion};
 use plughost::{
     config::{ComponentRef, Config},
-    host::Host,
-    pipeline::{Instances, Plan},
-    plugin::{loader, Registry, Slot},
+    http::pipeline::Instances,
+    plan::Plan,
+    plugin::{host::Host, loader, Registry, Slot},
     router::{Match, ParamPos, Router},
-    stats::Stats,
+    runtime::stats::Stats,
 };
 use plughost_plugin_api::{
     abi::{Component, ComponentKind, ThreadKind, WorkerInfo},
@@ -38,18 +38,18 @@ use plughost_plugin_api::{
 
 /// Core's counting allocator, so the benches can count allocations per call.
 #[global_allocator]
-static ALLOC: plughost::alloc::Counting = plughost::alloc::Counting;
+static ALLOC: plughost::runtime::alloc::Counting = plughost::runtime::alloc::Counting;
 
 /// Allocations per call of `f` in the steady state.
 fn allocations_per_call(what: &str, mut f: impl FnMut()) {
     for _ in 0..100 {
         f();
     }
-    let before = plughost::alloc::allocations();
+    let before = plughost::runtime::alloc::allocations();
     for _ in 0..10_000 {
         f();
     }
-    let n = plughost::alloc::allocations() - before;
+    let n = plughost::runtime::alloc::allocations() - before;
     eprintln!("{what}: {:.2} allocations per call", n as f64 / 10_000.0);
 }
 

@@ -11,10 +11,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{log_level, Config, Loaded},
-    control,
     error::StartError,
-    logging, pidfile,
-    server::{self, Options},
+    server::{self, control, logging, pidfile, Options},
 };
 
 #[derive(Debug, Parser)]
@@ -147,52 +145,25 @@ fn start(args: &StartArgs) -> i32 {
             eprintln!("plughost: {e}");
         }
     };
-    if let Err(e) = std::fs::create_dir_all(&config.runtime_dir) {
-        report(&StartError::Io {
-            what: format!(
-                "cannot create the runtime folder {}",
-                config.runtime_dir.display()
-            ),
-            source: e,
-        });
-        return 1;
-    }
-    let pid_path = pidfile::path(&config.runtime_dir);
-    if !args.ignore {
-        if let Some(pid) = pidfile::read(&pid_path) {
-            if pid != std::process::id() as i32 && pidfile::alive(pid) {
-                report(&StartError::AlreadyRunning {
-                    pid,
-                    pidfile: pid_path,
-                });
-                return 1;
-            }
-            log::warn!(
-                "replacing stale pid file {} (pid {pid} is not running)",
-                pid_path.display()
-            );
+    let pid_path = match prepare_runtime_dir(config, args.ignore) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&e);
+            return 1;
         }
-    }
-    let notify = if args.daemonize {
-        match daemonize() {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                report(&StartError::Io {
-                    what: "cannot daemonize".into(),
-                    source: e,
-                });
-                return 1;
-            }
-        }
-    } else {
-        None
     };
-    let mut notify = notify.map(std::fs::File::from);
-    if let Err(e) = pidfile::write(&pid_path) {
-        let e = StartError::Io {
-            what: format!("cannot write the pid file {}", pid_path.display()),
-            source: e,
-        };
+    let mut notify = match args.daemonize.then(daemonize).transpose() {
+        Ok(fd) => fd.map(std::fs::File::from),
+        Err(e) => {
+            report(&StartError::io("cannot daemonize")(e));
+            return 1;
+        }
+    };
+    let written = pidfile::write(&pid_path).map_err(StartError::io(format!(
+        "cannot write the pid file {}",
+        pid_path.display()
+    )));
+    if let Err(e) = written {
         report(&e);
         if let Some(n) = notify.as_mut() {
             let _ = writeln!(n, "{e}");
@@ -222,6 +193,31 @@ fn start(args: &StartArgs) -> i32 {
             1
         }
     }
+}
+
+/// Creates the runtime folder and checks that no server holds its pid file (unless
+/// `ignore`); returns the pid file's path.
+fn prepare_runtime_dir(config: &Config, ignore: bool) -> Result<PathBuf, StartError> {
+    std::fs::create_dir_all(&config.runtime_dir).map_err(StartError::io(format!(
+        "cannot create the runtime folder {}",
+        config.runtime_dir.display()
+    )))?;
+    let pid_path = pidfile::path(&config.runtime_dir);
+    if !ignore {
+        if let Some(pid) = pidfile::read(&pid_path) {
+            if pid != std::process::id() as i32 && pidfile::alive(pid) {
+                return Err(StartError::AlreadyRunning {
+                    pid,
+                    pidfile: pid_path,
+                });
+            }
+            log::warn!(
+                "replacing stale pid file {} (pid {pid} is not running)",
+                pid_path.display()
+            );
+        }
+    }
+    Ok(pid_path)
 }
 
 /// Forks into the background. The parent waits for the child to say it is serving (or why

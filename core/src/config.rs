@@ -443,6 +443,48 @@ impl Config {
                 message,
             }
         };
+        self.validate_basics(&invalid)?;
+        let check_ref = |key: String, s: &str| -> Result<ComponentRef, ConfigError> {
+            let Some(r) = ComponentRef::parse(s) else {
+                return Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} is not a component reference \"plugin.component\""),
+                ));
+            };
+            match self.plugins.get(&r.plugin) {
+                None => Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} names plugin {:?}, which is not in plugins", r.plugin),
+                )),
+                Some(p) if !p.enable => Err(invalid(
+                    key,
+                    s,
+                    format!("{s:?} names plugin {:?}, which is not enabled", r.plugin),
+                )),
+                Some(_) => Ok(r),
+            }
+        };
+        self.validate_routes(&invalid, &check_ref)?;
+        self.validate_services(&invalid, &check_ref)?;
+        for (list, name) in [
+            (&self.middleware, "middleware"),
+            (&self.cleaners, "cleaners"),
+            (&self.hooks, "hooks"),
+        ] {
+            for (i, s) in list.iter().enumerate() {
+                check_ref(format!("{name}[{i}]"), s)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The address, the log level and the limits.
+    fn validate_basics(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if self.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "listen".into(),
@@ -475,28 +517,15 @@ impl Config {
                 return Err(invalid(key.into(), name, format!("must be at least {min}")));
             }
         }
-        let check_ref = |key: String, s: &str| -> Result<ComponentRef, ConfigError> {
-            let Some(r) = ComponentRef::parse(s) else {
-                return Err(invalid(
-                    key,
-                    s,
-                    format!("{s:?} is not a component reference \"plugin.component\""),
-                ));
-            };
-            match self.plugins.get(&r.plugin) {
-                None => Err(invalid(
-                    key,
-                    s,
-                    format!("{s:?} names plugin {:?}, which is not in plugins", r.plugin),
-                )),
-                Some(p) if !p.enable => Err(invalid(
-                    key,
-                    s,
-                    format!("{s:?} names plugin {:?}, which is not enabled", r.plugin),
-                )),
-                Some(_) => Ok(r),
-            }
-        };
+        Ok(())
+    }
+
+    /// HTTP and WebSocket routes.
+    fn validate_routes(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+        check_ref: &impl Fn(String, &str) -> Result<ComponentRef, ConfigError>,
+    ) -> Result<(), ConfigError> {
         for (i, route) in self.routes.iter().enumerate() {
             check_ref(format!("routes[{i}].handler"), &route.handler)?;
             if let Err(why) = crate::router::check_pattern(&route.path) {
@@ -532,17 +561,7 @@ impl Config {
                 "must be at least 1 (second) when heartbeat_idle_time is set".into(),
             ));
         }
-        self.validate_services(&invalid, &check_ref)?;
-        for (list, name) in [
-            (&self.middleware, "middleware"),
-            (&self.cleaners, "cleaners"),
-            (&self.hooks, "hooks"),
-        ] {
-            for (i, s) in list.iter().enumerate() {
-                check_ref(format!("{name}[{i}]"), s)?;
-            }
-        }
-        Ok(self)
+        Ok(())
     }
 
     /// Task workers, events, the timer and custom processes.

@@ -2,7 +2,7 @@
 
 #[cfg(feature = "alloc-stats")]
 #[global_allocator]
-static ALLOC: plughost::alloc::Counting = plughost::alloc::Counting;
+static ALLOC: plughost::runtime::alloc::Counting = plughost::runtime::alloc::Counting;
 
 fn main() {
     std::process::exit(plughost::cli::main());

@@ -1,20 +1,27 @@
-//! The server: binds the listeners, loads the plugins, starts the workers, and supervises
-//! them from the main thread until a signal says stop.
+//! The server process: binds the listeners, loads the plugins, starts the workers ([`worker`])
+//! and the jobs, and supervises them from the main thread until a signal says stop; reloads
+//! ([`reload`], [`watcher`]), the control socket ([`control`], [`state`]), the pid file
+//! ([`pidfile`]) and logging ([`logging`]).
 
-pub mod http;
-pub mod ws;
+pub mod control;
+pub mod logging;
+pub mod pidfile;
+pub mod reload;
+pub mod state;
+pub mod watcher;
+pub mod worker;
 
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{atomic::Ordering, mpsc, Arc, RwLock},
+    sync::{mpsc, Arc, RwLock},
     thread,
     time::{Duration, Instant},
 };
 
 use abi_stable::std_types::RResult;
-use plughost_plugin_api::abi::{Component, ThreadKind, WorkerInfo};
+use plughost_plugin_api::abi::{Component, LifecycleBox, ThreadKind, WorkerInfo};
 use signal_hook::{
     consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1},
     iterator::Signals,
@@ -22,47 +29,16 @@ use signal_hook::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    config::{Config, Loaded},
-    control,
+    config::{ComponentRef, Loaded},
     error::StartError,
-    host::Host,
-    pidfile,
-    pipeline::Plan,
-    plugin::Registry,
-    reload::{
-        self,
-        watcher::{watch_key, Watcher},
-    },
-    services::{self, Services},
-    stats::Stats,
-    worker::{self, Control},
+    jobs::{self, Finish},
+    plan::Plan,
+    plugin::{host::Host, Registry},
+    runtime::{stats::Stats, Shutdown},
 };
-
-/// How to stop: a value handed to every worker (and later every service), not a flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shutdown {
-    /// Stop accepting, let in-flight requests finish within the duration.
-    Graceful(Duration),
-    /// Close everything now.
-    Fast,
-}
-
-/// What `info` reports, shared with the control socket.
-#[derive(Debug)]
-pub struct State {
-    /// The config file.
-    pub config_path: PathBuf,
-    /// The address actually bound.
-    pub listen: SocketAddr,
-    /// Worker threads.
-    pub workers: usize,
-    /// The `-x` version string.
-    pub app_version: String,
-    /// Loaded plugins.
-    pub registry: RwLock<Arc<Registry>>,
-    /// Counters.
-    pub stats: Arc<Stats>,
-}
+use reload::Live;
+use state::State;
+use worker::Control;
 
 /// Options of `plughost start`.
 #[derive(Debug, Clone)]
@@ -102,6 +78,9 @@ fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
     make().map_err(err)
 }
 
+/// The HTTP worker threads: each one's control channel and thread.
+pub(crate) type Workers = Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>;
+
 /// Runs the server until it is told to stop. `ready` is called once it is serving.
 pub fn run(
     loaded: Loaded,
@@ -109,7 +88,6 @@ pub fn run(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), StartError> {
     let config = &loaded.config;
-    let runtime = &config.runtime_dir;
     let host = Host::new(options.app_version.clone(), config.env_file.as_deref());
     let registry = Arc::new(Registry::load(config)?);
     let plan = Arc::new(Plan::build(config, &registry)?);
@@ -121,10 +99,67 @@ pub fn run(
         .map_err(StartError::io("cannot read the bound address"))?;
 
     // Signals first, so a stop during start-up is not lost.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])
+    let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])
         .map_err(StartError::io("cannot install signal handlers"))?;
-
     let stats = Arc::new(Stats::new(n));
+    let workers = start_workers(listeners, &plan, &host, &stats)?;
+    let started = ServerHooks::create(&plan, &host).and_then(|hooks| {
+        let finish = finish_to(&workers);
+        Ok((hooks, jobs::start(&plan, &host, &stats, finish)?))
+    });
+    let (mut hooks, services) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            stop_workers(workers, Shutdown::Fast);
+            return Err(e);
+        }
+    };
+    hooks.each("on_server_start", |h| h.on_server_start());
+
+    let state = Arc::new(State {
+        config_path: loaded.path.clone(),
+        listen,
+        workers: n,
+        app_version: options.app_version.clone(),
+        registry: RwLock::new(registry.clone()),
+        stats: stats.clone(),
+    });
+    let socket = control::socket_path(&config.runtime_dir);
+    let _control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(
+        "cannot open the control socket {}",
+        socket.display()
+    )))?;
+    let (events_tx, events) = mpsc::channel();
+    spawn_signal_thread(signals, events_tx.clone())?;
+    let mut live = Live::new(&loaded, registry, plan, host, services);
+    live.start_watcher(events_tx, Event::Changed);
+
+    // Ready only now: everything a client or a test may do next (a signal, an edit of a
+    // watched file) is heard from here on.
+    log::info!(
+        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
+        env!("CARGO_PKG_VERSION"),
+        if n == 1 { "" } else { "s" },
+        std::process::id()
+    );
+    ready(listen);
+
+    let signal = serve_until_stopped(&events, &mut live, &workers, &state);
+    stop(signal, live, workers, &mut hooks, &stats);
+    drop(hooks);
+    let _ = std::fs::remove_file(&socket);
+    pidfile::remove(&pidfile::path(&config.runtime_dir));
+    Ok(())
+}
+
+/// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
+fn start_workers(
+    listeners: Vec<TcpListener>,
+    plan: &Arc<Plan>,
+    host: &Host,
+    stats: &Arc<Stats>,
+) -> Result<Workers, StartError> {
+    let n = listeners.len();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut workers = Vec::new();
     // Unbounded: task results (`Control::Finish`) must neither block a task worker nor be
@@ -148,196 +183,176 @@ pub fn run(
             peers: peers.clone(),
             lobbies: lobbies.clone(),
             ready: ready_tx.clone(),
-        })
-        .map_err(StartError::io("cannot start a worker thread"))?;
-        workers.push((tx, handle));
+        });
+        match handle {
+            Ok(h) => workers.push((tx, h)),
+            Err(e) => {
+                stop_workers(workers, Shutdown::Fast);
+                return Err(StartError::io("cannot start a worker thread")(e));
+            }
+        }
     }
     drop(ready_tx);
     let mut failure = None;
     for _ in 0..n {
-        match ready_rx.recv() {
-            Ok((_, Ok(()))) => {}
-            Ok((id, Err(reason))) => {
-                failure.get_or_insert(StartError::Worker { id, reason });
-            }
-            Err(_) => {
-                failure.get_or_insert(StartError::Worker {
-                    id: 0,
-                    reason: "a worker thread exited during start".into(),
-                });
-            }
-        }
+        let (id, reason) = match ready_rx.recv() {
+            Ok((_, Ok(()))) => continue,
+            Ok((id, Err(reason))) => (id, reason),
+            Err(_) => (0, "a worker thread exited during start".into()),
+        };
+        failure.get_or_insert(StartError::Worker { id, reason });
     }
-    if let Some(e) = failure {
-        stop_workers(workers, Shutdown::Fast);
-        return Err(e);
-    }
-
-    // Server hooks: one instance of each hook component, on the main thread.
-    let main_info = WorkerInfo {
-        kind: ThreadKind::Main,
-        id: 0,
-    };
-    let mut hooks = Vec::new();
-    for slot in &plan.hooks {
-        match slot.instantiate(&host.boxed(), main_info) {
-            Ok(Component::Lifecycle(h)) => hooks.push((slot.reference.clone(), h)),
-            Ok(_) => {}
-            Err(e) => {
-                stop_workers(workers, Shutdown::Fast);
-                return Err(e.into());
-            }
-        }
-    }
-    // Task workers, the timer and custom processes.
-    let senders = workers.iter().map(|(tx, _)| tx.clone()).collect();
-    let services = match services::start(&plan, &host, &stats, senders) {
-        Ok(s) => s,
-        Err(e) => {
+    match failure {
+        Some(e) => {
             stop_workers(workers, Shutdown::Fast);
-            return Err(e);
+            Err(e)
         }
-    };
-    for (r, h) in hooks.iter_mut() {
-        if let RResult::RErr(e) = h.on_server_start() {
-            log::error!("hook on_server_start of {r} failed: {e}");
+        None => Ok(workers),
+    }
+}
+
+/// How a task worker hands a task's result to the HTTP worker that delivered it.
+fn finish_to(workers: &Workers) -> Finish {
+    let senders: Vec<_> = workers.iter().map(|(tx, _)| tx.clone()).collect();
+    Arc::new(move |worker, task, result| {
+        senders
+            .get(worker as usize)
+            .is_some_and(|tx| tx.try_send(Control::Finish { task, result }).is_ok())
+    })
+}
+
+/// The server hooks: one instance of each lifecycle component, on the main thread.
+struct ServerHooks(Vec<(ComponentRef, LifecycleBox)>);
+
+impl ServerHooks {
+    fn create(plan: &Plan, host: &Host) -> Result<ServerHooks, StartError> {
+        let info = WorkerInfo {
+            kind: ThreadKind::Main,
+            id: 0,
+        };
+        let mut hooks = Vec::new();
+        for slot in &plan.hooks {
+            if let Component::Lifecycle(h) = slot.instantiate(&host.boxed(), info)? {
+                hooks.push((slot.reference.clone(), h));
+            }
         }
+        Ok(ServerHooks(hooks))
     }
 
-    let state = Arc::new(State {
-        config_path: loaded.path.clone(),
-        listen,
-        workers: n,
-        app_version: options.app_version.clone(),
-        registry: RwLock::new(registry),
-        stats: stats.clone(),
-    });
-    let socket = control::socket_path(runtime);
-    let _control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(
-        "cannot open the control socket {}",
-        socket.display()
-    )))?;
+    fn each(
+        &mut self,
+        what: &str,
+        call: impl Fn(&mut LifecycleBox) -> RResult<(), plughost_plugin_api::abi::PluginError>,
+    ) {
+        for (r, h) in self.0.iter_mut() {
+            if let RResult::RErr(e) = call(h) {
+                log::error!("hook {what} of {r} failed: {e}");
+            }
+        }
+    }
+}
 
-    let (events_tx, events) = mpsc::channel();
-    let signal_tx = events_tx.clone();
+fn spawn_signal_thread(mut signals: Signals, tx: mpsc::Sender<Event>) -> Result<(), StartError> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                if signal_tx.send(Event::Signal(signal)).is_err() {
+                if tx.send(Event::Signal(signal)).is_err() {
                     return;
                 }
             }
         })
         .map_err(StartError::io("cannot start the signal thread"))?;
-    let mut live = Live {
-        config: loaded.config.clone(),
-        config_path: loaded.path.clone(),
-        registry: state.registry.read().map(|r| r.clone()).unwrap_or_default(),
-        plan,
-        host,
-        watcher: None,
-        services,
-    };
-    if live.config.reload.inotify {
-        match Watcher::start(events_tx.clone(), Event::Changed) {
-            Ok(w) => {
-                live.watcher = Some(w);
-                live.watch_all();
-                log::info!(
-                    "hot reload: watching the plugin files and {} (debounce {} ms)",
-                    live.config_path.display(),
-                    live.config.reload.debounce_ms
-                );
-            }
-            Err(e) => log::error!("hot reload: cannot start the inotify watcher: {e}"),
-        }
-    }
-    drop(events_tx);
+    Ok(())
+}
 
-    // Ready only now: everything a client or a test may do next (a signal, an edit of a
-    // watched file) is heard from here on.
-    log::info!(
-        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
-        env!("CARGO_PKG_VERSION"),
-        if n == 1 { "" } else { "s" },
-        std::process::id()
-    );
-    ready(listen);
+/// What the main thread waits for.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Signal(i32),
+    Changed(PathBuf),
+}
 
+/// Serves (reloading on SIGUSR1 and on watched changes) until a stop signal; returns it.
+fn serve_until_stopped(
+    events: &mpsc::Receiver<Event>,
+    live: &mut Live,
+    workers: &Workers,
+    state: &State,
+) -> i32 {
     let mut pending: Option<Event> = None;
-    let stop_signal = loop {
+    loop {
         let Some(event) = pending.take().or_else(|| events.recv().ok()) else {
-            break SIGTERM;
+            return SIGTERM;
         };
         match event {
             Event::Signal(SIGUSR1) => {
                 log::info!(
                     "reload requested (SIGUSR1): re-reading the config and reloading every plugin"
                 );
-                live.apply(&reload::Trigger::All, &workers, &state);
+                live.apply(&reload::Trigger::All, workers, state);
             }
-            Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT].contains(&signal) => break signal,
+            Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT].contains(&signal) => return signal,
             Event::Signal(_) => {}
             Event::Changed(first) => {
-                // Debounce: a build writes several files; act once it has been quiet.
-                let mut changed = BTreeSet::from([first]);
-                let quiet = Duration::from_millis(live.config.reload.debounce_ms);
-                loop {
-                    match events.recv_timeout(quiet) {
-                        Ok(Event::Changed(p)) => {
-                            changed.insert(p);
-                        }
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let (changed, next) = debounce(events, first, live.debounce());
+                pending = next;
                 if let Some(trigger) = live.trigger_for(&changed) {
-                    log::info!("change detected: {}", describe_trigger(&trigger));
-                    live.apply(&trigger, &workers, &state);
+                    log::info!("change detected: {}", trigger.describe());
+                    live.apply(&trigger, workers, state);
                 }
             }
         }
-    };
-    let name = match stop_signal {
+    }
+}
+
+/// A build writes several files: gathers changes until it has been quiet for `quiet`.
+/// Returns them, and an event of another kind that ended the wait.
+fn debounce(
+    events: &mpsc::Receiver<Event>,
+    first: PathBuf,
+    quiet: Duration,
+) -> (BTreeSet<PathBuf>, Option<Event>) {
+    let mut changed = BTreeSet::from([first]);
+    loop {
+        match events.recv_timeout(quiet) {
+            Ok(Event::Changed(p)) => {
+                changed.insert(p);
+            }
+            Ok(other) => return (changed, Some(other)),
+            Err(_) => return (changed, None),
+        }
+    }
+}
+
+/// A graceful stop: jobs stop taking work, workers drain within `max_wait_time`, then the
+/// jobs are joined and the server hooks say goodbye.
+fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, stats: &Stats) {
+    let name = match signal {
         SIGINT => "SIGINT",
         SIGQUIT => "SIGQUIT",
         _ => "SIGTERM",
     };
-    let max_wait = Duration::from_secs(live.config.max_wait_time);
+    let max_wait = live.max_wait();
     log::info!(
         "stopping ({name}): no new connections, waiting up to {}s for in-flight requests",
-        live.config.max_wait_time
+        max_wait.as_secs()
     );
     let started = Instant::now();
     live.services.begin_stop();
     stop_workers(workers, Shutdown::Graceful(max_wait));
     live.services.finish_stop(started, max_wait);
     drop(live);
-    for (r, h) in hooks.iter_mut() {
-        if let RResult::RErr(e) = h.on_server_stop() {
-            log::error!("hook on_server_stop of {r} failed: {e}");
-        }
-    }
-    drop(hooks);
-    let _ = std::fs::remove_file(&socket);
-    pidfile::remove(&pidfile::path(runtime));
+    hooks.each("on_server_stop", |h| h.on_server_stop());
     log::info!(
         "stopped after {} requests (drained in {} ms)",
         stats.sum(|w| &w.requests),
         started.elapsed().as_millis()
     );
-    Ok(())
 }
 
 /// Tells every worker to stop and waits for their threads.
-fn stop_workers(
-    workers: Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>,
-    how: Shutdown,
-) {
+fn stop_workers(workers: Workers, how: Shutdown) {
     for (tx, _) in &workers {
         let _ = tx.try_send(Control::Stop(how));
     }
@@ -359,161 +374,5 @@ fn stop_workers(
         } else {
             log::warn!("worker {i} is still inside a plugin call after max_wait_time; leaving it");
         }
-    }
-}
-
-/// What the main thread waits for.
-#[derive(Debug)]
-enum Event {
-    Signal(i32),
-    Changed(PathBuf),
-}
-
-fn describe_trigger(t: &reload::Trigger) -> String {
-    match t {
-        reload::Trigger::All => "reloading every plugin".into(),
-        reload::Trigger::Config => "the config changed".into(),
-        reload::Trigger::Plugins(names) => format!(
-            "plugin file of {} changed",
-            names.iter().cloned().collect::<Vec<_>>().join(", ")
-        ),
-    }
-}
-
-/// What is in force now, and how to change it.
-struct Live {
-    config: Config,
-    config_path: PathBuf,
-    registry: Arc<Registry>,
-    plan: Arc<Plan>,
-    host: Host,
-    watcher: Option<Watcher>,
-    services: Services,
-}
-
-impl Live {
-    /// Watches the folders of the config, the enabled plugins and `reload.watch`.
-    fn watch_all(&mut self) {
-        let Some(w) = self.watcher.as_mut() else {
-            return;
-        };
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        dirs.extend(self.config_path.parent().map(PathBuf::from));
-        for (_, p) in self.config.enabled_plugins() {
-            dirs.extend(p.path.parent().map(PathBuf::from));
-        }
-        for extra in &self.config.reload.watch {
-            if extra.is_dir() {
-                dirs.push(extra.clone());
-            } else {
-                dirs.extend(extra.parent().map(PathBuf::from));
-            }
-        }
-        for dir in dirs {
-            if let Err(e) = w.watch(&dir) {
-                log::warn!("hot reload: cannot watch {}: {e}", dir.display());
-            }
-        }
-    }
-
-    /// What a set of changed files means, if anything.
-    fn trigger_for(&self, changed: &BTreeSet<PathBuf>) -> Option<reload::Trigger> {
-        let config_key = watch_key(&self.config_path);
-        if changed.iter().any(|p| Some(p) == config_key.as_ref()) {
-            return Some(reload::Trigger::Config);
-        }
-        for extra in &self.config.reload.watch {
-            let hit = match extra.canonicalize() {
-                Ok(dir) if dir.is_dir() => changed.iter().any(|p| p.starts_with(&dir)),
-                _ => watch_key(extra).is_some_and(|k| changed.contains(&k)),
-            };
-            if hit {
-                return Some(reload::Trigger::All);
-            }
-        }
-        let plugins: BTreeSet<String> = self
-            .config
-            .enabled_plugins()
-            .filter(|(_, p)| watch_key(&p.path).is_some_and(|k| changed.contains(&k)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        (!plugins.is_empty()).then_some(reload::Trigger::Plugins(plugins))
-    }
-
-    /// Prepares the reload on this thread, then has every worker swap.
-    fn apply(
-        &mut self,
-        trigger: &reload::Trigger,
-        workers: &[(async_channel::Sender<Control>, thread::JoinHandle<()>)],
-        state: &State,
-    ) {
-        let started = Instant::now();
-        let fail = |why: String| {
-            state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
-            log::error!("reload refused, the running version keeps serving: {why}");
-        };
-        let new_config = match trigger {
-            reload::Trigger::Plugins(_) => None,
-            _ => match Config::load(&self.config_path, None) {
-                Ok(l) => Some(l.config),
-                Err(e) => {
-                    if *trigger == reload::Trigger::Config {
-                        return fail(format!("{e}; keeping the running config"));
-                    }
-                    log::error!("{e}; keeping the running config");
-                    None
-                }
-            },
-        };
-        let prepared = match reload::prepare(
-            &self.config,
-            &self.registry,
-            &self.plan,
-            new_config,
-            trigger,
-            &self.host,
-        ) {
-            Ok(p) => p,
-            Err(why) => return fail(why),
-        };
-        let (reply_tx, replies) = mpsc::channel();
-        for (tx, _) in workers {
-            let _ = tx.try_send(Control::Reload(prepared.plan.clone(), reply_tx.clone()));
-        }
-        drop(reply_tx);
-        let mut swapped = 0;
-        let deadline = Instant::now() + Duration::from_secs(self.config.max_wait_time + 30);
-        for _ in workers {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match replies.recv_timeout(left) {
-                Ok((_, Ok(_))) => swapped += 1,
-                Ok((id, Err(e))) => log::error!("worker {id} kept its old instances: {e}"),
-                Err(_) => {
-                    log::error!("a worker did not answer the reload in time");
-                    break;
-                }
-            }
-        }
-        self.config = prepared.config;
-        self.registry = prepared.registry;
-        self.plan = prepared.plan;
-        self.services.reload(&self.plan);
-        if let Ok(mut r) = state.registry.write() {
-            *r = self.registry.clone();
-        }
-        self.watch_all();
-        state.stats.reloads.fetch_add(1, Ordering::Relaxed);
-        let (held, bytes) = crate::plugin::loader::held();
-        let what = if prepared.loaded.is_empty() {
-            "config".to_owned()
-        } else {
-            format!("plugin {}", prepared.loaded.join(", "))
-        };
-        log::info!(
-            "reloaded {what} on {swapped}/{} workers in {} ms; library versions held: {held} ({} kB)",
-            workers.len(),
-            started.elapsed().as_millis(),
-            bytes / 1024
-        );
     }
 }

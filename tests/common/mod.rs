@@ -439,6 +439,28 @@ impl TestServer {
         get_close(self.addr, path)
     }
 
+    /// GETs `path` on new connections until each of `workers` workers has answered (by the
+    /// hello plugin's `x-worker` header); returns, by worker id, the first response each gave.
+    pub fn first_answer_of_each_worker(&self, path: &str, workers: usize) -> Vec<Response> {
+        let mut firsts: Vec<Option<Response>> = vec![None; workers];
+        for _ in 0..500 {
+            let resp = self.get(path);
+            let worker: usize = resp
+                .header("x-worker")
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("no x-worker header in {resp:?}"));
+            assert!(worker < workers, "worker {worker} of {workers}: {resp:?}");
+            firsts[worker].get_or_insert(resp);
+            if firsts.iter().all(Option::is_some) {
+                return firsts.into_iter().flatten().collect();
+            }
+        }
+        panic!(
+            "not every one of {workers} workers answered {path} in 500 connections:\n{}",
+            self.logs()
+        );
+    }
+
     /// Panics unless `GET /hello` on a new connection answers 200 with the hello body.
     pub fn assert_serving(&self) {
         let resp = self.get("/hello");

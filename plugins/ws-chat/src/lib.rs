@@ -15,6 +15,7 @@
 //! Try it: open `http://localhost:5200/chat` in two browser tabs, or
 //! `websocat 'ws://localhost:5200/ws/chat?token=secret'`. Every message is broadcast as
 //! `#ID: text`; `curl -d hi 'localhost:5200/chat/push?conn=ID'` pushes to one connection.
+//! `/whoami` answers the connection's id, `/instance` when the serving instance was made.
 //! Without the token the handshake is refused with 401.
 
 use plughost_plugin_api::prelude::*;
@@ -31,6 +32,8 @@ struct ChatConfig {
 struct Chat {
     host: Host,
     token: Option<String>,
+    /// When this instance was made (nanoseconds since the epoch), for `/instance`.
+    created: u128,
 }
 
 impl WebSocketHandler for Chat {
@@ -67,6 +70,11 @@ impl WebSocketHandler for Chat {
             Some("/panic") => panic!("chat asked to panic by #{conn}"),
             Some("/whoami") => {
                 let _ = self.host.push_text(conn, &format!("you are #{conn}"));
+            }
+            Some("/instance") => {
+                let _ = self
+                    .host
+                    .push_text(conn, &format!("instance {}", self.created));
             }
             Some(text) => {
                 self.host
@@ -183,6 +191,9 @@ fn plugin() -> Plugin {
             Ok(Chat {
                 host: cx.host().clone(),
                 token: config.token,
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
             })
         })
         .http("push", |cx| {

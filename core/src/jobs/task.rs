@@ -27,10 +27,11 @@ use plughost_plugin_api::{
 };
 
 use crate::{
-    pipeline::Plan,
-    services::{report_failure, Bank, Env, Hooks, Ready},
-    stats::Stats,
-    worker::Control,
+    error::PluginError,
+    jobs::{Env, Ready},
+    plan::Plan,
+    plugin::bank::{report_failure, Bank, Hooks},
+    runtime::stats::Stats,
 };
 
 /// The first retry waits this long; each later one twice as long as the one before.
@@ -393,10 +394,10 @@ impl TaskWorker {
         generation: u64,
         queue: Arc<Queue>,
         env: Env,
-    ) -> Result<TaskWorker, crate::error::PluginError> {
+    ) -> Result<TaskWorker, PluginError> {
         let tasks = Bank::create(&plan.services.tasks, &env.host, info)?;
         let listeners = Bank::create(&plan.services.listeners, &env.host, info)?;
-        let hooks = Some(Hooks::start(&plan, &env.host, info)?);
+        let hooks = Some(Hooks::start(&plan.hooks, &env.host, info)?);
         Ok(TaskWorker {
             info,
             plan,
@@ -428,7 +429,7 @@ impl TaskWorker {
                 self.tasks.apply(t);
                 self.listeners.apply(l);
                 if let Some(h) = self.hooks.as_mut() {
-                    h.rebuild(&plan, &self.env.host);
+                    h.rebuild(&plan.hooks, &self.env.host);
                 }
                 self.plan = plan;
                 log::debug!("task worker {}: moved to the new plan", self.info.id);
@@ -475,7 +476,7 @@ impl TaskWorker {
             RResult::RErr(e) => {
                 let slot = self.tasks.slots[i].clone();
                 report_failure(
-                    &mut self.hooks,
+                    self.hooks.as_mut(),
                     self.info,
                     ComponentKind::TaskHandler,
                     &slot,
@@ -518,14 +519,7 @@ impl TaskWorker {
 
     /// Sends a result to the HTTP worker that delivered the task, for `finish` there.
     fn send_finish(&self, task: &str, origin: WorkerInfo, result: Vec<u8>) {
-        let Some(tx) = self.env.workers.get(origin.id as usize) else {
-            return;
-        };
-        let finish = Control::Finish {
-            task: task.to_owned(),
-            result,
-        };
-        if tx.try_send(finish).is_err() {
+        if !(self.env.finish)(origin.id, task.to_owned(), result) {
             log::debug!("task {task}: worker {} is gone; finish dropped", origin.id);
         }
     }
@@ -567,7 +561,7 @@ impl TaskWorker {
                 RResult::RErr(e) => {
                     let slot = self.listeners.slots[li].clone();
                     report_failure(
-                        &mut self.hooks,
+                        self.hooks.as_mut(),
                         self.info,
                         ComponentKind::EventListener,
                         &slot,

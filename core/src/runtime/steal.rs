@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::reactor::Pulse;
+use super::reactor::Pulse;
 
 const BUSY: u8 = 0;
 const PARKED: u8 = 1;
@@ -276,6 +276,40 @@ mod tests {
         assert!(claim.hold());
         assert!(!claim.take(), "a held connection cannot be taken");
         assert!(claim.hold(), "held twice (a close while busy) stays held");
+    }
+
+    /// The owner waking and a taker race for the same parked claims, many times over, from two
+    /// threads: for each claim exactly one of them wins (a claim that is not one atomic step
+    /// lets both win now and then).
+    #[test]
+    fn an_owner_and_a_taker_racing_for_a_claim_never_both_win() {
+        const N: usize = 200_000;
+        let claims: Arc<Vec<Claim>> = Arc::new((0..N).map(|_| Claim::default()).collect());
+        for c in claims.iter() {
+            c.park();
+        }
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let race = |take: bool| {
+            let (claims, start) = (claims.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                claims
+                    .iter()
+                    .map(|c| if take { c.take() } else { c.hold() })
+                    .collect::<Vec<bool>>()
+            })
+        };
+        let (owner, taker) = (race(false), race(true));
+        let (owner, taker) = (owner.join().unwrap(), taker.join().unwrap());
+        let both = (0..N).filter(|&i| owner[i] && taker[i]).count();
+        let neither = (0..N).filter(|&i| !owner[i] && !taker[i]).count();
+        assert_eq!((both, neither), (0, 0), "of {N} races");
+        // How the claims split (both sides win some when the threads overlap, as they mostly do).
+        let taken = taker.iter().filter(|&&t| t).count();
+        eprintln!("{taken} of {N} claims went to the taker");
+        for (i, c) in claims.iter().enumerate() {
+            assert_eq!(c.taken(), taker[i]);
+        }
     }
 
     #[test]

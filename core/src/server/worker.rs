@@ -1,8 +1,9 @@
-//! An HTTP worker: one thread, one `LocalExecutor` on its own epoll (see `reactor`), its own
-//! `SO_REUSEPORT` listener and its own instance of every component. Instances never leave the
-//! thread, so plugin code needs no locks. A handler call is synchronous; the IO around it is
-//! async. A connection lives on one worker; between two requests an idle worker may take it
-//! over from a stalled one (see `steal`).
+//! An HTTP worker: one thread, one `LocalExecutor` on its own epoll (see `runtime::reactor`),
+//! its own `SO_REUSEPORT` listener and its own instance of every component. Instances never
+//! leave the thread, so plugin code needs no locks. A handler call is synchronous; the IO
+//! around it is async. A connection lives on one worker; between two requests an idle worker
+//! may take it over from a stalled one (see `runtime::steal`). The connection loops reach the
+//! worker through the `http::Site` and `ws::Site` traits it implements.
 //!
 //! A sweeper task keeps a coarse clock and the `date` header, and closes connections that
 //! overstay a timeout (it half-closes the socket's read side, which wakes the connection's
@@ -11,18 +12,13 @@
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
-    net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    net::{SocketAddr, TcpListener, TcpStream},
     rc::Rc,
     sync::{atomic::Ordering, mpsc, Arc},
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::{
-    reactor::{self, Async, Timer},
-    steal::{self, Claim, Lobby, Scratch, Watch},
-};
 use async_executor::LocalExecutor;
 use plughost_plugin_api::{
     abi::{HostBox, ThreadKind, WorkerInfo},
@@ -31,12 +27,19 @@ use plughost_plugin_api::{
 
 use crate::{
     config::Limits,
-    connections::Connections,
-    host::Host,
-    pipeline::{Instances, Plan, WsEvent},
+    http::Site as _,
+    http::{self, pipeline::Instances},
+    plan::Plan,
+    plugin::host::Host,
     router::{Match, Router},
-    server::{http, Shutdown},
-    stats::{Stats, WorkerStats},
+    runtime::{
+        conn::{Conn, Phase},
+        reactor::{self, Async, Timer},
+        stats::{Stats, WorkerStats},
+        steal::{self, Lobby, Scratch, Watch},
+        Shutdown,
+    },
+    ws::{self, registry::Connections, WsEvent, WsSettings},
 };
 
 /// Messages from the main thread.
@@ -58,86 +61,6 @@ pub enum Control {
         /// What `handle` returned.
         result: Vec<u8>,
     },
-}
-
-/// Where a connection stands, for timeouts and draining.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for the first byte of a request (keep-alive timeout).
-    Idle,
-    /// Reading a request head (header read timeout).
-    ReadingHead,
-    /// Reading a request body (header read timeout).
-    ReadingBody,
-    /// Running plugins or writing the response.
-    Busy,
-    /// An upgraded WebSocket (heartbeat timeout, counted from the last frame received).
-    WebSocket,
-}
-
-/// One open connection, shared by its task and the worker's registry.
-#[derive(Debug)]
-pub struct Conn {
-    /// Global connection id: worker id in the high 16 bits.
-    pub id: u64,
-    /// The socket.
-    pub stream: Async<TcpStream>,
-    phase: Cell<Phase>,
-    since: Cell<Instant>,
-    timed_out: Cell<bool>,
-    /// Whether this worker or another may use the socket (see `steal`).
-    pub claim: Arc<Claim>,
-    lobby: Arc<Lobby>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Unlisted before the socket closes, so no other worker can take a closed descriptor.
-        self.lobby.leave(self.id);
-        if self.claim.taken() {
-            self.stream.release();
-        }
-    }
-}
-
-impl Conn {
-    /// Stops other workers from taking this connection over (it became a WebSocket).
-    pub fn leave_lobby(&self) {
-        self.lobby.leave(self.id);
-    }
-
-    /// Moves to `phase`, restarting its clock when it changes.
-    pub fn set_phase(&self, phase: Phase, worker: &Worker) {
-        if self.phase.get() != phase {
-            self.phase.set(phase);
-            self.since.set(worker.now.get());
-        }
-    }
-
-    /// Marks activity on a WebSocket (for the heartbeat).
-    pub fn touch(&self, worker: &Worker) {
-        self.since.set(worker.now.get());
-    }
-
-    /// The current phase.
-    pub fn phase(&self) -> Phase {
-        self.phase.get()
-    }
-
-    /// Whether the sweeper closed the read side for a timeout.
-    pub fn timed_out(&self) -> bool {
-        self.timed_out.get()
-    }
-
-    fn cut(&self) {
-        if !self.claim.hold() {
-            // Another worker serves it now: only let this side's task go.
-            self.stream.wake_reader();
-            return;
-        }
-        self.timed_out.set(true);
-        let _ = self.stream.get_ref().shutdown(SockShutdown::Read);
-    }
 }
 
 /// The worker's state, owned by its thread.
@@ -170,18 +93,8 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// This worker's id.
-    pub fn id(&self) -> u32 {
-        self.info.id
-    }
-
     fn my_stats(&self) -> &WorkerStats {
         &self.stats.workers[self.info.id as usize]
-    }
-
-    /// The HTTP limits now in force.
-    pub fn limits(&self) -> Limits {
-        self.plan.borrow().limits
     }
 
     /// The worker to hand a new connection to, when this one has two more than it.
@@ -236,113 +149,6 @@ impl Worker {
             }
             n as usize
         })
-    }
-
-    /// The WebSocket registry shared by all workers.
-    pub fn connections(&self) -> &Connections {
-        &self.connections
-    }
-
-    /// The WebSocket settings now in force.
-    pub fn ws_settings(&self) -> WsSettings {
-        let plan = self.plan.borrow();
-        WsSettings {
-            max_message_size: plan.ws.max_message_size,
-            max_connections: plan.ws.max_connections,
-            send_queue: plan.ws.send_queue,
-        }
-    }
-
-    /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
-    pub fn ws_route(&self, path: &str) -> Option<usize> {
-        let plan = self.plan.borrow();
-        plan.ws_routes
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, i)| *i)
-    }
-
-    /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
-    pub fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool {
-        let stats = self.my_stats();
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut slot = self.instances.borrow_mut();
-        if slot.is_none() {
-            *slot = self.create_instances();
-        }
-        match slot.as_mut() {
-            Some(inst) => inst.handshake(req, ws, resp, stats),
-            None => {
-                resp.reset();
-                resp.text(
-                    503,
-                    "service unavailable: plugin instances could not be created\n",
-                );
-                false
-            }
-        }
-    }
-
-    /// Delivers a WebSocket event to this worker's instance of handler `ws`.
-    pub fn ws_event(&self, ws: usize, event: WsEvent<'_, '_>) -> bool {
-        let mut slot = self.instances.borrow_mut();
-        match slot.as_mut() {
-            Some(inst) => inst.ws_event(ws, self.my_stats(), event),
-            None => false,
-        }
-    }
-
-    /// Whether a graceful stop is under way.
-    pub fn draining(&self) -> bool {
-        self.draining.get()
-    }
-
-    /// Runs `f` with the current router.
-    pub fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
-        f(&self.plan.borrow().router)
-    }
-
-    /// The current `date` header value.
-    pub fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
-        // The sweeper refreshes it every tick, but a slow handler blocks the sweeper: check
-        // the (vDSO, coarse) wall clock so a response never carries an old second.
-        let secs = coarse_unix_secs();
-        if secs != self.date_secs.get() {
-            self.refresh_clock();
-        }
-        f(&self.date.borrow()[..])
-    }
-
-    /// Runs the plugin pipeline for one request, and recycles the instances after
-    /// `max_request` requests.
-    pub fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response) {
-        let stats = self.my_stats();
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut slot = self.instances.borrow_mut();
-        if slot.is_none() {
-            *slot = self.create_instances();
-        }
-        let Some(inst) = slot.as_mut() else {
-            resp.reset();
-            resp.text(
-                503,
-                "service unavailable: plugin instances could not be created\n",
-            );
-            return;
-        };
-        inst.run(req, route, resp, stats);
-        let max = inst.plan().max_request;
-        if max > 0 && inst.served() >= max {
-            log::debug!(
-                "worker {}: recycling instances after {max} requests",
-                self.info.id
-            );
-            stats.recycles.fetch_add(1, Ordering::Relaxed);
-            if let Some(old) = slot.take() {
-                old.stop();
-            }
-            *slot = self.create_instances();
-        }
     }
 
     fn create_instances(&self) -> Option<Instances> {
@@ -410,10 +216,135 @@ impl Worker {
             };
             // A connection another worker took over is let go at once (in case its Released
             // message was lost): `cut` does that too.
-            let overstayed = !conn.timed_out() && now.duration_since(conn.since.get()) >= limit;
+            let overstayed = !conn.timed_out() && now.duration_since(conn.since()) >= limit;
             if overstayed || conn.claim.taken() {
                 conn.cut();
             }
+        }
+    }
+}
+
+impl ws::Site for Worker {
+    fn now(&self) -> Instant {
+        self.now.get()
+    }
+
+    /// The WebSocket registry shared by all workers.
+    fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// The WebSocket settings now in force.
+    fn ws_settings(&self) -> WsSettings {
+        let plan = self.plan.borrow();
+        WsSettings {
+            max_message_size: plan.ws.max_message_size,
+            max_connections: plan.ws.max_connections,
+            send_queue: plan.ws.send_queue,
+        }
+    }
+
+    /// Delivers a WebSocket event to this worker's instance of handler `ws`.
+    fn ws_event(&self, ws: usize, event: WsEvent<'_, '_>) -> bool {
+        let mut slot = self.instances.borrow_mut();
+        match slot.as_mut() {
+            Some(inst) => inst.ws_event(ws, self.my_stats(), event),
+            None => false,
+        }
+    }
+}
+
+impl http::Site for Worker {
+    /// This worker's id.
+    fn id(&self) -> u32 {
+        self.info.id
+    }
+
+    /// The HTTP limits now in force.
+    fn limits(&self) -> Limits {
+        self.plan.borrow().limits
+    }
+
+    /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
+    fn ws_route(&self, path: &str) -> Option<usize> {
+        let plan = self.plan.borrow();
+        plan.ws_routes
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, i)| *i)
+    }
+
+    /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
+    fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.instances.borrow_mut();
+        if slot.is_none() {
+            *slot = self.create_instances();
+        }
+        match slot.as_mut() {
+            Some(inst) => inst.handshake(req, ws, resp, stats),
+            None => {
+                resp.reset();
+                resp.text(
+                    503,
+                    "service unavailable: plugin instances could not be created\n",
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether a graceful stop is under way.
+    fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Runs `f` with the current router.
+    fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
+        f(&self.plan.borrow().router)
+    }
+
+    /// The current `date` header value.
+    fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        // The sweeper refreshes it every tick, but a slow handler blocks the sweeper: check
+        // the (vDSO, coarse) wall clock so a response never carries an old second.
+        let secs = coarse_unix_secs();
+        if secs != self.date_secs.get() {
+            self.refresh_clock();
+        }
+        f(&self.date.borrow()[..])
+    }
+
+    /// Runs the plugin pipeline for one request, and recycles the instances after
+    /// `max_request` requests.
+    fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response) {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.instances.borrow_mut();
+        if slot.is_none() {
+            *slot = self.create_instances();
+        }
+        let Some(inst) = slot.as_mut() else {
+            resp.reset();
+            resp.text(
+                503,
+                "service unavailable: plugin instances could not be created\n",
+            );
+            return;
+        };
+        inst.run(req, route, resp, stats);
+        let max = inst.plan().max_request;
+        if max > 0 && inst.served() >= max {
+            log::debug!(
+                "worker {}: recycling instances after {max} requests",
+                self.info.id
+            );
+            stats.recycles.fetch_add(1, Ordering::Relaxed);
+            if let Some(old) = slot.take() {
+                old.stop();
+            }
+            *slot = self.create_instances();
         }
     }
 }
@@ -660,22 +591,17 @@ fn adopt(
     let local = worker.next_conn.get();
     worker.next_conn.set(local + 1);
     let id = ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1));
-    let claim = Arc::new(Claim::default());
-    let lobby = worker.lobby().clone();
-    lobby.enter(id, stream.get_ref().as_raw_fd(), peer, claim.clone());
-    let conn = Rc::new(Conn {
+    let conn = Rc::new(Conn::new(
         id,
         stream,
-        phase: Cell::new(Phase::ReadingHead),
-        since: Cell::new(worker.now.get()),
-        timed_out: Cell::new(false),
-        claim,
-        lobby,
-    });
+        peer,
+        worker.now.get(),
+        worker.lobby().clone(),
+    ));
     worker.conns.borrow_mut().insert(conn.id, conn.clone());
     let w = worker.clone();
     ex.spawn(async move {
-        http::serve(w.clone(), conn.clone(), peer).await;
+        http::serve(&*w, &conn, peer).await;
         w.conns.borrow_mut().remove(&conn.id);
         // A connection taken over is counted by the worker that took it.
         if !conn.claim.taken() {
@@ -717,23 +643,12 @@ async fn heartbeat(worker: Rc<Worker>) {
         worker.now.set(now);
         let limit = Duration::from_secs(idle);
         for conn in worker.conns.borrow().values() {
-            if conn.phase() == Phase::WebSocket && now.duration_since(conn.since.get()) >= limit {
+            if conn.phase() == Phase::WebSocket && now.duration_since(conn.since()) >= limit {
                 log::debug!("websocket {}: silent for {idle}s, closing", conn.id);
                 let _ = worker.connections.close(conn.id, 1000, "idle timeout");
             }
         }
     }
-}
-
-/// WebSocket settings a connection needs.
-#[derive(Debug, Clone, Copy)]
-pub struct WsSettings {
-    /// Largest incoming message.
-    pub max_message_size: usize,
-    /// Most open connections.
-    pub max_connections: usize,
-    /// Send queue length per connection.
-    pub send_queue: usize,
 }
 
 /// Seconds since the epoch from the coarse real-time clock (a vDSO read, no syscall).

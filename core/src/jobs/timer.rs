@@ -22,9 +22,12 @@ use plughost_plugin_api::{
 };
 
 use crate::{
-    pipeline::Plan,
-    plugin::Slot,
-    services::{report_failure, CronSlot, Env, Hooks, Ready, Unwrap},
+    jobs::{Env, Ready},
+    plan::{CronSlot, Plan},
+    plugin::{
+        bank::{report_failure, Hooks, Unwrap},
+        Slot,
+    },
 };
 
 const INFO: WorkerInfo = WorkerInfo {
@@ -97,7 +100,7 @@ impl Timer {
 
     /// Joins the thread if it ends by `deadline`; false if it was left running.
     pub fn join_until(self, deadline: Instant) -> bool {
-        crate::services::join_until(vec![("timer".into(), self.handle)], deadline).is_empty()
+        crate::jobs::join_until(vec![("timer".into(), self.handle)], deadline).is_empty()
     }
 }
 
@@ -174,7 +177,7 @@ fn run(mut plan: Arc<Plan>, env: Env, rx: mpsc::Receiver<TimerMsg>, ready: Optio
             return report(Err(e));
         }
     };
-    let mut hooks = match Hooks::start(&plan, &env.host, INFO) {
+    let mut hooks = match Hooks::start(&plan.hooks, &env.host, INFO) {
         Ok(h) => Some(h),
         Err(e) => return report(Err(e.to_string())),
     };
@@ -246,7 +249,7 @@ fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
             }
             RResult::RErr(e) => {
                 stats.cron_panics.fetch_add(1, Ordering::Relaxed);
-                report_failure(hooks, INFO, ComponentKind::CronJob, &cron.slot, &e);
+                report_failure(hooks.as_mut(), INFO, ComponentKind::CronJob, &cron.slot, &e);
                 // A fresh instance for the next tick; a panic may have left this one broken.
                 cron.job = None;
             }
@@ -297,7 +300,7 @@ fn reload(jobs: &mut Vec<Cron>, plan: &Plan, env: &Env, hooks: &mut Option<Hooks
         })
         .collect();
     if let Some(h) = hooks.as_mut() {
-        h.rebuild(plan, &env.host);
+        h.rebuild(&plan.hooks, &env.host);
     }
     log::debug!("timer moved to the new plan: {} job(s)", jobs.len());
 }

@@ -1,5 +1,6 @@
-//! The host API plugins call: logging, the `-x` version string, env values. One value shared
-//! by every instance; callable from any thread.
+//! The host API plugins call: logging, the `-x` version string, env values, WebSocket
+//! pushes, tasks, events and process messages. One value shared by every instance; callable
+//! from any thread.
 
 use std::{
     collections::HashMap,
@@ -7,7 +8,7 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use crate::connections::Connections;
+use crate::ws::registry::Connections;
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
@@ -29,7 +30,31 @@ struct Shared {
     env_file: HashMap<String, String>,
     connections: Arc<Connections>,
     /// The task queue and the custom processes, once they are started.
-    services: OnceLock<Arc<crate::services::Handle>>,
+    jobs: OnceLock<Arc<dyn JobsApi>>,
+}
+
+/// What the host API reaches of the jobs (task queue, events, custom processes): the jobs
+/// implement it, so the host does not depend on them.
+pub trait JobsApi: Send + Sync + std::fmt::Debug {
+    /// `Host::deliver`.
+    fn deliver(
+        &self,
+        task: &str,
+        payload: &[u8],
+        delay_ms: u64,
+        tries: u32,
+        origin: WorkerInfo,
+    ) -> Result<u64, HostError>;
+    /// `Host::fire`.
+    fn fire(
+        &self,
+        event: &str,
+        payload: &[u8],
+        delay_ms: u64,
+        tries: u32,
+    ) -> Result<u64, HostError>;
+    /// `Host::send_to_process`.
+    fn send_to_process(&self, name: &str, payload: RSlice<'_, u8>) -> Result<u64, HostError>;
 }
 
 impl Host {
@@ -41,7 +66,7 @@ impl Host {
                 app_version,
                 env_file,
                 connections: Arc::default(),
-                services: OnceLock::new(),
+                jobs: OnceLock::new(),
             }),
         }
     }
@@ -51,9 +76,9 @@ impl Host {
         &self.inner.connections
     }
 
-    /// Connects `deliver`, `fire` and `send_to_process` to the running services (once).
-    pub fn set_services(&self, handle: Arc<crate::services::Handle>) {
-        let _ = self.inner.services.set(handle);
+    /// Connects `deliver`, `fire` and `send_to_process` to the running jobs (once).
+    pub fn set_jobs(&self, jobs: Arc<dyn JobsApi>) {
+        let _ = self.inner.jobs.set(jobs);
     }
 
     /// The handle given to plugins.
@@ -156,7 +181,7 @@ impl HostFfi for Host {
         tries: u32,
         origin: WorkerInfo,
     ) -> RResult<u64, HostError> {
-        match self.inner.services.get() {
+        match self.inner.jobs.get() {
             Some(s) => s
                 .deliver(task.as_str(), payload.as_slice(), delay_ms, tries, origin)
                 .into(),
@@ -171,7 +196,7 @@ impl HostFfi for Host {
         delay_ms: u64,
         tries: u32,
     ) -> RResult<u64, HostError> {
-        match self.inner.services.get() {
+        match self.inner.jobs.get() {
             Some(s) => s
                 .fire(event.as_str(), payload.as_slice(), delay_ms, tries)
                 .into(),
@@ -184,7 +209,7 @@ impl HostFfi for Host {
         process: RStr<'_>,
         payload: RSlice<'_, u8>,
     ) -> RResult<u64, HostError> {
-        match self.inner.services.get() {
+        match self.inner.jobs.get() {
             Some(s) => s.send_to_process(process.as_str(), payload).into(),
             None => RResult::RErr(HostError::UnknownProcess),
         }

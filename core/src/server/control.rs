@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use crate::server::State;
+use super::state::State;
+use crate::{jobs, plugin::loader, runtime::alloc};
 
 /// The socket's path in a runtime folder.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
@@ -97,14 +98,14 @@ fn info(state: &State) -> String {
         stats.reloads.load(Ordering::Relaxed),
         stats.reload_failures.load(Ordering::Relaxed)
     );
-    crate::services::info(&mut s, &stats.services);
-    let (count, bytes) = crate::plugin::loader::held();
+    jobs::info(&mut s, &stats.services);
+    let (count, bytes) = loader::held();
     let _ = writeln!(
         s,
         "library versions held: {count} ({} kB of library files; old versions stay mapped, abi_stable cannot unload)",
         bytes / 1024
     );
-    if let Some(n) = crate::alloc::count() {
+    if let Some(n) = alloc::count() {
         let _ = writeln!(s, "allocations: {n}");
     }
     if let Some(registry) = registry {

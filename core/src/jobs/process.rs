@@ -28,9 +28,12 @@ use plughost_plugin_api::abi::{
 };
 
 use crate::{
-    pipeline::Plan,
-    plugin::Slot,
-    services::{join_until, report_failure, Env, Hooks, ProcessSlot, Ready, Unwrap},
+    jobs::{join_until, Env, Ready},
+    plan::{Plan, ProcessSlot},
+    plugin::{
+        bank::{report_failure, Hooks, Unwrap},
+        Slot,
+    },
 };
 
 /// Why a process thread should return.
@@ -428,7 +431,7 @@ fn run(args: Args) {
             let _ = tx.send((label.clone(), r));
         }
     };
-    let mut hooks = match Hooks::start(&plan, &env.host, info) {
+    let mut hooks = match Hooks::start(&plan.hooks, &env.host, info) {
         Ok(h) => Some(h),
         Err(e) => {
             report(&mut ready, Err(e.to_string()));
@@ -472,7 +475,7 @@ fn run(args: Args) {
             }
             RResult::RErr(e) => {
                 stats.process_panics.fetch_add(1, Ordering::Relaxed);
-                report_failure(&mut hooks, info, ComponentKind::Process, &slot.slot, &e);
+                report_failure(hooks.as_mut(), info, ComponentKind::Process, &slot.slot, &e);
                 instance = None;
                 if control.reason() != Reason::Run {
                     break;
@@ -486,17 +489,22 @@ fn run(args: Args) {
         stats.process_restarts.fetch_add(1, Ordering::Relaxed);
         control.sleep(slot.restart_interval);
     }
-    if let Some(mut p) = instance.take() {
-        let (what, r) = match control.reason() {
-            Reason::Reload => ("on_reload", p.on_reload()),
-            _ => ("on_stop", p.on_stop()),
-        };
-        if let RResult::RErr(e) = r {
-            log::error!("{label}: {what} failed: {e}");
-        }
+    if let Some(p) = instance.take() {
+        goodbye(p, control.reason(), &label);
     }
     if let Some(h) = hooks.take() {
         h.stop();
     }
     log::debug!("{label} stopped");
+}
+
+/// `on_reload` or `on_stop` after `run` returned for good.
+fn goodbye(mut p: ProcessBox, why: Reason, label: &str) {
+    let (what, r) = match why {
+        Reason::Reload => ("on_reload", p.on_reload()),
+        _ => ("on_stop", p.on_stop()),
+    };
+    if let RResult::RErr(e) = r {
+        log::error!("{label}: {what} failed: {e}");
+    }
 }

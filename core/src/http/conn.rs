@@ -1,0 +1,483 @@
+//! The HTTP/1.1 connection loop: read a head, read the body (`Content-Length` or chunked),
+//! route, run the plugins, write the response, then keep the connection or close it. It
+//! pipelines (responses to requests already read go out in one write), answers
+//! `Expect: 100-continue`, HEAD and HTTP/1.0, and hands upgrades to the WebSocket loop.
+//! Buffers belong to the connection and are reused, so a request allocates nothing once they
+//! have grown.
+//!
+//! Malformed input gets a 4xx and the connection closes (after a short lingering read, so the
+//! client sees the answer and not a reset).
+
+use std::{
+    io,
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use abi_stable::std_types::{RSlice, RStr};
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
+
+use super::{
+    body::{read_chunked, read_some, ReadBuf},
+    parse::{parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal},
+    write::{connection_header, write_refusal, write_response, Framing},
+};
+use crate::{
+    config::Limits,
+    router::{Match, ParamPos, Router},
+    runtime::{
+        conn::{Conn, Phase},
+        reactor::{Async, Timer},
+    },
+    ws::{self, registry::Queues, WsEvent},
+};
+
+/// What the connection loop needs from the worker that runs it.
+pub trait Site: ws::Site {
+    /// The worker's id.
+    fn id(&self) -> u32;
+    /// The HTTP limits now in force.
+    fn limits(&self) -> Limits;
+    /// Whether a graceful stop is under way.
+    fn draining(&self) -> bool;
+    /// Runs `f` with the current router.
+    fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R;
+    /// Runs `f` with the current `date` header value.
+    fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R;
+    /// Runs the plugin pipeline for one request.
+    fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response);
+    /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
+    fn ws_route(&self, path: &str) -> Option<usize>;
+    /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
+    fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool;
+}
+
+/// Per-connection buffers, kept across requests.
+struct Buffers {
+    read: ReadBuf,
+    out: Vec<u8>,
+    /// The body when it does not sit whole in `read` (large or chunked).
+    body: Vec<u8>,
+    header_pos: Vec<HeaderPos>,
+    params: Vec<ParamPos>,
+    headers: Vec<Header<'static>>,
+    param_views: Vec<Param<'static>>,
+    resp: Response,
+}
+
+/// Where a request's body is.
+#[derive(Debug, Clone, Copy)]
+enum Body {
+    /// In the read buffer right after the head: this many bytes.
+    InPlace(usize),
+    /// In `Buffers::body` (large or chunked).
+    Apart,
+}
+
+/// What the connection does after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Upgraded to WebSocket handler `ws`; false when `on_open` failed.
+    Upgrade(usize, Queues, bool),
+}
+
+/// Serves one connection until it closes.
+pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
+    let limits = site.limits();
+    let mut b = Buffers {
+        read: ReadBuf::new(limits.max_header_bytes.max(1024) + 1024),
+        out: Vec::with_capacity(1024),
+        body: Vec::new(),
+        header_pos: Vec::with_capacity(16),
+        params: Vec::new(),
+        headers: Vec::with_capacity(16),
+        param_views: Vec::new(),
+        resp: Response::new(),
+    };
+    let peer = peer.to_string();
+    if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
+        log::debug!("connection {} from {peer}: {e}", conn.id);
+    }
+}
+
+/// One request after another until the connection closes or becomes a WebSocket.
+async fn serve_requests<S: Site>(
+    site: &S,
+    conn: &Conn,
+    peer: &str,
+    b: &mut Buffers,
+) -> io::Result<()> {
+    loop {
+        let limits = site.limits();
+        let Some(head) = read_head(site, conn, b, &limits).await? else {
+            return Ok(());
+        };
+        conn.set_phase(Phase::Busy, site.now());
+        let Some(body) = read_body(site, conn, b, &head, &limits).await? else {
+            return Ok(());
+        };
+        let close = match respond(site, conn, peer, b, &head, body) {
+            Next::KeepAlive => false,
+            Next::Close => true,
+            Next::Upgrade(ws, queues, opened) => {
+                return switch_to_websocket(site, conn, b, head.len, ws, queues, opened).await;
+            }
+        };
+        // A body read into `b.body` is already gone from the read buffer.
+        b.read.consume(match body {
+            Body::InPlace(n) => head.len + n,
+            Body::Apart => head.len,
+        });
+        if close {
+            flush(conn, &mut b.out).await?;
+            let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        if b.out.len() > 64 * 1024 {
+            flush(conn, &mut b.out).await?;
+        }
+    }
+}
+
+/// Reads until a whole head is buffered, and parses it. `None` when the connection is done:
+/// the client left, its input was refused, the server is draining, or another worker took
+/// the connection over.
+async fn read_head<S: Site>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    limits: &Limits,
+) -> io::Result<Option<Head>> {
+    loop {
+        if !b.read.pending().is_empty() {
+            match parse_head(b.read.pending(), limits, &mut b.header_pos) {
+                Ok(Some(head)) => return Ok(Some(head)),
+                Ok(None) if b.read.pending().len() > limits.max_header_bytes => {
+                    return refuse(site, conn, b, Refusal::HeadersTooLarge).await;
+                }
+                Ok(None) => {}
+                Err(r) => return refuse(site, conn, b, r).await,
+            }
+        }
+        // Responses to pipelined requests go out before we wait for more input.
+        flush(conn, &mut b.out).await?;
+        let idle = b.read.pending().is_empty();
+        if site.draining() && idle {
+            return Ok(None);
+        }
+        let phase = if idle {
+            Phase::Idle
+        } else {
+            Phase::ReadingHead
+        };
+        conn.set_phase(phase, site.now());
+        if idle {
+            // Between requests the socket is almost always drained: wait for readiness
+            // instead of a read that would fail with EAGAIN (a syscall per request).
+            // Meanwhile an idle worker may take the connection over (see `steal`).
+            conn.claim.park();
+            let ready = conn.stream.readable().await;
+            if !conn.claim.hold() {
+                return Ok(None);
+            }
+            ready?;
+        }
+        if read_some(&conn.stream, &mut b.read).await? == 0 {
+            if conn.timed_out() && !b.read.pending().is_empty() {
+                return refuse(site, conn, b, Refusal::Timeout).await;
+            }
+            return Ok(None);
+        }
+        if conn.phase() == Phase::Idle {
+            conn.set_phase(Phase::ReadingHead, site.now());
+        }
+    }
+}
+
+/// Reads the body the head announces. `None` when the connection is done (refused, cut).
+async fn read_body<S: Site>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    head: &Head,
+    limits: &Limits,
+) -> io::Result<Option<Body>> {
+    match head.body {
+        BodyKind::None => Ok(Some(Body::InPlace(0))),
+        BodyKind::Length(n) if n > limits.max_body_bytes => {
+            refuse(site, conn, b, Refusal::TooLarge).await
+        }
+        BodyKind::Length(n) => read_length(site, conn, b, head, n).await,
+        BodyKind::Chunked => {
+            if head.expect_continue {
+                send_continue(conn, &mut b.out).await?;
+            }
+            conn.set_phase(Phase::ReadingBody, site.now());
+            let max = limits.max_body_bytes;
+            match read_chunked(&conn.stream, &mut b.read, &mut b.body, head.len, max).await? {
+                Ok(()) => Ok(Some(Body::Apart)),
+                Err(r) => refuse(site, conn, b, r).await,
+            }
+        }
+    }
+}
+
+/// Reads a body of `n` bytes: behind the head in the read buffer when it fits there,
+/// otherwise into `b.body`.
+async fn read_length<S: Site>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    head: &Head,
+    n: usize,
+) -> io::Result<Option<Body>> {
+    let have = b.read.pending().len() - head.len;
+    if head.expect_continue && have < n {
+        send_continue(conn, &mut b.out).await?;
+    }
+    if b.read.fit(head.len + n) {
+        while b.read.pending().len() < head.len + n {
+            conn.set_phase(Phase::ReadingBody, site.now());
+            if read_some(&conn.stream, &mut b.read).await? == 0 {
+                return body_cut(site, conn, b).await;
+            }
+        }
+        return Ok(Some(Body::InPlace(n)));
+    }
+    b.body.clear();
+    b.body.extend_from_slice(&b.read.pending()[head.len..]);
+    b.read.truncate(head.len);
+    b.body.resize(n, 0);
+    conn.set_phase(Phase::ReadingBody, site.now());
+    let mut got = have;
+    while got < n {
+        match (&conn.stream).read(&mut b.body[got..]).await? {
+            0 => return body_cut(site, conn, b).await,
+            k => got += k,
+        }
+    }
+    Ok(Some(Body::Apart))
+}
+
+/// Routes the request, runs the plugins (or answers the upgrade), and writes the response
+/// into `b.out`.
+fn respond<S: Site>(
+    site: &S,
+    conn: &Conn,
+    peer: &str,
+    b: &mut Buffers,
+    head: &Head,
+    body: Body,
+) -> Next {
+    site.with_router(|router| {
+        let buf = b.read.pending();
+        let body: &[u8] = match body {
+            Body::InPlace(n) => &buf[head.len..head.len + n],
+            Body::Apart => &b.body,
+        };
+        let path = text(buf, head.path);
+        let method = text(buf, head.method);
+        let route = router.find(method, path, &mut b.params);
+        let mut headers: Vec<Header<'_>> = recycle(std::mem::take(&mut b.headers));
+        headers.extend(b.header_pos.iter().map(|h| Header {
+            name: RStr::from_str(text(buf, h.name)),
+            value: RSlice::from_slice(slice(buf, h.value)),
+        }));
+        let mut params: Vec<Param<'_>> = recycle(std::mem::take(&mut b.param_views));
+        params.extend(b.params.iter().map(|p| Param {
+            name: RStr::from_str(router.param_name(p)),
+            value: RStr::from_str(&path[p.start as usize..(p.start + p.len) as usize]),
+        }));
+        let req = Request {
+            method: RStr::from_str(method),
+            path: RStr::from_str(path),
+            query: RStr::from_str(text(buf, head.query)),
+            version: head.version,
+            headers: RSlice::from_slice(&headers),
+            params: RSlice::from_slice(&params),
+            body: RSlice::from_slice(body),
+            peer: RStr::from_str(peer),
+            conn_id: conn.id,
+            worker_id: site.id(),
+        };
+        let next = match head.upgrade.then(|| site.ws_route(path)).flatten() {
+            Some(ws) => upgrade(site, conn, head, buf, &req, ws, &mut b.resp, &mut b.out),
+            None => run_plugins(site, &req, &route, head, &mut b.resp, &mut b.out),
+        };
+        b.headers = recycle(headers);
+        b.param_views = recycle(params);
+        next
+    })
+}
+
+/// Runs the plugins for a request and writes their response; decides keep-alive.
+fn run_plugins<S: Site>(
+    site: &S,
+    req: &Request<'_>,
+    route: &Match,
+    head: &Head,
+    resp: &mut Response,
+    out: &mut Vec<u8>,
+) -> Next {
+    site.dispatch(req, route, resp);
+    let plugin_close = connection_header(resp.head_bytes())
+        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
+    let close = !head.keep_alive || site.draining() || plugin_close;
+    let framing = Framing {
+        version: head.version,
+        is_head: head.is_head,
+        close,
+        asked_keep_alive: head.keep_alive,
+    };
+    site.with_date(|d| write_response(out, resp, framing, d));
+    if close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// Reuses a vector's allocation for borrowed views of another lifetime.
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!()).collect()
+}
+
+/// Answers an upgrade request on a WebSocket route: 101 and `on_open`, or the refusal.
+#[allow(clippy::too_many_arguments)]
+fn upgrade<S: Site>(
+    site: &S,
+    conn: &Conn,
+    head: &Head,
+    buf: &[u8],
+    req: &Request<'_>,
+    ws: usize,
+    resp: &mut Response,
+    out: &mut Vec<u8>,
+) -> Next {
+    let settings = site.ws_settings();
+    let key = match head.ws_key {
+        Some(k) if head.ws_version_ok && head.version == HttpVersion::Http11 => slice(buf, k),
+        _ => {
+            resp.reset();
+            resp.text(400, "bad websocket upgrade: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 are required\n")
+                .set_header("sec-websocket-version", "13");
+            site.with_date(|d| write_response(out, resp, Framing::closing(head.version), d));
+            return Next::Close;
+        }
+    };
+    if site.connections().count() >= settings.max_connections {
+        resp.reset();
+        resp.text(503, "too many websocket connections\n");
+        site.with_date(|d| write_response(out, resp, Framing::closing(head.version), d));
+        return Next::Close;
+    }
+    if !site.ws_handshake(req, ws, resp) {
+        let framing = Framing {
+            version: head.version,
+            is_head: head.is_head,
+            close: !head.keep_alive,
+            asked_keep_alive: head.keep_alive,
+        };
+        site.with_date(|d| write_response(out, resp, framing, d));
+        return if head.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        };
+    }
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
+    out.extend_from_slice(derive_accept_key(key).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(resp.head_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Registered before on_open, so on_open can already push to the new connection.
+    let queues = site
+        .connections()
+        .open(conn.id, req.path.as_str(), settings.send_queue);
+    let opened = site.ws_event(ws, WsEvent::Open(conn.id, req));
+    Next::Upgrade(ws, queues, opened)
+}
+
+/// Sends the 101 and serves the connection as a WebSocket until it closes.
+async fn switch_to_websocket<S: Site>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    head_len: usize,
+    ws: usize,
+    queues: Queues,
+    opened: bool,
+) -> io::Result<()> {
+    conn.leave_lobby();
+    flush(conn, &mut b.out).await?;
+    // Bytes past the head already belong to the WebSocket.
+    let part = b.read.pending()[head_len..].to_vec();
+    b.read.consume(b.read.pending().len());
+    ws::serve(site, conn, part, ws, queues, opened).await;
+    Ok(())
+}
+
+/// Writes what is buffered in `out`.
+async fn flush(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
+    if !out.is_empty() {
+        (&conn.stream).write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Writes what is buffered, then `100 Continue`.
+async fn send_continue(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
+    flush(conn, out).await?;
+    (&conn.stream)
+        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        .await
+}
+
+/// The input ended inside a body: a timeout gets its 408, a client that left gets nothing.
+async fn body_cut<S: Site, T>(site: &S, conn: &Conn, b: &mut Buffers) -> io::Result<Option<T>> {
+    if conn.timed_out() {
+        refuse(site, conn, b, Refusal::Timeout).await
+    } else {
+        Ok(None)
+    }
+}
+
+/// Answers a refused request and closes: write, half-close, then read and drop what the
+/// client still sends for a moment, so our answer is not lost to a reset. Always `None`: the
+/// connection is done.
+async fn refuse<S: Site, T>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    r: Refusal,
+) -> io::Result<Option<T>> {
+    let (status, text) = r.status();
+    log::debug!("connection {}: answering {status} {text}", conn.id);
+    site.with_date(|d| write_refusal(&mut b.out, r, d));
+    flush(conn, &mut b.out).await?;
+    let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
+    linger(&conn.stream).await;
+    Ok(None)
+}
+
+async fn linger(stream: &Async<TcpStream>) {
+    let drain = async {
+        let mut scratch = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match (&*stream).read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    future::or(drain, async {
+        Timer::after(Duration::from_millis(500)).await;
+    })
+    .await;
+}

@@ -1,0 +1,123 @@
+//! One open connection as its task and its worker see it: the socket, the phase it is in
+//! (for timeouts and draining), and its claim (for take-over by another worker).
+
+use std::{
+    cell::Cell,
+    net::{Shutdown as SockShutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::Instant,
+};
+
+use super::{
+    reactor::Async,
+    steal::{Claim, Lobby},
+};
+
+/// Where a connection stands, for timeouts and draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the first byte of a request (keep-alive timeout).
+    Idle,
+    /// Reading a request head (header read timeout).
+    ReadingHead,
+    /// Reading a request body (header read timeout).
+    ReadingBody,
+    /// Running plugins or writing the response.
+    Busy,
+    /// An upgraded WebSocket (heartbeat timeout, counted from the last frame received).
+    WebSocket,
+}
+
+/// One open connection, shared by its task and the worker's registry.
+#[derive(Debug)]
+pub struct Conn {
+    /// Global connection id: worker id in the high 16 bits.
+    pub id: u64,
+    /// The socket.
+    pub stream: Async<TcpStream>,
+    phase: Cell<Phase>,
+    since: Cell<Instant>,
+    timed_out: Cell<bool>,
+    /// Whether this worker or another may use the socket (see `steal`).
+    pub claim: Arc<Claim>,
+    lobby: Arc<Lobby>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Unlisted before the socket closes, so no other worker can take a closed descriptor.
+        self.lobby.leave(self.id);
+        if self.claim.taken() {
+            self.stream.release();
+        }
+    }
+}
+
+impl Conn {
+    /// A new connection, reading its first head, registered in `lobby` for take-over.
+    pub fn new(
+        id: u64,
+        stream: Async<TcpStream>,
+        peer: SocketAddr,
+        now: Instant,
+        lobby: Arc<Lobby>,
+    ) -> Conn {
+        let claim = Arc::new(Claim::default());
+        lobby.enter(id, stream.get_ref().as_raw_fd(), peer, claim.clone());
+        Conn {
+            id,
+            stream,
+            phase: Cell::new(Phase::ReadingHead),
+            since: Cell::new(now),
+            timed_out: Cell::new(false),
+            claim,
+            lobby,
+        }
+    }
+
+    /// Stops other workers from taking this connection over (it became a WebSocket).
+    pub fn leave_lobby(&self) {
+        self.lobby.leave(self.id);
+    }
+
+    /// Moves to `phase`, restarting its clock (at `now`) when it changes.
+    pub fn set_phase(&self, phase: Phase, now: Instant) {
+        if self.phase.get() != phase {
+            self.phase.set(phase);
+            self.since.set(now);
+        }
+    }
+
+    /// Marks activity on a WebSocket (for the heartbeat).
+    pub fn touch(&self, now: Instant) {
+        self.since.set(now);
+    }
+
+    /// When the current phase (or the last WebSocket activity) began.
+    pub fn since(&self) -> Instant {
+        self.since.get()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Whether the sweeper closed the read side for a timeout.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.get()
+    }
+
+    /// Closes the read side (a timeout, or a stop), which wakes the connection's pending
+    /// read; a connection another worker took over is only let go here.
+    pub fn cut(&self) {
+        if !self.claim.hold() {
+            // Another worker serves it now: only let this side's task go.
+            self.stream.wake_reader();
+            return;
+        }
+        self.timed_out.set(true);
+        let _ = self.stream.get_ref().shutdown(SockShutdown::Read);
+    }
+}
