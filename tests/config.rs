@@ -171,3 +171,60 @@ fn minimal_config_uses_defaults() {
     let server = crate::common::TestServer::start(&config);
     server.assert_serving();
 }
+
+/// The line of the first line of `text` that contains `needle` (1-based).
+fn line_of(text: &str, needle: &str) -> u32 {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .expect("in the config") as u32
+        + 1
+}
+
+#[test]
+fn a_component_name_typo_is_a_config_error_at_its_line() {
+    let config = Config::hello().route("/greet", "hello.gret");
+    let text = config.render();
+    let (status, stderr) = config.start_expect_failure();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_position(&stderr, line_of(&text, "hello.gret"));
+    assert!(stderr.contains("routes[3].handler"), "{stderr}");
+    assert!(
+        stderr.contains("component \"gret\", but the plugin provides http hello"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_middleware_listed_twice_is_refused_at_the_second() {
+    let a = artifacts();
+    let config = Config::hello()
+        .plugin("timing", &a.timing)
+        .middleware("timing.timing")
+        .middleware("timing.timing");
+    let (status, stderr) = config.start_expect_failure();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("middleware[1]"), "{stderr}");
+    assert!(stderr.contains("listed twice"), "{stderr}");
+    // The middleware list is on one line: the error points at its second entry.
+    let line = line_of(&config.render(), "middleware:");
+    assert_position(&stderr, line);
+    let column: usize = stderr
+        .split(&format!("server.ron:{line}:"))
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|c| c.parse().ok())
+        .expect("a column");
+    let row = config
+        .render()
+        .lines()
+        .nth(line as usize - 1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        row.match_indices("\"timing.timing\"")
+            .nth(1)
+            .map(|(i, _)| i + 1),
+        Some(column),
+        "{row}"
+    );
+}

@@ -79,6 +79,27 @@ fn stale_pid_file_is_replaced_with_a_warning() {
 }
 
 #[test]
+fn a_failed_start_with_ignore_leaves_the_running_servers_pid_file() {
+    let first = Config::hello().start();
+    // Same runtime dir, and the port the first server holds: the second cannot bind.
+    let mut config = Config::hello();
+    config.listen = first.addr().to_string();
+    first.dir().write_config(&config.render());
+    let (status, stderr) = start_existing_expect_failure(first.dir(), &["-i"]);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert_eq!(read_pid_file(first.dir()), first.pid().to_string());
+    first.assert_serving();
+    let info = plughost_cmd("info", &first);
+    assert!(info.status.success(), "{info:?}");
+    assert!(
+        info.stdout.contains(&format!("pid: {}", first.pid())),
+        "{}",
+        info.stdout
+    );
+}
+
+#[test]
 fn ignore_flag_skips_the_pid_check() {
     let first = Config::hello().start();
     // Same config (same runtime dir and pid file), ephemeral port, so only the pid check

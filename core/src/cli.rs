@@ -163,13 +163,16 @@ fn start(args: &StartArgs) -> i32 {
         "cannot write the pid file {}",
         pid_path.display()
     )));
-    if let Err(e) = written {
-        report(&e);
-        if let Some(n) = notify.as_mut() {
-            let _ = writeln!(n, "{e}");
+    let before = match written {
+        Ok(before) => before,
+        Err(e) => {
+            report(&e);
+            if let Some(n) = notify.as_mut() {
+                let _ = writeln!(n, "{e}");
+            }
+            return 1;
         }
-        return 1;
-    }
+    };
     let options = Options {
         app_version: args.x_version.clone().unwrap_or_default(),
     };
@@ -185,12 +188,17 @@ fn start(args: &StartArgs) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            pidfile::remove(&pid_path);
+            pidfile::give_back(&pid_path, before);
             report(&e);
             if let Some(n) = notify.as_mut() {
                 let _ = writeln!(n, "{e}");
             }
-            1
+            // A config the loaded plugins show to be wrong exits like any other config error.
+            if matches!(e, StartError::Config(_)) {
+                2
+            } else {
+                1
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, PluginError, StartError};
 
 /// The whole config.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -326,6 +326,38 @@ pub struct Loaded {
     pub config: Config,
     /// The file it was read from (absolute).
     pub path: PathBuf,
+    /// Its text, to point errors found later (against the loaded plugins) at their line.
+    pub text: String,
+}
+
+impl Loaded {
+    /// A plugin error found while resolving this config: a component the plugin does not
+    /// provide is the config's fault, and is reported at its line like other config errors.
+    pub fn locate(&self, e: PluginError) -> StartError {
+        match &e {
+            PluginError::UnknownComponent {
+                plugin, component, ..
+            } => StartError::Config(
+                self.invalid_reference(&format!("{plugin}.{component}"), e.to_string()),
+            ),
+            _ => StartError::Plugin(e),
+        }
+    }
+
+    /// An error about the component reference `reference`, at the place the config uses it.
+    pub fn invalid_reference(&self, reference: &str, message: String) -> ConfigError {
+        let (line, column) = locate(&self.text, reference);
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            column,
+            key: self
+                .config
+                .key_of(reference)
+                .unwrap_or_else(|| "plugins".into()),
+            message,
+        }
+    }
 }
 
 impl Config {
@@ -356,6 +388,7 @@ impl Config {
         Ok(Loaded {
             config: config.resolve_paths(base),
             path,
+            text,
         })
     }
 
@@ -399,6 +432,7 @@ impl Config {
             Loaded {
                 config: config.resolve_paths(&base),
                 path,
+                text,
             },
             Some(err),
         ))
@@ -475,6 +509,19 @@ impl Config {
         ] {
             for (i, s) in list.iter().enumerate() {
                 check_ref(format!("{name}[{i}]"), s)?;
+                if list[..i].contains(s) {
+                    let (line, column) =
+                        locate_nth(text, s, list[..i].iter().filter(|o| *o == s).count());
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        line,
+                        column,
+                        key: format!("{name}[{i}]"),
+                        message: format!(
+                            "{s:?} is listed twice; each component runs once per request (list it once)"
+                        ),
+                    });
+                }
             }
         }
         Ok(self)
@@ -653,6 +700,55 @@ impl Config {
         self.plugins.iter().filter(|(_, p)| p.enable)
     }
 
+    /// The key that names component `reference` (`routes[2].handler`, `middleware[0]`, ...),
+    /// for errors.
+    pub fn key_of(&self, reference: &str) -> Option<String> {
+        let lists = [
+            ("middleware", &self.middleware),
+            ("cleaners", &self.cleaners),
+            ("hooks", &self.hooks),
+        ];
+        self.routes
+            .iter()
+            .position(|r| r.handler == reference)
+            .map(|i| format!("routes[{i}].handler"))
+            .or_else(|| {
+                self.websocket
+                    .routes
+                    .iter()
+                    .position(|r| r.handler == reference)
+                    .map(|i| format!("websocket.routes[{i}].handler"))
+            })
+            .or_else(|| {
+                lists.iter().find_map(|(name, list)| {
+                    list.iter()
+                        .position(|c| c == reference)
+                        .map(|i| format!("{name}[{i}]"))
+                })
+            })
+            .or_else(|| {
+                self.events.iter().find_map(|(event, names)| {
+                    names
+                        .iter()
+                        .position(|c| c == reference)
+                        .map(|i| format!("events.{event}[{i}]"))
+                })
+            })
+            .or_else(|| {
+                self.timer
+                    .jobs
+                    .iter()
+                    .position(|j| j.job == reference)
+                    .map(|i| format!("timer.jobs[{i}].job"))
+            })
+            .or_else(|| {
+                self.processes
+                    .iter()
+                    .find(|(_, p)| p.component == reference)
+                    .map(|(name, _)| format!("processes.{name}.component"))
+            })
+    }
+
     /// The RON text of a component's config, empty when it has none.
     pub fn component_config(&self, r: &ComponentRef) -> String {
         self.plugins
@@ -716,8 +812,18 @@ pub fn log_level(s: &str) -> Option<log::LevelFilter> {
 /// Line and column (1-based) of the first quoted occurrence of `needle`, else of its bare
 /// occurrence, else 0:0.
 fn locate(text: &str, needle: &str) -> (usize, usize) {
+    locate_nth(text, needle, 0)
+}
+
+/// Like [`locate`], for the `n`-th (from 0) quoted occurrence.
+fn locate_nth(text: &str, needle: &str, n: usize) -> (usize, usize) {
     let quoted = format!("\"{needle}\"");
-    let at = text.find(&quoted).or_else(|| text.find(needle));
+    let at = text
+        .match_indices(&quoted)
+        .nth(n)
+        .map(|(i, _)| i)
+        .or_else(|| text.find(&quoted))
+        .or_else(|| text.find(needle));
     match at {
         Some(i) => {
             let before = &text[..i];

@@ -80,6 +80,20 @@ pub enum PluginError {
         /// What is wrong.
         reason: String,
     },
+    /// The config names a component the plugin does not provide (as that kind).
+    #[error("plugin {plugin} ({}): the config uses {kind} component {component:?}, but the plugin provides {provides}", path.display())]
+    UnknownComponent {
+        /// The plugin's name in the config.
+        plugin: String,
+        /// The file named in the config.
+        path: PathBuf,
+        /// The kind the config uses it as.
+        kind: String,
+        /// The component's name.
+        component: String,
+        /// What the plugin provides (`http hello, middleware timing`).
+        provides: String,
+    },
     /// A component's factory failed or panicked.
     #[error("plugin {plugin}: cannot instantiate {kind} {component:?}: {reason}")]
     Instantiate {

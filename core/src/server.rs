@@ -90,7 +90,7 @@ pub fn run(
     let config = &loaded.config;
     let host = Host::new(options.app_version.clone(), config.env_file.as_deref());
     let registry = Arc::new(Registry::load(config)?);
-    let plan = Arc::new(Plan::build(config, &registry)?);
+    let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
     let n = config.workers();
     let addr: SocketAddr = config.listen.parse().expect("validated");
     let listeners = bind(addr, n)?;

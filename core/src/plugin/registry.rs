@@ -134,14 +134,12 @@ impl Registry {
             .iter()
             .any(|c| c.kind == kind && c.name.as_str() == reference.component);
         if !provided {
-            return Err(PluginError::Manifest {
-                name: reference.plugin.clone(),
+            return Err(PluginError::UnknownComponent {
+                plugin: reference.plugin.clone(),
                 path: library.path.clone(),
-                reason: format!(
-                    "the config uses {kind} component {:?}, but the plugin provides {}",
-                    reference.component,
-                    describe_components(library)
-                ),
+                kind: kind.to_string(),
+                component: reference.component.clone(),
+                provides: describe_components(library),
             });
         }
         Ok(Slot {

@@ -36,9 +36,24 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Writes our pid.
-pub fn write(path: &Path) -> std::io::Result<()> {
-    std::fs::write(path, format!("{}\n", std::process::id()))
+/// Writes our pid. Returns the live process the file named before (with `start -i`), to
+/// hand the file back to with [`give_back`] if this start fails.
+pub fn write(path: &Path) -> std::io::Result<Option<i32>> {
+    let before = read(path).filter(|&pid| pid != std::process::id() as i32 && alive(pid));
+    std::fs::write(path, format!("{}\n", std::process::id()))?;
+    Ok(before)
+}
+
+/// After a failed start: the file names the server that was running before again (or is
+/// removed, when none was), if it still holds our pid.
+pub fn give_back(path: &Path, before: Option<i32>) {
+    match before {
+        Some(pid) if read(path) == Some(std::process::id() as i32) => {
+            let _ = std::fs::write(path, format!("{pid}\n"));
+        }
+        Some(_) => {}
+        None => remove(path),
+    }
 }
 
 /// Removes the file if it still holds our pid.
