@@ -91,6 +91,32 @@ fn middleware_panic_is_500() {
 }
 
 #[test]
+fn a_middleware_that_cannot_be_made_again_after_a_panic_is_retried_not_503_forever() {
+    let a = artifacts();
+    let server = Config::hello()
+        .workers(1)
+        .plugin("panicky", &a.panicky)
+        .middleware("panicky.flaky")
+        .start();
+    assert_eq!(server.get("/hello").status, 200);
+    let mut conn = server.conn();
+    let resp = conn.request(
+        "GET /hello HTTP/1.1\r\nHost: x\r\nX-Panic-Middleware: 1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.status, 500, "{resp:?}");
+    // Its re-creation after the panic failed; the next request makes it again.
+    server.wait_for_log("the second instance on a thread fails", LOG_WAIT);
+    for _ in 0..3 {
+        let resp = server.get("/hello");
+        assert_eq!(
+            (resp.status, resp.text().as_str()),
+            (200, HELLO_BODY),
+            "{resp:?}"
+        );
+    }
+}
+
+#[test]
 fn max_request_recycles_instances() {
     let server = Config::hello().workers(1).max_request(3).start();
     let mut seen = Vec::new();

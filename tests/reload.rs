@@ -328,3 +328,69 @@ fn ten_reloads_under_load_fail_no_request() {
         server.logs()
     );
 }
+
+fn picky_config(component_config: &str, route: &str) -> Config {
+    let a = artifacts();
+    let config = match component_config {
+        "" => Config::hello().plugin("failing", &a.failing),
+        c => Config::hello().plugin_config("failing", &a.failing, c),
+    };
+    config
+        .extra("reload: (inotify: true, debounce_ms: 100)")
+        .extra(&format!(
+            r#"websocket: (enable: true, routes: [(path: "/ws", handler: "failing.{route}")])"#
+        ))
+}
+
+#[test]
+fn a_reload_that_fails_on_one_worker_is_reported_failed() {
+    let server = TestServer::start(&picky_config("", "picky").render());
+    // The new config of the WebSocket handler cannot be instantiated on worker 1 (the probe on
+    // the main thread passes): worker 0 moves, worker 1 keeps its old instances.
+    server
+        .dir()
+        .write_config(&picky_config(r#"{ "picky": (fail_on_worker: 1) }"#, "picky").render());
+    server.wait_for_log("reload failed on 1/2 workers", RELOAD_TIMEOUT);
+    let logs = server.logs();
+    assert!(logs.contains("reloaded config on 1/2 workers"), "{logs}");
+    assert!(
+        logs.contains("worker 1 kept its old instances: plugin failing: cannot instantiate websocket \"picky\": picky does not run on worker 1"),
+        "{logs}"
+    );
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(
+        info.stdout.contains("reloads: 0 ok, 1 failed"),
+        "{}",
+        info.stdout
+    );
+    assert!(
+        info.stdout
+            .contains("last reload: failed: reloaded config on 1/2 workers"),
+        "{}",
+        info.stdout
+    );
+    server.assert_serving();
+}
+
+#[test]
+fn a_reload_to_a_websocket_handler_that_cannot_be_made_is_refused() {
+    let server = TestServer::start(&picky_config("", "picky").render());
+    server
+        .dir()
+        .write_config(&picky_config("", "ws_failing").render());
+    server.wait_for_log("reload refused", RELOAD_TIMEOUT);
+    assert!(
+        server
+            .logs()
+            .contains("the websocket backend is unreachable"),
+        "{}",
+        server.logs()
+    );
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(
+        info.stdout.contains("reloads: 0 ok, 1 failed"),
+        "{}",
+        info.stdout
+    );
+    server.assert_serving();
+}

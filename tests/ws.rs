@@ -355,7 +355,6 @@ fn connect_echo(addr: SocketAddr) -> Client {
 }
 
 #[test]
-#[ignore = "issue 11: a WebSocket connection keeps its handler's index across a reload"]
 fn a_reload_that_reorders_or_removes_websocket_routes() {
     let server = TestServer::start(&two_routes_config(&["chat", "echo"]).render());
     let mut chat = connect(server.addr());
@@ -374,15 +373,77 @@ fn a_reload_that_reorders_or_removes_websocket_routes() {
     echo.send(Message::text("still echo")).unwrap();
     expect_text(&mut echo, |t| t == "still echo");
 
-    // /ws/echo removed: its connection closes with 1001; the chat goes on.
+    // /ws/chat removed: its connection closes with 1001 ("going away"), and on_close runs on
+    // the chat instance that served it (it tells everyone, the echo client too).
     server
         .dir()
-        .write_config(&two_routes_config(&["chat"]).render());
-    server.wait_for_log("reloaded config on 1/1 workers", IO_TIMEOUT);
-    assert_eq!(expect_close(&mut echo, IO_TIMEOUT), 1001);
-    chat.send(Message::text("after removal")).unwrap();
-    expect_text(&mut chat, |t| t == format!("#{id}: after removal"));
+        .write_config(&two_routes_config(&["echo"]).render());
+    assert_eq!(expect_close(&mut chat, IO_TIMEOUT), 1001);
+    expect_text(&mut echo, |t| t == format!("#{id} left (1001)"));
+    echo.send(Message::text("after removal")).unwrap();
+    expect_text(&mut echo, |t| t == "after removal");
     server.assert_serving();
+    assert!(
+        server
+            .logs()
+            .contains("closing 1 WebSocket connection(s) whose route the reload removed"),
+        "{}",
+        server.logs()
+    );
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads the linger struct we own, on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+#[test]
+fn upgrades_aborted_by_a_reset_leave_no_ghost_connection() {
+    let a = artifacts();
+    let server = Config::hello()
+        .workers(1)
+        .plugin("panicky", &a.panicky)
+        .extra(r#"websocket: (enable: true, max_connections: 5, routes: [(path: "/ws/slow", handler: "panicky.slow_handshake")])"#)
+        .start();
+    // Each client resets while its handshake is running: the 101 cannot be written.
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        stream
+            .write_all(
+                b"GET /ws/slow?ms=60 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        reset(stream);
+    }
+    // Five real connections still fit under max_connections: 5, and each works.
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let stream = TcpStream::connect(server.addr()).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (mut ws, resp) = tungstenite::client(format!("ws://{}/ws/slow", server.addr()), stream)
+            .unwrap_or_else(|e| panic!("upgrade {i} refused: {e}\n{}", server.logs()));
+        assert_eq!(resp.status(), 101);
+        ws.send(Message::text(format!("hi {i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("hi {i}")));
+        clients.push(ws);
+    }
 }
 
 /// The browser: Debian's headless Chromium loads `/chat`, which connects, sends a message and

@@ -15,7 +15,7 @@ use std::{
     collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{mpsc, Arc, RwLock},
+    sync::{mpsc, Arc, Mutex, RwLock},
     thread,
     time::{Duration, Instant},
 };
@@ -123,6 +123,7 @@ pub fn run(
         app_version: options.app_version.clone(),
         registry: RwLock::new(registry.clone()),
         stats: stats.clone(),
+        last_reload: Mutex::new(None),
     });
     let socket = control::socket_path(&config.runtime_dir);
     let _control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(

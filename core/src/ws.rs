@@ -4,9 +4,50 @@
 pub mod conn;
 pub mod registry;
 
+use std::cell::Cell;
+
 use plughost_plugin_api::{Message, Request};
 
-pub use conn::{serve, Site};
+use crate::config::ComponentRef;
+
+pub use conn::{open, serve, Session, Site};
+
+/// Which handler a WebSocket connection belongs to: the route it was opened on and the
+/// component that accepted it. A connection keeps it across reloads, so the worker can find
+/// that component's current instance wherever a reload moved it in the route table, or see
+/// that a reload removed its route.
+#[derive(Debug)]
+pub struct Binding {
+    /// The route's path.
+    pub route: String,
+    /// The handler component.
+    pub component: ComponentRef,
+    /// The instance index it resolved to, and the worker's plan generation then.
+    cache: Cell<Option<(u64, usize)>>,
+}
+
+impl Binding {
+    /// A connection on `route`, accepted by `component`.
+    pub fn new(route: &str, component: ComponentRef) -> Binding {
+        Binding {
+            route: route.to_owned(),
+            component,
+            cache: Cell::new(None),
+        }
+    }
+
+    /// The instance index resolved for plan generation `generation`, if it was.
+    pub fn cached(&self, generation: u64) -> Option<usize> {
+        self.cache
+            .get()
+            .and_then(|(g, i)| (g == generation).then_some(i))
+    }
+
+    /// Remembers the index for plan generation `generation`.
+    pub fn remember(&self, generation: u64, index: usize) {
+        self.cache.set(Some((generation, index)));
+    }
+}
 
 /// Something that happened on a WebSocket connection, for its handler.
 #[derive(Debug)]

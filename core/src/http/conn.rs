@@ -31,7 +31,7 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    ws::{self, registry::Queues, WsEvent},
+    ws::{self, registry::Queues, Binding, Session},
 };
 
 /// What the connection loop needs from the worker that runs it.
@@ -49,9 +49,9 @@ pub trait Site: ws::Site {
     /// Runs the plugin pipeline for one request.
     fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response);
     /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
-    fn ws_route(&self, path: &str) -> Option<usize>;
+    fn ws_route(&self, path: &str) -> Option<Binding>;
     /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
-    fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool;
+    fn ws_handshake(&self, req: &Request<'_>, ws: &Binding, resp: &mut Response) -> bool;
 }
 
 /// Per-connection buffers, kept across requests.
@@ -77,11 +77,11 @@ enum Body {
 }
 
 /// What the connection does after a request.
-enum Next {
+enum Next<'a, S: Site> {
     KeepAlive,
     Close,
-    /// Upgraded to WebSocket handler `ws`; false when `on_open` failed.
-    Upgrade(usize, Queues, bool),
+    /// Upgraded to a WebSocket (registered, `on_open` ran): send the 101 and serve it.
+    Upgrade(Session<'a, S>, Queues),
 }
 
 /// Serves one connection until it closes.
@@ -122,8 +122,8 @@ async fn serve_requests<S: Site>(
         let close = match respond(site, conn, peer, b, &head, body) {
             Next::KeepAlive => false,
             Next::Close => true,
-            Next::Upgrade(ws, queues, opened) => {
-                return switch_to_websocket(site, conn, b, head.len, ws, queues, opened).await;
+            Next::Upgrade(session, queues) => {
+                return switch_to_websocket(session, conn, b, head.len, queues).await;
             }
         };
         // A body read into `b.body` is already gone from the read buffer.
@@ -264,14 +264,14 @@ async fn read_length<S: Site>(
 
 /// Routes the request, runs the plugins (or answers the upgrade), and writes the response
 /// into `b.out`.
-fn respond<S: Site>(
-    site: &S,
+fn respond<'a, S: Site>(
+    site: &'a S,
     conn: &Conn,
     peer: &str,
     b: &mut Buffers,
     head: &Head,
     body: Body,
-) -> Next {
+) -> Next<'a, S> {
     site.with_router(|router| {
         let buf = b.read.pending();
         let body: &[u8] = match body {
@@ -314,14 +314,14 @@ fn respond<S: Site>(
 }
 
 /// Runs the plugins for a request and writes their response; decides keep-alive.
-fn run_plugins<S: Site>(
-    site: &S,
+fn run_plugins<'a, S: Site>(
+    site: &'a S,
     req: &Request<'_>,
     route: &Match,
     head: &Head,
     resp: &mut Response,
     out: &mut Vec<u8>,
-) -> Next {
+) -> Next<'a, S> {
     site.dispatch(req, route, resp);
     let plugin_close = connection_header(resp.head_bytes())
         .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
@@ -348,16 +348,16 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
 
 /// Answers an upgrade request on a WebSocket route: 101 and `on_open`, or the refusal.
 #[allow(clippy::too_many_arguments)]
-fn upgrade<S: Site>(
-    site: &S,
+fn upgrade<'a, S: Site>(
+    site: &'a S,
     conn: &Conn,
     head: &Head,
     buf: &[u8],
     req: &Request<'_>,
-    ws: usize,
+    ws: Binding,
     resp: &mut Response,
     out: &mut Vec<u8>,
-) -> Next {
+) -> Next<'a, S> {
     let settings = site.ws_settings();
     let key = match head.ws_key {
         Some(k) if head.ws_version_ok && head.version == HttpVersion::Http11 => slice(buf, k),
@@ -375,7 +375,7 @@ fn upgrade<S: Site>(
         site.with_date(|d| write_response(out, resp, Framing::closing(head.version), d));
         return Next::Close;
     }
-    if !site.ws_handshake(req, ws, resp) {
+    if !site.ws_handshake(req, &ws, resp) {
         let framing = Framing {
             version: head.version,
             is_head: head.is_head,
@@ -394,30 +394,25 @@ fn upgrade<S: Site>(
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(resp.head_bytes());
     out.extend_from_slice(b"\r\n");
-    // Registered before on_open, so on_open can already push to the new connection.
-    let queues = site
-        .connections()
-        .open(conn.id, req.path.as_str(), settings.send_queue);
-    let opened = site.ws_event(ws, WsEvent::Open(conn.id, req));
-    Next::Upgrade(ws, queues, opened)
+    let (session, queues) = ws::open(site, conn.id, ws, req);
+    Next::Upgrade(session, queues)
 }
 
-/// Sends the 101 and serves the connection as a WebSocket until it closes.
+/// Sends the 101 and serves the connection as a WebSocket until it closes. If the 101
+/// cannot be written, dropping the session unregisters the connection.
 async fn switch_to_websocket<S: Site>(
-    site: &S,
+    session: Session<'_, S>,
     conn: &Conn,
     b: &mut Buffers,
     head_len: usize,
-    ws: usize,
     queues: Queues,
-    opened: bool,
 ) -> io::Result<()> {
     conn.leave_lobby();
     flush(conn, &mut b.out).await?;
     // Bytes past the head already belong to the WebSocket.
     let part = b.read.pending()[head_len..].to_vec();
     b.read.consume(b.read.pending().len());
-    ws::serve(site, conn, part, ws, queues, opened).await;
+    ws::serve(session, conn, part, queues).await;
     Ok(())
 }
 

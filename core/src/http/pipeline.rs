@@ -15,9 +15,13 @@ use plughost_plugin_api::{
 };
 
 use crate::{
+    config::ComponentRef,
     error::PluginError,
     plan::Plan,
-    plugin::bank::{report_failure, Bank, Hooks},
+    plugin::{
+        bank::{report_failure, Bank, Hooks},
+        Slot,
+    },
     router::Match,
     runtime::stats::WorkerStats,
     ws::WsEvent,
@@ -34,8 +38,20 @@ pub struct Instances {
     websocket: Bank<WebSocketBox>,
     tasks: Bank<TaskHandlerBox>,
     hooks: Hooks,
+    /// WebSocket instances a reload replaced, kept for the `on_close` of the connections
+    /// whose route it removed.
+    retired: Vec<(Slot, WebSocketBox)>,
     /// Requests since the instances were created (for `max_request`).
     served: u64,
+}
+
+/// Which WebSocket instance an event goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum WsTarget<'a> {
+    /// The current instance of handler slot `i`.
+    Live(usize),
+    /// The last instance of this component that a reload retired.
+    Retired(&'a ComponentRef),
 }
 
 impl std::fmt::Debug for Instances {
@@ -61,6 +77,7 @@ impl Instances {
             websocket: Bank::create(&plan.websocket, &host, worker)?,
             tasks: Bank::create(&plan.services.tasks, &host, worker)?,
             hooks: Hooks::start(&plan.hooks, &host, worker)?,
+            retired: Vec::new(),
             plan,
             host,
             worker,
@@ -105,7 +122,8 @@ impl Instances {
         self.handlers.apply(handlers);
         self.middleware.apply(middleware);
         self.cleaners.apply(cleaners);
-        self.websocket.apply(websocket);
+        let (replaced, _) = self.websocket.apply(websocket);
+        self.retired.extend(replaced);
         self.tasks.apply(tasks);
         self.hooks.apply(hooks);
         self.plan = plan;
@@ -115,6 +133,13 @@ impl Instances {
     /// Requests served since creation.
     pub fn served(&self) -> u64 {
         self.served
+    }
+
+    /// Drops the retired WebSocket instances no connection needs any more.
+    pub fn prune_retired(&mut self, needed: impl Fn(&ComponentRef) -> bool) {
+        if !self.retired.is_empty() {
+            self.retired.retain(|(slot, _)| needed(&slot.reference));
+        }
     }
 
     /// Runs the pipeline for one request. `route` is the router's answer for it.
@@ -236,10 +261,25 @@ impl Instances {
         accepted
     }
 
-    /// A WebSocket event for handler `ws`; false when the handler panicked (the instance was
-    /// recreated, and the connection should close with 1011).
-    pub fn ws_event(&mut self, ws: usize, stats: &WorkerStats, event: WsEvent<'_, '_>) -> bool {
-        let Some(h) = self.websocket.get(ws, &self.host, self.worker) else {
+    /// A WebSocket event for `target`; false when the handler panicked (a live instance is
+    /// recreated) or there is no instance to take it, and the connection should close with
+    /// 1011.
+    pub fn ws_event(
+        &mut self,
+        target: WsTarget<'_>,
+        stats: &WorkerStats,
+        event: WsEvent<'_, '_>,
+    ) -> bool {
+        let handler = match target {
+            WsTarget::Live(i) => self.websocket.get(i, &self.host, self.worker),
+            WsTarget::Retired(r) => self
+                .retired
+                .iter_mut()
+                .rev()
+                .find(|(slot, _)| slot.reference == *r)
+                .map(|(_, h)| h),
+        };
+        let Some(h) = handler else {
             return false;
         };
         let result = match event {
@@ -247,19 +287,30 @@ impl Instances {
             WsEvent::Message(conn, message) => h.on_message(conn, message),
             WsEvent::Close(conn, code, reason) => h.on_close(conn, code, reason.into()),
         };
-        match result {
-            RResult::ROk(()) => true,
-            RResult::RErr(e) => {
-                self.failed(
-                    ComponentKind::WebSocket,
-                    ws,
-                    &e,
-                    &mut Response::new(),
-                    stats,
-                );
-                false
+        let RResult::RErr(e) = result else {
+            return true;
+        };
+        match target {
+            WsTarget::Live(i) => {
+                let mut ignored = Response::new();
+                self.failed(ComponentKind::WebSocket, i, &e, &mut ignored, stats);
+            }
+            WsTarget::Retired(r) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                let slot = self.retired.iter().rev().find(|(s, _)| s.reference == *r);
+                if let Some((slot, _)) = slot {
+                    let slot = slot.clone();
+                    report_failure(
+                        Some(&mut self.hooks),
+                        self.worker,
+                        ComponentKind::WebSocket,
+                        &slot,
+                        &e,
+                    );
+                }
             }
         }
+        false
     }
 
     /// Runs `finish` of task handler `task` (`plugin.component`) with the result of a task

@@ -98,6 +98,9 @@ fn info(state: &State) -> String {
         stats.reloads.load(Ordering::Relaxed),
         stats.reload_failures.load(Ordering::Relaxed)
     );
+    if let Some(last) = state.last_reload.lock().ok().and_then(|l| l.clone()) {
+        let _ = writeln!(s, "last reload: {last}");
+    }
     jobs::info(&mut s, &stats.services);
     let (count, bytes) = loader::held();
     let _ = writeln!(

@@ -146,11 +146,12 @@ fn probe(old: &Plan, new: &Plan, host: &Host) -> Result<(), String> {
         id: 0,
     };
     let boxed = host.boxed();
-    let pairs: [(&[Slot], &[Slot]); 4] = [
+    let pairs: [(&[Slot], &[Slot]); 5] = [
         (&old.handlers, &new.handlers),
         (&old.middleware, &new.middleware),
         (&old.cleaners, &new.cleaners),
         (&old.hooks, &new.hooks),
+        (&old.websocket, &new.websocket),
     ];
     for (old_slots, new_slots) in pairs {
         for slot in new_slots {
@@ -287,6 +288,7 @@ impl Live {
         let fail = |why: String| {
             state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
             log::error!("reload refused, the running version keeps serving: {why}");
+            state.set_last_reload(format!("refused: {why}"));
         };
         let new_config = match trigger {
             Trigger::Plugins(_) => None,
@@ -312,7 +314,7 @@ impl Live {
             Ok(p) => p,
             Err(why) => return fail(why),
         };
-        let swapped = swap_workers(workers, &prepared.plan, self.config.max_wait_time);
+        let failures = swap_workers(workers, &prepared.plan, self.config.max_wait_time);
         self.config = prepared.config;
         self.registry = prepared.registry;
         self.plan = prepared.plan;
@@ -321,41 +323,66 @@ impl Live {
             *r = self.registry.clone();
         }
         self.watch_all();
-        state.stats.reloads.fetch_add(1, Ordering::Relaxed);
         let (held, bytes) = loader::held();
         let what = if prepared.loaded.is_empty() {
             "config".to_owned()
         } else {
             format!("plugin {}", prepared.loaded.join(", "))
         };
-        log::info!(
-            "reloaded {what} on {swapped}/{} workers in {} ms; library versions held: {held} ({} kB)",
-            workers.len(),
-            started.elapsed().as_millis(),
-            bytes / 1024
+        let n = workers.len();
+        let summary = format!(
+            "reloaded {what} on {}/{n} workers in {} ms",
+            n - failures.len(),
+            started.elapsed().as_millis()
         );
+        if failures.is_empty() {
+            state.stats.reloads.fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "{summary}; library versions held: {held} ({} kB)",
+                bytes / 1024
+            );
+            state.set_last_reload(format!("ok: {summary}"));
+        } else {
+            // The workers that failed keep serving their old instances.
+            state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+            let why = failures.join("; ");
+            log::error!(
+                "reload failed on {}/{n} workers: {summary}; {why}",
+                failures.len()
+            );
+            state.set_last_reload(format!("failed: {summary}; {why}"));
+        }
     }
 }
 
-/// Has every worker move to `plan` between two requests; returns how many did.
-fn swap_workers(workers: &Workers, plan: &Arc<Plan>, max_wait_time: u64) -> usize {
+/// Has every worker move to `plan` between two requests; returns each failure ("worker 1
+/// kept its old instances: ...").
+fn swap_workers(workers: &Workers, plan: &Arc<Plan>, max_wait_time: u64) -> Vec<String> {
     let (reply_tx, replies) = mpsc::channel();
     for (tx, _) in workers {
         let _ = tx.try_send(Control::Reload(plan.clone(), reply_tx.clone()));
     }
     drop(reply_tx);
-    let mut swapped = 0;
+    let mut failures = Vec::new();
+    let mut answered = 0;
     let deadline = Instant::now() + Duration::from_secs(max_wait_time + 30);
     for _ in workers {
         let left = deadline.saturating_duration_since(Instant::now());
         match replies.recv_timeout(left) {
-            Ok((_, Ok(_))) => swapped += 1,
-            Ok((id, Err(e))) => log::error!("worker {id} kept its old instances: {e}"),
-            Err(_) => {
-                log::error!("a worker did not answer the reload in time");
-                break;
+            Ok((_, Ok(_))) => answered += 1,
+            Ok((id, Err(e))) => {
+                answered += 1;
+                failures.push(format!("worker {id} kept its old instances: {e}"));
             }
+            Err(_) => break,
         }
     }
-    swapped
+    if answered < workers.len() {
+        failures.push(format!(
+            "{} worker(s) did not answer within {}s (stuck in a plugin call?)",
+            workers.len() - answered,
+            max_wait_time + 30
+        ));
+    }
+    failures
 }

@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use crate::{plugin::Registry, runtime::stats::Stats};
@@ -23,4 +23,15 @@ pub struct State {
     pub registry: RwLock<Arc<Registry>>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// How the last reload went, for `info`.
+    pub last_reload: Mutex<Option<String>>,
+}
+
+impl State {
+    /// Records how the last reload went.
+    pub fn set_last_reload(&self, what: String) {
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(what);
+        }
+    }
 }

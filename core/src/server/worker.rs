@@ -13,6 +13,7 @@ use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
     net::{SocketAddr, TcpListener, TcpStream},
+    panic::AssertUnwindSafe,
     rc::Rc,
     sync::{atomic::Ordering, mpsc, Arc},
     thread,
@@ -20,6 +21,7 @@ use std::{
 };
 
 use async_executor::LocalExecutor;
+use futures_lite::FutureExt;
 use plughost_plugin_api::{
     abi::{HostBox, ThreadKind, WorkerInfo},
     Request, Response,
@@ -28,7 +30,10 @@ use plughost_plugin_api::{
 use crate::{
     config::Limits,
     http::Site as _,
-    http::{self, pipeline::Instances},
+    http::{
+        self,
+        pipeline::{Instances, WsTarget},
+    },
     plan::Plan,
     plugin::host::Host,
     router::{Match, Router},
@@ -39,7 +44,7 @@ use crate::{
         steal::{self, Lobby, Scratch, Watch},
         Shutdown,
     },
-    ws::{self, registry::Connections, WsEvent, WsSettings},
+    ws::{self, registry::Connections, Binding, WsEvent, WsSettings},
 };
 
 /// Messages from the main thread.
@@ -82,6 +87,19 @@ pub struct Worker {
     date_secs: Cell<i64>,
     draining: Cell<bool>,
     stats: Arc<Stats>,
+    /// Bumped by every reload, so WebSocket bindings resolve again.
+    generation: Cell<u64>,
+    /// This worker's WebSocket connections and the handler each belongs to.
+    ws_bindings: RefCell<HashMap<u64, Rc<Binding>>>,
+}
+
+/// The handler slot that serves `b` in `plan`: its route must still lead to its component.
+fn resolve(plan: &Plan, b: &Binding) -> Option<usize> {
+    plan.ws_routes
+        .iter()
+        .find(|(path, _)| *path == b.route)
+        .map(|(_, i)| *i)
+        .filter(|&i| plan.websocket[i].reference == b.component)
 }
 
 impl std::fmt::Debug for Worker {
@@ -188,7 +206,56 @@ impl Worker {
             }
         };
         *self.plan.borrow_mut() = plan;
+        drop(slot);
+        self.generation.set(self.generation.get() + 1);
+        self.close_orphans();
         Ok(created)
+    }
+
+    /// After a reload: WebSocket connections whose route is gone (or leads to another
+    /// component now) are closed with 1001; they get `on_close` on the instance that served
+    /// them, which is kept until they are gone.
+    fn close_orphans(&self) {
+        let plan = self.plan.borrow().clone();
+        let mut orphans = 0;
+        for (id, b) in self.ws_bindings.borrow().iter() {
+            if resolve(&plan, b).is_none() {
+                let reason = "going away: a reload removed this route";
+                let _ = self.connections.close(*id, 1001, reason);
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            log::info!(
+                "worker {}: closing {orphans} WebSocket connection(s) whose route the reload removed",
+                self.info.id
+            );
+        }
+        self.prune_retired();
+    }
+
+    /// Drops the instances a reload retired once no connection of theirs is left.
+    fn prune_retired(&self) {
+        let plan = self.plan.borrow();
+        let bindings = self.ws_bindings.borrow();
+        if let Some(inst) = self.instances.borrow_mut().as_mut() {
+            inst.prune_retired(|r| {
+                bindings
+                    .values()
+                    .any(|b| b.component == *r && resolve(&plan, b).is_none())
+            });
+        }
+    }
+
+    /// The current handler slot of `b`, if its route still leads to its component.
+    fn ws_slot(&self, b: &Binding) -> Option<usize> {
+        let generation = self.generation.get();
+        if let Some(i) = b.cached(generation) {
+            return Some(i);
+        }
+        let i = resolve(&self.plan.borrow(), b)?;
+        b.remember(generation, i);
+        Some(i)
     }
 
     fn refresh_clock(&self) {
@@ -244,12 +311,29 @@ impl ws::Site for Worker {
         }
     }
 
-    /// Delivers a WebSocket event to this worker's instance of handler `ws`.
-    fn ws_event(&self, ws: usize, event: WsEvent<'_, '_>) -> bool {
+    /// Delivers a WebSocket event to the instance that serves `b`: the current instance of
+    /// its handler, or the retired one when a reload removed its route.
+    fn ws_event(&self, b: &Binding, event: WsEvent<'_, '_>) -> bool {
+        let target = match self.ws_slot(b) {
+            Some(i) => WsTarget::Live(i),
+            None => WsTarget::Retired(&b.component),
+        };
         let mut slot = self.instances.borrow_mut();
         match slot.as_mut() {
-            Some(inst) => inst.ws_event(ws, self.my_stats(), event),
+            Some(inst) => inst.ws_event(target, self.my_stats(), event),
             None => false,
+        }
+    }
+
+    fn ws_bind(&self, id: u64, binding: Option<Rc<Binding>>) {
+        match binding {
+            Some(b) => {
+                self.ws_bindings.borrow_mut().insert(id, b);
+            }
+            None => {
+                self.ws_bindings.borrow_mut().remove(&id);
+                self.prune_retired();
+            }
         }
     }
 }
@@ -266,16 +350,17 @@ impl http::Site for Worker {
     }
 
     /// The WebSocket handler for an upgrade to `path`, if it is a WebSocket route.
-    fn ws_route(&self, path: &str) -> Option<usize> {
+    fn ws_route(&self, path: &str) -> Option<Binding> {
         let plan = self.plan.borrow();
-        plan.ws_routes
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, i)| *i)
+        let (route, i) = plan.ws_routes.iter().find(|(p, _)| p == path)?;
+        Some(Binding::new(route, plan.websocket[*i].reference.clone()))
     }
 
     /// Runs an upgrade request through the middleware and the handler's `on_handshake`.
-    fn ws_handshake(&self, req: &Request<'_>, ws: usize, resp: &mut Response) -> bool {
+    fn ws_handshake(&self, req: &Request<'_>, b: &Binding, resp: &mut Response) -> bool {
+        let Some(ws) = self.ws_slot(b) else {
+            return false;
+        };
         let stats = self.my_stats();
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut slot = self.instances.borrow_mut();
@@ -418,6 +503,8 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 date_secs: Cell::new(0),
                 draining: Cell::new(false),
                 stats,
+                generation: Cell::new(0),
+                ws_bindings: RefCell::new(HashMap::new()),
             });
             worker.refresh_clock();
             let ex = Rc::new(LocalExecutor::new());
@@ -546,6 +633,34 @@ async fn accept_loop(
     }
 }
 
+/// A connection in its worker's list and counts, for as long as this lives: dropped when its
+/// task ends, however it ends.
+struct Listed {
+    worker: Rc<Worker>,
+    conn: Rc<Conn>,
+}
+
+impl Listed {
+    fn new(worker: Rc<Worker>, conn: Conn) -> Listed {
+        let conn = Rc::new(conn);
+        worker.conns.borrow_mut().insert(conn.id, conn.clone());
+        Listed { worker, conn }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.worker.conns.borrow_mut().remove(&self.conn.id);
+        // A connection taken over is counted by the worker that took it.
+        if !self.conn.claim.taken() {
+            self.worker
+                .my_stats()
+                .connections
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Where a connection comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -591,21 +706,20 @@ fn adopt(
     let local = worker.next_conn.get();
     worker.next_conn.set(local + 1);
     let id = ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1));
-    let conn = Rc::new(Conn::new(
-        id,
-        stream,
-        peer,
-        worker.now.get(),
-        worker.lobby().clone(),
-    ));
-    worker.conns.borrow_mut().insert(conn.id, conn.clone());
-    let w = worker.clone();
+    let conn = Conn::new(id, stream, peer, worker.now.get(), worker.lobby().clone());
+    let listed = Listed::new(worker.clone(), conn);
     ex.spawn(async move {
-        http::serve(&*w, &conn, peer).await;
-        w.conns.borrow_mut().remove(&conn.id);
-        // A connection taken over is counted by the worker that took it.
-        if !conn.claim.taken() {
-            w.my_stats().connections.fetch_sub(1, Ordering::Relaxed);
+        let (w, conn) = (&listed.worker, &listed.conn);
+        // A bug of ours in one connection's task costs that connection, not the worker.
+        let served = AssertUnwindSafe(http::serve(&**w, conn, peer))
+            .catch_unwind()
+            .await;
+        if served.is_err() {
+            log::error!(
+                "worker {}: connection {} ended by a panic in the server (a bug: please report it)",
+                w.id(),
+                conn.id
+            );
         }
     })
     .detach();

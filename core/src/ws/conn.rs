@@ -23,9 +23,11 @@ use futures_lite::{future, AsyncRead, AsyncWrite, StreamExt};
 use futures_sink::Sink;
 use plughost_plugin_api::Message;
 
+use std::rc::Rc;
+
 use super::{
     registry::{Connections, Queues},
-    WsEvent, WsSettings,
+    Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
     conn::{Conn, Phase},
@@ -40,8 +42,72 @@ pub trait Site {
     fn ws_settings(&self) -> WsSettings;
     /// Every worker's WebSocket connections.
     fn connections(&self) -> &Connections;
-    /// Delivers an event to this worker's instance of handler `ws`; false when it panicked.
-    fn ws_event(&self, ws: usize, event: WsEvent<'_, '_>) -> bool;
+    /// Delivers an event to the instance that serves `binding`; false when it panicked (or
+    /// no instance could be had).
+    fn ws_event(&self, binding: &Binding, event: WsEvent<'_, '_>) -> bool;
+    /// A connection opened (`Some`) or closed (`None`): the worker keeps the bindings, to close
+    /// the connections whose route a reload removes.
+    fn ws_bind(&self, id: u64, binding: Option<Rc<Binding>>);
+}
+
+/// One WebSocket connection from its registration on: unregistered, and its handler told
+/// (`on_close`, when `on_open` ran), when this is dropped, however the connection ends (a
+/// failed write of the 101, an early return, a panic).
+pub struct Session<'a, S: Site> {
+    site: &'a S,
+    id: u64,
+    binding: Rc<Binding>,
+    /// Whether `on_open` ran (so `on_close` must).
+    opened: bool,
+    /// How it ended, for `on_close`.
+    ending: (u16, String),
+}
+
+impl<S: Site> std::fmt::Debug for Session<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).finish()
+    }
+}
+
+impl<S: Site> Drop for Session<'_, S> {
+    fn drop(&mut self) {
+        self.site.connections().remove(self.id);
+        // While unwinding from a panic of our own, no plugin code runs.
+        if self.opened && !std::thread::panicking() {
+            let (code, reason) = &self.ending;
+            self.site
+                .ws_event(&self.binding, WsEvent::Close(self.id, *code, reason));
+        }
+        self.site.ws_bind(self.id, None);
+    }
+}
+
+/// Registers connection `id` (so `on_open` can already push to it), then runs `on_open`.
+/// Returns the session, whose drop undoes both, and the connection's queues.
+pub fn open<'a, S: Site>(
+    site: &'a S,
+    id: u64,
+    binding: Binding,
+    req: &plughost_plugin_api::Request<'_>,
+) -> (Session<'a, S>, Queues) {
+    let queues = site
+        .connections()
+        .open(id, &binding.route, site.ws_settings().send_queue);
+    let binding = Rc::new(binding);
+    site.ws_bind(id, Some(binding.clone()));
+    let mut session = Session {
+        site,
+        id,
+        binding,
+        opened: false,
+        ending: (1006, "connection lost".into()),
+    };
+    session.opened = site.ws_event(&session.binding, WsEvent::Open(id, req));
+    if !session.opened {
+        // `on_open` panicked: the instance was made anew, and it never saw this connection.
+        session.ending = (1011, "internal error".into());
+    }
+    (session, queues)
 }
 
 /// The connection's socket, borrowed for the WebSocket's lifetime.
@@ -131,15 +197,14 @@ impl Ending {
 /// The WebSocket over the connection's socket.
 type Stream<'a> = WebSocketStream<Io<'a>>;
 
-/// Serves an upgraded connection until it closes. `opened` is false when `on_open` panicked.
+/// Serves an upgraded connection until it closes.
 pub async fn serve<S: Site>(
-    site: &S,
+    mut session: Session<'_, S>,
     conn: &Conn,
     part: Vec<u8>,
-    ws: usize,
     queues: Queues,
-    opened: bool,
 ) {
+    let site = session.site;
     let max = site.ws_settings().max_message_size;
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
@@ -148,8 +213,8 @@ pub async fn serve<S: Site>(
         WebSocketStream::from_partially_read(Io(&conn.stream), part, Role::Server, Some(config))
             .await;
     conn.set_phase(Phase::WebSocket, site.now());
-    let ending = if opened {
-        run(site, conn, &mut stream, ws, &queues).await
+    let ending = if session.opened {
+        run(site, conn, &mut stream, &session.binding, &queues).await
     } else {
         Ending::send(1011, "internal error")
     };
@@ -157,7 +222,8 @@ pub async fn serve<S: Site>(
     if ending.send {
         send_close(&mut stream, &ending).await;
     }
-    site.ws_event(ws, WsEvent::Close(conn.id, ending.code, &ending.reason));
+    session.ending = (ending.code, ending.reason);
+    // Dropping the session runs `on_close`.
 }
 
 /// Reads, delivers and writes until the connection ends; says how it ended.
@@ -165,7 +231,7 @@ async fn run<S: Site>(
     site: &S,
     conn: &Conn,
     stream: &mut Stream<'_>,
-    ws: usize,
+    ws: &Binding,
     queues: &Queues,
 ) -> Ending {
     // Messages read in a row without sending: a client that keeps sending cannot hold back
@@ -261,7 +327,7 @@ async fn deliver<S: Site>(
     site: &S,
     id: u64,
     stream: &mut Stream<'_>,
-    ws: usize,
+    ws: &Binding,
     message: WsMessage,
 ) -> Option<Ending> {
     let delivered = match &message {
