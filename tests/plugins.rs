@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use crate::common::{
-    artifacts, get_request, some_line_contains_all, Config, PluginEntry, TestDir, HELLO_BODY,
+    artifacts, get_request, run_plughost, some_line_contains_all, Config, PluginEntry, TestDir,
+    HELLO_BODY,
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
@@ -323,4 +324,58 @@ fn plugins_see_the_app_version_and_env_values() {
     assert!(!resp.text().contains("not-this-one"), "{resp:?}");
     let resp = server.get("/info?key=MISSING");
     assert_eq!(resp.text(), "app_version=1.2.3\nenv=-\n");
+}
+
+#[test]
+fn a_panic_in_drop_or_in_a_plugin_thread_is_logged_and_counted_never_fatal() {
+    let a = artifacts();
+    let mut server = Config::hello()
+        .workers(1)
+        .plugin("panicky", &a.panicky)
+        .route("/dropper/*", "panicky.dropper")
+        .start();
+    assert_eq!(server.get("/dropper/x").status, 200);
+    // The handler panics: its instance is made anew, and dropping the old one panics too.
+    assert_eq!(server.get("/dropper/panic").status, 500);
+    server.wait_for_log(
+        "dropping a component instance panicked: drop panicked on purpose",
+        LOG_WAIT,
+    );
+    assert_eq!(server.get("/dropper/x").text(), "dropper\n");
+    // A thread the plugin spawned panics: logged with the plugin's name.
+    assert_eq!(server.get("/dropper/thread").status, 200);
+    server.wait_for_log(
+        "thread \"dropper-thread\" of the plugin panicked: a plugin thread panicked on purpose",
+        LOG_WAIT,
+    );
+    assert!(
+        server.logs().contains("panicky::plughost::panic"),
+        "{}",
+        server.logs()
+    );
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(
+        info.stdout
+            .contains("panics outside calls (drops, plugin threads): 2"),
+        "{}",
+        info.stdout
+    );
+    // Stopping drops every instance: the drop panics again, and the stop is still clean.
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    assert!(status.success(), "{status}:\n{}", server.logs());
+}
+
+#[test]
+fn an_error_whose_display_panics_fails_the_start_cleanly() {
+    let a = artifacts();
+    let (status, stderr) = Config::hello()
+        .plugin("failing", &a.failing)
+        .route("/bad", "failing.bad_display")
+        .start_expect_failure();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot instantiate http \"bad_display\": panicked: Display of the error panicked on purpose"),
+        "{stderr}"
+    );
 }

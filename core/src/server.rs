@@ -123,6 +123,7 @@ pub fn run(
         app_version: options.app_version.clone(),
         registry: RwLock::new(registry.clone()),
         stats: stats.clone(),
+        stray_panics: host.stray_panics(),
         last_reload: Mutex::new(None),
     });
     let socket = control::socket_path(&config.runtime_dir);

@@ -4,7 +4,8 @@
 
 use std::{
     any::Any,
-    cell::RefCell,
+    cell::{Cell, RefCell},
+    mem::ManuallyDrop,
     panic::{self, AssertUnwindSafe},
 };
 
@@ -372,7 +373,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::HttpHandler(HttpHandlerFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -391,7 +392,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::Middleware(MiddlewareFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -410,7 +411,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::Cleaner(CleanerFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -429,7 +430,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::Lifecycle(LifecycleFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -448,7 +449,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::WebSocket(WebSocketFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -467,7 +468,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::CronJob(CronJobFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -486,7 +487,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::TaskHandler(TaskHandlerFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -505,7 +506,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::EventListener(EventListenerFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -524,7 +525,7 @@ impl Plugin {
             Box::new(move |cx| {
                 let it = factory(cx)?;
                 Ok(Component::Process(ProcessFfi_TO::from_value(
-                    Guarded(it),
+                    Guarded::new(it),
                     TD_Opaque,
                 )))
             }),
@@ -572,16 +573,34 @@ impl Plugin {
             config: config.as_str(),
             host: &host,
         };
-        match guard(|| factory(&cx)) {
+        // The error's `Display` (and its drop) is plugin code too: inside the guard.
+        match guard(|| factory(&cx).map_err(|e| RString::from(e.to_string()))) {
             RResult::ROk(Ok(component)) => RResult::ROk(component),
-            RResult::ROk(Err(e)) => RResult::RErr(PluginError::Failed(e.to_string().into())),
+            RResult::ROk(Err(e)) => RResult::RErr(PluginError::Failed(e)),
             RResult::RErr(panic) => RResult::RErr(panic),
         }
     }
 }
 
-/// Wraps an author's component so every call into it is guarded.
-struct Guarded<T>(T);
+/// Wraps an author's component so every call into it is guarded, its drop included (a
+/// panic in a `Drop` would otherwise reach abi_stable's `destroy_box`, which exits).
+struct Guarded<T>(ManuallyDrop<T>);
+
+impl<T> Guarded<T> {
+    fn new(it: T) -> Guarded<T> {
+        Guarded(ManuallyDrop::new(it))
+    }
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        // SAFETY: the value is dropped here once, and never used after.
+        let dropped = guard(|| unsafe { ManuallyDrop::drop(&mut self.0) });
+        if let RResult::RErr(e) = dropped {
+            log::error!(target: PANIC_TARGET, "dropping a component instance {e}");
+        }
+    }
+}
 
 impl<T: HttpHandler> HttpHandlerFfi for Guarded<T> {
     fn handle(&mut self, req: &Request<'_>, resp: &mut Response) -> PluginResult<()> {
@@ -690,10 +709,17 @@ impl<T: Process> ProcessFfi for Guarded<T> {
 thread_local! {
     /// The message and location of the last panic on this thread, set by the plugin's hook.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// How many [`guard`] calls this thread is inside.
+    static IN_GUARD: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Installs this plugin's panic hook: it records the message and location for [`guard`]
-/// instead of printing, since the host logs the panic with the plugin's name.
+/// The log target of panics the host did not catch in a call (drops, the plugin's own
+/// threads): the host counts records with it.
+pub const PANIC_TARGET: &str = "plughost::panic";
+
+/// Installs this plugin's panic hook. Inside [`guard`] it records the message and location
+/// instead of printing, since the host logs the panic with the plugin's name; elsewhere (a
+/// thread the plugin spawned) it logs the panic through the host, which nothing else would.
 pub(crate) fn install_panic_hook() {
     panic::set_hook(Box::new(|info| {
         let msg = payload_message(info.payload());
@@ -701,7 +727,13 @@ pub(crate) fn install_panic_hook() {
             Some(loc) => format!("{msg} at {}:{}:{}", loc.file(), loc.line(), loc.column()),
             None => msg,
         };
-        LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+        if IN_GUARD.with(Cell::get) > 0 {
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(text));
+        } else {
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("unnamed");
+            log::error!(target: PANIC_TARGET, "thread {name:?} of the plugin panicked: {text}");
+        }
     }));
 }
 
@@ -718,7 +750,10 @@ fn payload_message(payload: &(dyn Any + Send)) -> String {
 /// Runs plugin code, turning a panic into [`PluginError::Panic`] before it can reach an
 /// `extern "C"` frame (where abi_stable would abort the process).
 pub fn guard<R>(f: impl FnOnce() -> R) -> PluginResult<R> {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
+    IN_GUARD.with(|n| n.set(n.get() + 1));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    IN_GUARD.with(|n| n.set(n.get() - 1));
+    match result {
         Ok(r) => RResult::ROk(r),
         Err(payload) => {
             let msg = LAST_PANIC

@@ -14,7 +14,7 @@ use crate::{
         Component, ComponentKind, HostBox, Manifest, PluginMod, PluginModRef, PluginResult,
         WorkerInfo,
     },
-    component::{guard, install_panic_hook, Plugin},
+    component::{guard, install_panic_hook, Plugin, PANIC_TARGET},
 };
 
 pub use abi_stable::library::LibHeader as Header;
@@ -83,9 +83,16 @@ impl log::Log for Forward {
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
             let message = record.args().to_string();
+            // A panic outside a call keeps its target, with the plugin's name, so the host
+            // can count it.
+            let target = if record.target() == PANIC_TARGET {
+                format!("{}::{PANIC_TARGET}", self.target)
+            } else {
+                self.target.clone()
+            };
             self.host.log(
                 record.level() as u8,
-                self.target.as_str().into(),
+                target.as_str().into(),
                 message.as_str().into(),
             );
         }

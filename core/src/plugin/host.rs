@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
 };
 
 use crate::ws::registry::Connections;
@@ -31,6 +34,8 @@ struct Shared {
     connections: Arc<Connections>,
     /// The task queue and the custom processes, once they are started.
     jobs: OnceLock<Arc<dyn JobsApi>>,
+    /// Panics in plugin code outside a call (a `Drop`, a thread the plugin spawned).
+    stray_panics: Arc<AtomicU64>,
 }
 
 /// What the host API reaches of the jobs (task queue, events, custom processes): the jobs
@@ -67,6 +72,7 @@ impl Host {
                 env_file,
                 connections: Arc::default(),
                 jobs: OnceLock::new(),
+                stray_panics: Arc::default(),
             }),
         }
     }
@@ -79,6 +85,11 @@ impl Host {
     /// Connects `deliver`, `fire` and `send_to_process` to the running jobs (once).
     pub fn set_jobs(&self, jobs: Arc<dyn JobsApi>) {
         let _ = self.inner.jobs.set(jobs);
+    }
+
+    /// Panics in plugin code outside a call, which plugins log with target `*::plughost::panic`.
+    pub fn stray_panics(&self) -> Arc<AtomicU64> {
+        self.inner.stray_panics.clone()
     }
 
     /// The handle given to plugins.
@@ -123,6 +134,9 @@ fn level(l: LogLevel) -> log::Level {
 
 impl HostFfi for Host {
     fn log(&self, l: LogLevel, target: RStr<'_>, message: RStr<'_>) {
+        if target.as_str().ends_with("::plughost::panic") {
+            self.inner.stray_panics.fetch_add(1, Ordering::Relaxed);
+        }
         log::logger().log(
             &log::Record::builder()
                 .level(level(l))

@@ -91,6 +91,11 @@ fn info(state: &State) -> String {
         );
     }
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
+    let _ = writeln!(
+        s,
+        "panics outside calls (drops, plugin threads): {}",
+        state.stray_panics.load(Ordering::Relaxed)
+    );
     let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
     let _ = writeln!(
         s,

@@ -23,6 +23,8 @@ pub struct State {
     pub registry: RwLock<Arc<Registry>>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Panics in plugin code outside a call (drops, plugin threads).
+    pub stray_panics: Arc<std::sync::atomic::AtomicU64>,
     /// How the last reload went, for `info`.
     pub last_reload: Mutex<Option<String>>,
 }
