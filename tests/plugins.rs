@@ -379,3 +379,64 @@ fn an_error_whose_display_panics_fails_the_start_cleanly() {
         "{stderr}"
     );
 }
+
+/// A copy of the hello plugin cut to its first 100,000 bytes, as `head -c` would.
+fn truncated_hello(dir: &TestDir) -> std::path::PathBuf {
+    let bytes = std::fs::read(&artifacts().hello).unwrap();
+    assert!(bytes.len() > 100_000);
+    let path = dir.path().join("libhello-truncated.so");
+    std::fs::write(&path, &bytes[..100_000]).unwrap();
+    path
+}
+
+#[test]
+fn a_truncated_plugin_is_refused_at_start_with_a_reason() {
+    let dir = TestDir::new();
+    let truncated = truncated_hello(&dir);
+    let (status, stderr) = Config::empty()
+        .plugin("hello", &truncated)
+        .route("/hello", "hello.hello")
+        .start_expect_failure();
+    // Refused with a reason, not killed by SIGBUS in dlopen (exit 135).
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("plugin hello: refusing"), "{stderr}");
+    assert!(
+        stderr.contains("lies past the end of the file") || stderr.contains("truncated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_plugin_file_others_can_write_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    let open = dir.path().join("libhello-open.so");
+    std::fs::copy(&artifacts().hello, &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let config = Config::empty()
+        .plugin("hello", &open)
+        .route("/hello", "hello.hello");
+    let (status, stderr) = config.start_expect_failure();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&open.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains("writable by anyone (mode 0666)"),
+        "{stderr}"
+    );
+    // The switch lets it load.
+    let server = config.extra("allow_insecure_plugin_files: true").start();
+    server.assert_serving();
+}
+
+#[test]
+fn a_runtime_folder_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    std::fs::create_dir_all(dir.run_dir()).unwrap();
+    std::fs::set_permissions(dir.run_dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir.write_config(&Config::hello().render());
+    let (status, stderr) = crate::common::start_existing_expect_failure(&dir, &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("runtime folder"), "{stderr}");
+    assert!(stderr.contains("mode 0777"), "{stderr}");
+}

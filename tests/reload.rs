@@ -394,3 +394,32 @@ fn a_reload_to_a_websocket_handler_that_cannot_be_made_is_refused() {
     );
     server.assert_serving();
 }
+
+#[test]
+fn a_truncated_plugin_moved_over_the_watched_file_is_refused_and_the_old_one_serves() {
+    let work = TestDir::new();
+    let watched = work.path().join("libhello.so");
+    std::fs::copy(&artifacts().hello, &watched).unwrap();
+    let server = TestServer::start(&reload_config(&watched).render());
+    assert_eq!(server.get("/hello").text(), HELLO_BODY);
+    // `head -c 100000 libhello.so > x.so; mv x.so libhello.so`
+    let bytes = std::fs::read(&artifacts().hello).unwrap();
+    let partial = work.path().join("x.so");
+    std::fs::write(&partial, &bytes[..100_000]).unwrap();
+    std::fs::rename(&partial, &watched).unwrap();
+    server.wait_for_log("reload refused", RELOAD_TIMEOUT);
+    assert!(
+        server.logs().contains("lies past the end of the file"),
+        "{}",
+        server.logs()
+    );
+    for _ in 0..5 {
+        assert_eq!(server.get("/hello").text(), HELLO_BODY);
+    }
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(
+        info.stdout.contains("reloads: 0 ok, 1 failed"),
+        "{}",
+        info.stdout
+    );
+}

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     config::{log_level, Config, Loaded},
     error::StartError,
+    plugin::loader,
     server::{self, control, logging, pidfile, Options},
 };
 
@@ -203,13 +204,11 @@ fn start(args: &StartArgs) -> i32 {
     }
 }
 
-/// Creates the runtime folder and checks that no server holds its pid file (unless
-/// `ignore`); returns the pid file's path.
+/// Creates the runtime folder (0700), refuses one others can write to, and checks that no
+/// server holds its pid file (unless `ignore`); returns the pid file's path.
 fn prepare_runtime_dir(config: &Config, ignore: bool) -> Result<PathBuf, StartError> {
-    std::fs::create_dir_all(&config.runtime_dir).map_err(StartError::io(format!(
-        "cannot create the runtime folder {}",
-        config.runtime_dir.display()
-    )))?;
+    // Others who can write there could plant the files the server loads.
+    loader::private_dir(&config.runtime_dir).map_err(StartError::RuntimeDir)?;
     let pid_path = pidfile::path(&config.runtime_dir);
     if !ignore {
         if let Some(pid) = pidfile::read(&pid_path) {

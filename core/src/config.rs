@@ -26,8 +26,13 @@ pub struct Config {
     pub steal_after_us: u64,
     /// Seconds a graceful stop waits for in-flight requests.
     pub max_wait_time: u64,
-    /// Folder for the pid file, the control socket and the copies of loaded plugins.
+    /// Folder for the pid file, the control socket and the copies of loaded plugins. Created
+    /// 0700; a server refuses one that others can write to.
     pub runtime_dir: PathBuf,
+    /// Load plugin files that are group- or world-writable or owned by another user than the
+    /// server's (or root). Off: such a file is refused, since whoever can write it can run
+    /// code in the server.
+    pub allow_insecure_plugin_files: bool,
     /// Logging.
     pub log: LogConfig,
     /// HTTP limits.
@@ -196,6 +201,7 @@ impl Default for Config {
             steal_after_us: 500,
             max_wait_time: 5,
             runtime_dir: "run".into(),
+            allow_insecure_plugin_files: false,
             log: LogConfig::default(),
             limits: Limits::default(),
             env_file: None,

@@ -60,6 +60,17 @@ pub enum PluginError {
         /// Why.
         source: std::io::Error,
     },
+    /// The file was refused before loading: others can write it, or it is not a whole ELF
+    /// shared object for this machine.
+    #[error("plugin {name}: refusing {}: {reason}", path.display())]
+    Refused {
+        /// The plugin's name in the config.
+        name: String,
+        /// The file named in the config.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// abi_stable refused the library.
     #[error("plugin {name}: cannot load {}: {reason}", path.display())]
     Load {
@@ -133,6 +144,9 @@ pub enum StartError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The runtime folder cannot be created, or others can write to it.
+    #[error("runtime folder: {0}")]
+    RuntimeDir(String),
     /// A worker could not start.
     #[error("worker {id} could not start: {reason}")]
     Worker {

@@ -96,7 +96,12 @@ impl Registry {
                     libraries.insert(name.clone(), lib.clone());
                 }
                 _ => {
-                    let lib = loader::load(name, &p.path, &config.runtime_dir)?;
+                    let lib = loader::load(
+                        name,
+                        &p.path,
+                        &config.runtime_dir,
+                        config.allow_insecure_plugin_files,
+                    )?;
                     log::info!(
                         "loaded plugin {name} ({} {}, plugin-api {}) from {}: {}",
                         lib.manifest.name,

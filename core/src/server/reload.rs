@@ -290,6 +290,18 @@ impl Live {
             log::error!("reload refused, the running version keeps serving: {why}");
             state.set_last_reload(format!("refused: {why}"));
         };
+        if let Trigger::Plugins(names) = trigger {
+            for (name, p) in self.config.enabled_plugins() {
+                if names.contains(name)
+                    && !loader::wait_until_settled(&p.path, Duration::from_secs(5))
+                {
+                    log::warn!(
+                        "{} is still changing after 5 s; loading it anyway",
+                        p.path.display()
+                    );
+                }
+            }
+        }
         let new_config = match trigger {
             Trigger::Plugins(_) => None,
             _ => match Config::load(&self.config_path, None) {
