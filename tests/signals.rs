@@ -93,7 +93,8 @@ fn a_failed_start_with_ignore_leaves_the_running_servers_pid_file() {
     let info = plughost_cmd("info", &first);
     assert!(info.status.success(), "{info:?}");
     assert!(
-        info.stdout.contains(&format!("pid: {}", first.pid())),
+        info.stdout
+            .contains(&format!("supervisor: pid {},", first.pid())),
         "{}",
         info.stdout
     );

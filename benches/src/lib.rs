@@ -159,6 +159,9 @@ pub struct Server {
     child: Child,
     /// `IP:PORT` from the ready line.
     pub addr: String,
+    /// The process that serves: the `pid N` of the ready line (plughost's server process,
+    /// under its supervisor), else the spawned process.
+    server_pid: u32,
 }
 
 impl Server {
@@ -209,8 +212,18 @@ impl Server {
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr: String =
                             rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                        eprintln!("[bench] {name} ready on {addr} (pid {})", child.id());
-                        return Ok(Server { name, child, addr });
+                        let server_pid = rest
+                            .split("pid ")
+                            .nth(1)
+                            .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
+                            .unwrap_or(child.id());
+                        eprintln!("[bench] {name} ready on {addr} (pid {server_pid})");
+                        return Ok(Server {
+                            name,
+                            child,
+                            addr,
+                            server_pid,
+                        });
                     }
                     seen.push(line);
                 }
@@ -226,9 +239,9 @@ impl Server {
         }
     }
 
-    /// The server's pid.
+    /// The pid of the process that serves (for CPU, RSS and syscall counts).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.server_pid
     }
 
     /// Stops it: SIGTERM, then SIGKILL after 15 s.

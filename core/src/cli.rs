@@ -13,7 +13,8 @@ use crate::{
     config::{log_level, Config, Loaded},
     error::StartError,
     plugin::loader,
-    server::{self, control, logging, pidfile, Options},
+    runtime,
+    server::{self, control, logging, pidfile, supervisor, Options},
 };
 
 #[derive(Debug, Parser)]
@@ -40,6 +41,22 @@ enum Command {
     Reload(Common),
     /// Show what a running server is doing.
     Info(Common),
+    /// The server process that `start` runs under its supervisor (not for direct use).
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct ServeArgs {
+    /// The config file.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// The `-x` version string.
+    #[arg(short = 'x', long = "x-version")]
+    x_version: Option<String>,
+    /// Log to this file (the supervisor's, when it runs in the background).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -77,15 +94,10 @@ pub fn main() -> i32 {
             Err(code) => code,
         },
         Command::Restart(args) => match load(&args.common) {
-            Ok(l) => {
-                let code = stop(&l, false);
-                if code != 0 {
-                    return code;
-                }
-                start(&args)
-            }
+            Ok(l) => restart(&l, &args),
             Err(code) => code,
         },
+        Command::Serve(args) => serve(&args),
         Command::Reload(c) => match load_for_control(&c) {
             Ok(l) => reload(&l),
             Err(code) => code,
@@ -174,34 +186,185 @@ fn start(args: &StartArgs) -> i32 {
             return 1;
         }
     };
+    let code = if config.supervisor.enable {
+        supervise(&loaded, args, log_file.as_deref(), &mut notify)
+    } else {
+        let options = Options {
+            app_version: args.x_version.clone().unwrap_or_default(),
+            ..Options::default()
+        };
+        let result = server::run(loaded.clone(), options, |addr| {
+            if let Some(n) = notify.as_mut() {
+                let _ = writeln!(n, "ok {}", started_line(addr));
+            }
+            notify = None;
+        });
+        result.map_or_else(
+            |e| {
+                report(&e);
+                if let Some(n) = notify.as_mut() {
+                    let _ = writeln!(n, "{e}");
+                }
+                exit_code(&e)
+            },
+            |()| 0,
+        )
+    };
+    if code == 0 {
+        pidfile::remove(&pid_path);
+    } else {
+        pidfile::give_back(&pid_path, before);
+    }
+    code
+}
+
+/// A config the loaded plugins show to be wrong exits like any other config error.
+fn exit_code(e: &StartError) -> i32 {
+    if matches!(e, StartError::Config(_)) {
+        2
+    } else {
+        1
+    }
+}
+
+fn started_line(addr: std::net::SocketAddr) -> String {
+    format!(
+        "plughost started in the background: listening on http://{addr}, pid {}",
+        std::process::id()
+    )
+}
+
+/// Binds the listeners and runs the server under the supervisor until it stops.
+fn supervise(
+    loaded: &Loaded,
+    args: &StartArgs,
+    log_file: Option<&std::path::Path>,
+    notify: &mut Option<std::fs::File>,
+) -> i32 {
+    let config = &loaded.config;
+    let addr: std::net::SocketAddr = config.listen.parse().expect("validated");
+    let listeners = match server::bind(addr, config.workers()) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{e}");
+            if let Some(n) = notify.as_mut() {
+                let _ = writeln!(n, "{e}");
+            } else if log_file.is_some() {
+                eprintln!("plughost: {e}");
+            }
+            return 1;
+        }
+    };
+    let bound = listeners[0].local_addr().unwrap_or(addr);
+    let mut child_args: Vec<std::ffi::OsString> = vec!["-c".into(), loaded.path.clone().into()];
+    if let Some(x) = &args.x_version {
+        child_args.extend(["-x".into(), x.into()]);
+    }
+    if let Some(f) = log_file {
+        child_args.extend(["--log-file".into(), f.into()]);
+    }
+    let outcome = supervisor::run(loaded, &listeners, child_args, || {
+        if let Some(mut n) = notify.take() {
+            let _ = writeln!(n, "ok {}", started_line(bound));
+        }
+    });
+    if let (Some(n), Some(why)) = (notify.as_mut(), &outcome.start_error) {
+        let _ = writeln!(n, "{why}");
+    }
+    outcome.code
+}
+
+/// `plughost serve`: the server process, on the sockets its supervisor hands it.
+fn serve(args: &ServeArgs) -> i32 {
+    let loaded = match Config::load(&args.config, None) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("plughost: {e}");
+            return 2;
+        }
+    };
+    let level = log_level(&loaded.config.log.level).expect("validated");
+    let log_file = args.log_file.clone().or(loaded.config.log.file.clone());
+    if let Err(e) = logging::init(level, log_file.as_deref()) {
+        eprintln!("plughost: cannot open the log file: {e}");
+        return 1;
+    }
+    let handed = match supervisor::handed() {
+        Ok(h) => h,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
+    runtime::calls::thread("main");
+    let mut ready = handed.ready;
     let options = Options {
         app_version: args.x_version.clone().unwrap_or_default(),
+        listeners: Some(handed.listeners),
+        supervisor: handed.info,
     };
-    let result = server::run(loaded.clone(), options, |addr| {
-        if let Some(mut n) = notify.take() {
-            let _ = writeln!(
-                n,
-                "ok plughost started in the background: listening on http://{addr}, pid {}",
-                std::process::id()
-            );
+    let result = server::run(loaded, options, |_| {
+        if let Some(r) = ready.as_mut() {
+            let _ = r.write_all(b"ready\n");
         }
+        ready = None;
     });
     match result {
         Ok(()) => 0,
         Err(e) => {
-            pidfile::give_back(&pid_path, before);
-            report(&e);
-            if let Some(n) = notify.as_mut() {
-                let _ = writeln!(n, "{e}");
+            log::error!("{e}");
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "error {e}");
             }
-            // A config the loaded plugins show to be wrong exits like any other config error.
-            if matches!(e, StartError::Config(_)) {
-                2
-            } else {
-                1
-            }
+            exit_code(&e)
         }
     }
+}
+
+/// `plughost restart`: with a supervisor, a new server process takes over from the running
+/// one on the same sockets (no connection refused); otherwise stop, then start.
+fn restart(l: &Loaded, args: &StartArgs) -> i32 {
+    let Ok(supervisor) = running(l) else {
+        return start(args);
+    };
+    let socket = control::socket_path(&l.config.runtime_dir);
+    let server_pid = |answer: &str| {
+        answer
+            .lines()
+            .find_map(|line| line.strip_prefix("pid: "))
+            .map(str::to_owned)
+    };
+    let before = control::ask(&socket, "info").ok();
+    let supervised = before
+        .as_deref()
+        .is_some_and(|a| a.contains("\nsupervisor: "));
+    let Some(old) = before
+        .as_deref()
+        .and_then(server_pid)
+        .filter(|_| supervised)
+    else {
+        let code = stop(l, false);
+        return if code == 0 { start(args) } else { code };
+    };
+    if let Err(e) = pidfile::signal(supervisor, libc::SIGUSR2) {
+        eprintln!("plughost: cannot signal pid {supervisor}: {e}");
+        return 1;
+    }
+    let deadline = Instant::now() + supervisor::restart_patience(l.config.max_wait_time);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = control::ask(&socket, "info").ok();
+        if let Some(new) = now.as_deref().and_then(server_pid).filter(|p| *p != old) {
+            println!(
+                "plughost restarted: server process {new} took over from {old} (supervisor pid {supervisor})"
+            );
+            return 0;
+        }
+    }
+    eprintln!(
+        "plughost: the restart did not complete; the running server keeps serving (see its log)"
+    );
+    1
 }
 
 /// Creates the runtime folder (0700), refuses one others can write to, and checks that no
@@ -231,8 +394,9 @@ fn prepare_runtime_dir(config: &Config, ignore: bool) -> Result<PathBuf, StartEr
 /// not), prints that, and exits; the child returns the pipe to say it on.
 fn daemonize() -> std::io::Result<OwnedFd> {
     let mut fds = [0; 2];
-    // SAFETY: pipe writes two descriptors into the array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    // SAFETY: pipe2 writes two descriptors into the array. Close-on-exec: the server process
+    // the supervisor starts must not hold the parent's pipe open.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned here.

@@ -52,6 +52,8 @@ pub struct Config {
     pub hooks: Vec<String>,
     /// Hot reload.
     pub reload: ReloadConfig,
+    /// The supervisor process that restarts the server after a crash.
+    pub supervisor: SupervisorConfig,
     /// WebSocket on the HTTP port.
     pub websocket: WebSocketConfig,
     /// Task worker threads (tasks and events); 0 = task workers disabled.
@@ -182,6 +184,30 @@ pub struct ReloadConfig {
     pub watch: Vec<PathBuf>,
 }
 
+/// The supervisor: `plughost start` runs the server as a child process on sockets the
+/// supervisor holds, and starts a new one within a second when it dies.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Run the server under a supervisor (off: `plughost start` is the server itself, and a
+    /// crash is the init system's business).
+    pub enable: bool,
+    /// This many crashes within `crash_window_secs` stop the supervisor (exit status 70).
+    pub max_crashes: u32,
+    /// The window for `max_crashes`, in seconds.
+    pub crash_window_secs: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            enable: true,
+            max_crashes: 5,
+            crash_window_secs: 60,
+        }
+    }
+}
+
 impl Default for ReloadConfig {
     fn default() -> Self {
         ReloadConfig {
@@ -211,6 +237,7 @@ impl Default for Config {
             cleaners: Vec::new(),
             hooks: Vec::new(),
             reload: ReloadConfig::default(),
+            supervisor: SupervisorConfig::default(),
             websocket: WebSocketConfig::default(),
             task_worker_num: 0,
             task_queue_size: 1024,
@@ -538,6 +565,13 @@ impl Config {
         &self,
         invalid: &impl Fn(String, &str, String) -> ConfigError,
     ) -> Result<(), ConfigError> {
+        if self.supervisor.enable && self.supervisor.max_crashes == 0 {
+            return Err(invalid(
+                "supervisor.max_crashes".into(),
+                "max_crashes",
+                "must be at least 1".into(),
+            ));
+        }
         if self.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "listen".into(),

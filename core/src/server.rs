@@ -8,6 +8,7 @@ pub mod logging;
 pub mod pidfile;
 pub mod reload;
 pub mod state;
+pub mod supervisor;
 pub mod watcher;
 pub mod worker;
 
@@ -23,7 +24,7 @@ use std::{
 use abi_stable::std_types::RResult;
 use plughost_plugin_api::abi::{Component, LifecycleBox, ThreadKind, WorkerInfo};
 use signal_hook::{
-    consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1},
+    consts::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2},
     iterator::Signals,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -41,10 +42,14 @@ use state::State;
 use worker::Control;
 
 /// Options of `plughost start`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// The `-x` version string.
     pub app_version: String,
+    /// Listeners bound by the supervisor (one per worker), instead of binding here.
+    pub listeners: Option<Vec<TcpListener>>,
+    /// What the supervisor says about itself, for `info`.
+    pub supervisor: Option<String>,
 }
 
 /// Binds `n` listeners to `addr` with `SO_REUSEPORT` (port 0: the first picks the port).
@@ -93,13 +98,17 @@ pub fn run(
     let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
     let n = config.workers();
     let addr: SocketAddr = config.listen.parse().expect("validated");
-    let listeners = bind(addr, n)?;
+    let listeners = match options.listeners {
+        Some(inherited) => inherited,
+        None => bind(addr, n)?,
+    };
+    let n = listeners.len();
     let listen = listeners[0]
         .local_addr()
         .map_err(StartError::io("cannot read the bound address"))?;
 
     // Signals first, so a stop during start-up is not lost.
-    let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1])
+    let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
         .map_err(StartError::io("cannot install signal handlers"))?;
     let stats = Arc::new(Stats::new(n));
     let workers = start_workers(listeners, &plan, &host, &stats)?;
@@ -124,10 +133,11 @@ pub fn run(
         registry: RwLock::new(registry.clone()),
         stats: stats.clone(),
         stray_panics: host.stray_panics(),
+        supervisor: options.supervisor.clone(),
         last_reload: Mutex::new(None),
     });
     let socket = control::socket_path(&config.runtime_dir);
-    let _control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(
+    let control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(
         "cannot open the control socket {}",
         socket.display()
     )))?;
@@ -149,7 +159,7 @@ pub fn run(
     let signal = serve_until_stopped(&events, &mut live, &workers, &state);
     stop(signal, live, workers, &mut hooks, &stats);
     drop(hooks);
-    let _ = std::fs::remove_file(&socket);
+    control.remove();
     pidfile::remove(&pidfile::path(&config.runtime_dir));
     Ok(())
 }
@@ -294,7 +304,9 @@ fn serve_until_stopped(
                 );
                 live.apply(&reload::Trigger::All, workers, state);
             }
-            Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT].contains(&signal) => return signal,
+            Event::Signal(signal) if [SIGINT, SIGTERM, SIGQUIT, SIGUSR2].contains(&signal) => {
+                return signal
+            }
             Event::Signal(_) => {}
             Event::Changed(first) => {
                 let (changed, next) = debounce(events, first, live.debounce());
@@ -330,19 +342,23 @@ fn debounce(
 /// A graceful stop: jobs stop taking work, workers drain within `max_wait_time`, then the
 /// jobs are joined and the server hooks say goodbye.
 fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, stats: &Stats) {
-    let name = match signal {
-        SIGINT => "SIGINT",
-        SIGQUIT => "SIGQUIT",
-        _ => "SIGTERM",
-    };
     let max_wait = live.max_wait();
+    let (name, how) = match signal {
+        SIGINT => ("SIGINT", Shutdown::Graceful(max_wait)),
+        SIGQUIT => ("SIGQUIT", Shutdown::Graceful(max_wait)),
+        SIGUSR2 => (
+            "SIGUSR2: a new server took over",
+            Shutdown::Handover(max_wait),
+        ),
+        _ => ("SIGTERM", Shutdown::Graceful(max_wait)),
+    };
     log::info!(
         "stopping ({name}): no new connections, waiting up to {}s for in-flight requests",
         max_wait.as_secs()
     );
     let started = Instant::now();
     live.services.begin_stop();
-    stop_workers(workers, Shutdown::Graceful(max_wait));
+    stop_workers(workers, how);
     live.services.finish_stop(started, max_wait);
     drop(live);
     hooks.each("on_server_stop", |h| h.on_server_stop());
@@ -361,7 +377,7 @@ fn stop_workers(workers: Workers, how: Shutdown) {
     // A worker stuck in a plugin call cannot be interrupted; past max_wait_time (and a moment
     // for the worker to close its connections) we stop waiting and the process exits anyway.
     let wait = match how {
-        Shutdown::Graceful(d) => d,
+        Shutdown::Graceful(d) | Shutdown::Handover(d) => d,
         Shutdown::Fast => Duration::ZERO,
     };
     let deadline = Instant::now() + wait + Duration::from_millis(500);

@@ -23,7 +23,7 @@ use crate::{
         Slot,
     },
     router::Match,
-    runtime::stats::WorkerStats,
+    runtime::{calls, stats::WorkerStats},
     ws::WsEvent,
 };
 
@@ -157,7 +157,10 @@ impl Instances {
             match route {
                 Match::Found(h) => match self.handlers.get(*h, &self.host, self.worker) {
                     Some(handler) => {
-                        if let RResult::RErr(e) = handler.handle(req, resp) {
+                        let inside = calls::enter(self.plan.handlers[*h].call);
+                        let result = handler.handle(req, resp);
+                        drop(inside);
+                        if let RResult::RErr(e) = result {
                             self.failed(ComponentKind::HttpHandler, *h, &e, resp, stats);
                         }
                     }
@@ -175,7 +178,10 @@ impl Instances {
         self.response_hooks(ran, req, resp, stats);
         for i in 0..self.cleaners.items.len() {
             if let Some(c) = self.cleaners.items[i].as_mut() {
-                if let RResult::RErr(e) = c.clean() {
+                let inside = calls::enter(self.cleaners.slots[i].call);
+                let result = c.clean();
+                drop(inside);
+                if let RResult::RErr(e) = result {
                     // The response stands; a cleaner runs after it was decided.
                     self.failed(ComponentKind::Cleaner, i, &e, &mut Response::new(), stats);
                 }
@@ -196,7 +202,10 @@ impl Instances {
                 unavailable(resp);
                 return (i, true);
             };
-            match m.on_request(req, resp) {
+            let inside = calls::enter(self.plan.middleware[i].call);
+            let result = m.on_request(req, resp);
+            drop(inside);
+            match result {
                 RResult::ROk(Flow::Continue) => {}
                 RResult::ROk(Flow::Respond) => return (i + 1, true),
                 RResult::RErr(e) => {
@@ -218,7 +227,10 @@ impl Instances {
     ) {
         for i in (0..ran).rev() {
             if let Some(m) = self.middleware.items[i].as_mut() {
-                if let RResult::RErr(e) = m.on_response(req, resp) {
+                let inside = calls::enter(self.middleware.slots[i].call);
+                let result = m.on_response(req, resp);
+                drop(inside);
+                if let RResult::RErr(e) = result {
                     self.failed(ComponentKind::Middleware, i, &e, resp, stats);
                 }
             }
@@ -238,20 +250,26 @@ impl Instances {
         let mut accepted = false;
         let (ran, answered) = self.request_hooks(req, resp, stats);
         if !answered {
-            match self.websocket.get(ws, &self.host, self.worker) {
+            let inside = calls::enter(self.plan.websocket[ws].call);
+            let shaken = self
+                .websocket
+                .get(ws, &self.host, self.worker)
+                .map(|h| h.on_handshake(req, resp));
+            drop(inside);
+            match shaken {
                 None => unavailable(resp),
-                Some(h) => match h.on_handshake(req, resp) {
-                    RResult::ROk(Handshake::Accept) => accepted = true,
-                    RResult::ROk(Handshake::Refuse) => {
-                        if resp.status() < 300 {
-                            resp.set_status(403);
-                        }
-                        if resp.body().is_empty() {
-                            resp.set_body("websocket handshake refused\n");
-                        }
+                Some(RResult::ROk(Handshake::Accept)) => accepted = true,
+                Some(RResult::ROk(Handshake::Refuse)) => {
+                    if resp.status() < 300 {
+                        resp.set_status(403);
                     }
-                    RResult::RErr(e) => self.failed(ComponentKind::WebSocket, ws, &e, resp, stats),
-                },
+                    if resp.body().is_empty() {
+                        resp.set_body("websocket handshake refused\n");
+                    }
+                }
+                Some(RResult::RErr(e)) => {
+                    self.failed(ComponentKind::WebSocket, ws, &e, resp, stats)
+                }
             }
         }
         if !accepted {
@@ -271,22 +289,29 @@ impl Instances {
         event: WsEvent<'_, '_>,
     ) -> bool {
         let handler = match target {
-            WsTarget::Live(i) => self.websocket.get(i, &self.host, self.worker),
+            WsTarget::Live(i) => {
+                let call = self.plan.websocket[i].call;
+                self.websocket
+                    .get(i, &self.host, self.worker)
+                    .map(|h| (h, call))
+            }
             WsTarget::Retired(r) => self
                 .retired
                 .iter_mut()
                 .rev()
                 .find(|(slot, _)| slot.reference == *r)
-                .map(|(_, h)| h),
+                .map(|(slot, h)| (h, slot.call)),
         };
-        let Some(h) = handler else {
+        let Some((h, call)) = handler else {
             return false;
         };
+        let inside = calls::enter(call);
         let result = match event {
             WsEvent::Open(conn, req) => h.on_open(conn, req),
             WsEvent::Message(conn, message) => h.on_message(conn, message),
             WsEvent::Close(conn, code, reason) => h.on_close(conn, code, reason.into()),
         };
+        drop(inside);
         let RResult::RErr(e) = result else {
             return true;
         };
@@ -326,7 +351,10 @@ impl Instances {
         let Some(h) = self.tasks.get(i, &self.host, self.worker) else {
             return;
         };
-        if let RResult::RErr(e) = h.finish(result.into()) {
+        let inside = calls::enter(self.plan.services.tasks[i].call);
+        let finished = h.finish(result.into());
+        drop(inside);
+        if let RResult::RErr(e) = finished {
             let mut ignored = Response::new();
             self.failed(ComponentKind::TaskHandler, i, &e, &mut ignored, stats);
         }

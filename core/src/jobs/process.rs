@@ -34,6 +34,7 @@ use crate::{
         bank::{report_failure, Hooks, Unwrap},
         Slot,
     },
+    runtime::calls,
 };
 
 /// Why a process thread should return.
@@ -302,7 +303,10 @@ impl Processes {
             };
             let handle = thread::Builder::new()
                 .name(format!("proc-{}-{i}", p.name))
-                .spawn(move || run(args))?;
+                .spawn(move || {
+                    calls::thread(&args.label);
+                    run(args)
+                })?;
             threads.push(Running {
                 control,
                 handle,
@@ -463,7 +467,10 @@ fn run(args: Args) {
         report(&mut ready, Ok(()));
         let Some(p) = instance.as_mut() else { break };
         let ctx = ProcessCtxFfi_TO::from_ptr(RArc::new(Ctx(control.clone())), TD_Opaque);
-        match p.run(ctx) {
+        let inside = calls::enter(slot.slot.call);
+        let ran = p.run(ctx);
+        drop(inside);
+        match ran {
             RResult::ROk(()) => {
                 if control.reason() != Reason::Run {
                     break;
@@ -490,6 +497,7 @@ fn run(args: Args) {
         control.sleep(slot.restart_interval);
     }
     if let Some(p) = instance.take() {
+        let _inside = calls::enter(slot.slot.call);
         goodbye(p, control.reason(), &label);
     }
     if let Some(h) = hooks.take() {

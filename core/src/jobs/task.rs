@@ -31,7 +31,7 @@ use crate::{
     jobs::{Env, Ready},
     plan::Plan,
     plugin::bank::{report_failure, Bank, Hooks},
-    runtime::stats::Stats,
+    runtime::{calls, stats::Stats},
 };
 
 /// The first retry waits this long; each later one twice as long as the one before.
@@ -347,6 +347,7 @@ pub(crate) fn spawn(
     thread::Builder::new()
         .name(format!("task-{id}"))
         .spawn(move || {
+            calls::thread(&format!("task-{id}"));
             let info = WorkerInfo {
                 kind: ThreadKind::TaskWorker,
                 id,
@@ -459,7 +460,10 @@ impl TaskWorker {
             return self.queue.done();
         };
         let result = match self.tasks.get(i, &self.env.host, self.info) {
-            Some(h) => h.handle(job.payload.as_slice().into(), job.attempt),
+            Some(h) => {
+                let _inside = calls::enter(self.plan.services.tasks[i].call);
+                h.handle(job.payload.as_slice().into(), job.attempt)
+            }
             None => RResult::ROk(RResult::RErr(
                 "the task handler could not be created".into(),
             )),
@@ -541,7 +545,10 @@ impl TaskWorker {
         let mut failed = false;
         for (at, &li) in order.iter().enumerate().skip(from) {
             let result = match self.listeners.get(li, &self.env.host, self.info) {
-                Some(l) => l.on_event(name.as_str().into(), job.payload.as_slice().into()),
+                Some(l) => {
+                    let _inside = calls::enter(self.plan.services.listeners[li].call);
+                    l.on_event(name.as_str().into(), job.payload.as_slice().into())
+                }
                 None => RResult::ROk(RResult::RErr("the listener could not be created".into())),
             };
             let why = match result {

@@ -28,6 +28,7 @@ use crate::{
         bank::{report_failure, Hooks, Unwrap},
         Slot,
     },
+    runtime::calls,
 };
 
 const INFO: WorkerInfo = WorkerInfo {
@@ -58,9 +59,10 @@ impl Timer {
     pub(crate) fn spawn(plan: Arc<Plan>, env: Env, ready: Option<Ready>) -> io::Result<Timer> {
         let (tx, rx) = mpsc::channel();
         let max_wait_ms = AtomicU64::new(plan.services.timer_max_wait.as_millis() as u64);
-        let handle = thread::Builder::new()
-            .name("timer".into())
-            .spawn(move || run(plan, env, rx, ready))?;
+        let handle = thread::Builder::new().name("timer".into()).spawn(move || {
+            calls::thread("timer");
+            run(plan, env, rx, ready)
+        })?;
         Ok(Timer {
             tx,
             handle,
@@ -241,7 +243,10 @@ fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
             .and_then(CronJobBox::unwrap);
     }
     if let Some(job) = cron.job.as_mut() {
-        match job.run() {
+        let inside = calls::enter(cron.slot.call);
+        let ran = job.run();
+        drop(inside);
+        match ran {
             RResult::ROk(Schedule::Continue) => {}
             RResult::ROk(Schedule::Stop) => {
                 cron.stopped = true;

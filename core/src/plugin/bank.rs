@@ -9,7 +9,7 @@ use plughost_plugin_api::abi::{
     WorkerInfo,
 };
 
-use crate::{error::PluginError, plugin::Slot};
+use crate::{error::PluginError, plugin::Slot, runtime::calls};
 
 /// Unwraps a component of a known kind.
 pub(crate) trait Unwrap: Sized {
@@ -43,6 +43,16 @@ unwrap_kind!(WebSocketBox, WebSocket);
 pub(crate) struct Bank<T> {
     pub slots: Vec<Slot>,
     pub items: Vec<Option<T>>,
+}
+
+impl<T> Drop for Bank<T> {
+    fn drop(&mut self) {
+        // Dropping an instance runs plugin code too: record whose.
+        for (slot, item) in self.slots.iter().zip(self.items.iter_mut()) {
+            let _inside = calls::enter(slot.call);
+            drop(item.take());
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for Bank<T> {
@@ -189,7 +199,11 @@ impl Hooks {
     pub fn apply(&mut self, swap: Swap) {
         let (replaced, fresh) = self.bank.apply(swap);
         for (slot, mut h) in replaced {
-            if let RResult::RErr(e) = h.on_worker_stop(self.info) {
+            let inside = calls::enter(slot.call);
+            let stopped = h.on_worker_stop(self.info);
+            drop(inside);
+            drop(h);
+            if let RResult::RErr(e) = stopped {
                 log::error!("hook on_worker_stop of {} failed: {e}", slot.reference);
             }
         }
@@ -216,7 +230,10 @@ impl Hooks {
     ) {
         for (i, hook) in self.bank.items.iter_mut().enumerate() {
             if let (true, Some(h)) = (which(i), hook.as_mut()) {
-                if let RResult::RErr(e) = call(h, self.info) {
+                let inside = calls::enter(self.bank.slots[i].call);
+                let result = call(h, self.info);
+                drop(inside);
+                if let RResult::RErr(e) = result {
                     log::error!(
                         "{} {}: hook {what} of {} failed: {e}",
                         self.info.kind.as_str(),

@@ -14,6 +14,7 @@ use crate::{
     config::{ComponentRef, Config},
     error::PluginError,
     plugin::{loader, Library},
+    runtime::calls,
 };
 
 /// One component the config uses: where to make instances of it from.
@@ -27,6 +28,8 @@ pub struct Slot {
     pub config: String,
     /// The library that provides it.
     pub library: Arc<Library>,
+    /// Its id in the record of calls the supervisor reads after a crash.
+    pub call: u32,
 }
 
 impl Slot {
@@ -45,6 +48,7 @@ impl Slot {
         host: &HostBox,
         worker: WorkerInfo,
     ) -> Result<Component, PluginError> {
+        let _inside = calls::enter(self.call);
         let result = (self.library.module.instantiate())(
             self.kind,
             self.reference.component.as_str().into(),
@@ -148,6 +152,7 @@ impl Registry {
             });
         }
         Ok(Slot {
+            call: calls::id(&format!("{reference} ({kind})")),
             reference: reference.clone(),
             kind,
             config: config.component_config(reference),

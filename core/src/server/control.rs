@@ -4,7 +4,10 @@
 use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
-    os::unix::{fs::PermissionsExt, net::UnixListener, net::UnixStream},
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     thread,
@@ -19,11 +22,30 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("plughost.sock")
 }
 
+/// The control socket of this server process.
+#[derive(Debug)]
+pub struct Control {
+    path: PathBuf,
+    /// The socket file's inode: after a zero-downtime restart the path is the new server's.
+    inode: u64,
+}
+
+impl Control {
+    /// Removes the socket file, unless another server process bound the path since.
+    pub fn remove(&self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Listens on `path` and answers commands on a thread of its own.
-pub fn serve(path: &Path, state: Arc<State>) -> std::io::Result<thread::JoinHandle<()>> {
+pub fn serve(path: &Path, state: Arc<State>) -> std::io::Result<Control> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let inode = std::fs::symlink_metadata(path)?.ino();
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -40,7 +62,11 @@ pub fn serve(path: &Path, state: Arc<State>) -> std::io::Result<thread::JoinHand
                 };
                 let _ = (&stream).write_all(answer.as_bytes());
             }
-        })
+        })?;
+    Ok(Control {
+        path: path.to_path_buf(),
+        inode,
+    })
 }
 
 /// Sends `command` to the server behind `path` and returns its answer.
@@ -74,6 +100,9 @@ fn info(state: &State) -> String {
         }
     );
     let _ = writeln!(s, "pid: {}", std::process::id());
+    if let Some(line) = &state.supervisor {
+        let _ = writeln!(s, "supervisor: {line}");
+    }
     let _ = writeln!(s, "config: {}", state.config_path.display());
     let _ = writeln!(s, "listen: http://{}", state.listen);
     let _ = writeln!(s, "workers: {}", state.workers);

@@ -25,6 +25,8 @@ pub struct State {
     pub stats: Arc<Stats>,
     /// Panics in plugin code outside a call (drops, plugin threads).
     pub stray_panics: Arc<std::sync::atomic::AtomicU64>,
+    /// The supervisor's line for `info` (its pid, restarts, last crash), when there is one.
+    pub supervisor: Option<String>,
     /// How the last reload went, for `info`.
     pub last_reload: Mutex<Option<String>>,
 }

@@ -38,6 +38,7 @@ use crate::{
     plugin::host::Host,
     router::{Match, Router},
     runtime::{
+        calls,
         conn::{Conn, Phase},
         reactor::{self, Async, Timer},
         stats::{Stats, WorkerStats},
@@ -474,6 +475,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name(format!("worker-{id}"))
         .spawn(move || {
+            calls::thread(&format!("worker-{id}"));
             let info = WorkerInfo {
                 kind: ThreadKind::Worker,
                 id,
@@ -571,15 +573,18 @@ async fn run(
     // Stop accepting: dropping the task drops the listener.
     drop(accept);
     worker.draining.set(true);
-    let deadline = match stop {
-        Shutdown::Graceful(wait) => Instant::now() + wait,
-        Shutdown::Fast => Instant::now(),
+    let (deadline, close_idle) = match stop {
+        Shutdown::Graceful(wait) => (Instant::now() + wait, true),
+        Shutdown::Handover(wait) => (Instant::now() + wait, false),
+        Shutdown::Fast => (Instant::now(), true),
     };
     loop {
-        // Idle connections close now; busy ones close after their response.
+        // Idle connections close now (on a handover, after their next response, so a client
+        // never sees a keep-alive connection closed under its request); busy ones close after
+        // their response.
         for conn in worker.conns.borrow().values() {
             match conn.phase() {
-                Phase::Idle => conn.cut(),
+                Phase::Idle if close_idle => conn.cut(),
                 Phase::WebSocket => {
                     let _ = worker.connections.close(conn.id, 1001, "server stopping");
                 }
