@@ -191,7 +191,7 @@ fn plugin_call(c: &mut Criterion) {
     let host = Host::new(String::new(), None).boxed();
 
     // 1a. Straight through the HttpHandlerBox, as the pipeline does for one handler.
-    let lib = loader::load("hello", &so, &run).expect("load libhello.so");
+    let lib = loader::load("hello", &so, &run, false).expect("load libhello.so");
     let slot = Slot {
         reference: ComponentRef::parse("hello.hello").expect("ref"),
         kind: ComponentKind::HttpHandler,
