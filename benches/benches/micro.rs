@@ -197,6 +197,7 @@ fn plugin_call(c: &mut Criterion) {
         kind: ComponentKind::HttpHandler,
         config: String::new(),
         library: Arc::new(lib),
+        call: 0,
     };
     let Ok(Component::HttpHandler(mut handler)) = slot.instantiate(&host, WORKER) else {
         panic!("hello.hello is not an HTTP handler");
