@@ -9,5 +9,6 @@ mod http;
 mod limits;
 mod plugins;
 mod reload;
+mod supervisor;
 mod tasks;
 mod ws;

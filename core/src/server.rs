@@ -147,14 +147,15 @@ pub fn run(
     live.start_watcher(events_tx, Event::Changed);
 
     // Ready only now: everything a client or a test may do next (a signal, an edit of a
-    // watched file) is heard from here on.
+    // watched file) is heard from here on. The supervisor hears it before the log says it,
+    // so a crash right after the ready line counts as a crash, not as a failed start.
+    ready(listen);
     log::info!(
         "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
         env!("CARGO_PKG_VERSION"),
         if n == 1 { "" } else { "s" },
         std::process::id()
     );
-    ready(listen);
 
     let signal = serve_until_stopped(&events, &mut live, &workers, &state);
     stop(signal, live, workers, &mut hooks, &stats);

@@ -40,8 +40,11 @@ pub trait Site: ws::Site {
     fn id(&self) -> u32;
     /// The HTTP limits now in force.
     fn limits(&self) -> Limits;
-    /// Whether a graceful stop is under way.
+    /// Whether a stop is under way (responses say `connection: close`).
     fn draining(&self) -> bool;
+    /// Whether idle keep-alive connections close now (a stop), rather than after their next
+    /// response (a handover to a new server process).
+    fn close_idle(&self) -> bool;
     /// Runs `f` with the current router.
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R;
     /// Runs `f` with the current `date` header value.
@@ -165,7 +168,7 @@ async fn read_head<S: Site>(
         // Responses to pipelined requests go out before we wait for more input.
         flush(conn, &mut b.out).await?;
         let idle = b.read.pending().is_empty();
-        if site.draining() && idle {
+        if idle && site.close_idle() {
             return Ok(None);
         }
         let phase = if idle {

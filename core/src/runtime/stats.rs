@@ -2,7 +2,7 @@
 //! lines so workers never contend.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Instant,
 };
 
@@ -20,6 +20,9 @@ pub struct WorkerStats {
     pub recycles: AtomicU64,
     /// Keep-alive connections this worker took over from a stalled one.
     pub taken_over: AtomicU64,
+    /// Whether it accepts connections (false once it stops), so a stopping worker waits
+    /// for those its peers may still hand it.
+    pub accepting: AtomicBool,
 }
 
 /// All counters.

@@ -259,7 +259,7 @@ impl Supervisor<'_> {
         drop(ready_w);
         let pid = process.id();
         let tx = self.events.clone();
-        thread::Builder::new()
+        let reader = thread::Builder::new()
             .name(format!("ready-{pid}"))
             .spawn(move || {
                 let mut line = String::new();
@@ -277,7 +277,11 @@ impl Supervisor<'_> {
         thread::Builder::new()
             .name(format!("wait-{pid}"))
             .spawn(move || {
-                if let Ok(status) = process.wait() {
+                let status = process.wait();
+                // What the process said (`ready`) comes before its end: the pipe closed
+                // when it ended, so the reader is done or about to be.
+                let _ = reader.join();
+                if let Ok(status) = status {
                     let _ = tx.send(Event::Exited(pid, status));
                 }
             })?;

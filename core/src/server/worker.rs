@@ -87,6 +87,8 @@ pub struct Worker {
     date: RefCell<[u8; 29]>,
     date_secs: Cell<i64>,
     draining: Cell<bool>,
+    /// Draining closes idle keep-alive connections at once (not on a handover).
+    close_idle: Cell<bool>,
     stats: Arc<Stats>,
     /// Bumped by every reload, so WebSocket bindings resolve again.
     generation: Cell<u64>,
@@ -386,6 +388,10 @@ impl http::Site for Worker {
         self.draining.get()
     }
 
+    fn close_idle(&self) -> bool {
+        self.draining.get() && self.close_idle.get()
+    }
+
     /// Runs `f` with the current router.
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
         f(&self.plan.borrow().router)
@@ -504,6 +510,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 date: RefCell::new([b' '; 29]),
                 date_secs: Cell::new(0),
                 draining: Cell::new(false),
+                close_idle: Cell::new(false),
                 stats,
                 generation: Cell::new(0),
                 ws_bindings: RefCell::new(HashMap::new()),
@@ -552,32 +559,24 @@ async fn run(
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
     let _heartbeat = ex.spawn(heartbeat(worker.clone()));
+    worker.my_stats().accepting.store(true, Ordering::Relaxed);
     let stop = loop {
         match control.recv().await {
             Ok(Control::Stop(how)) => break how,
-            Ok(Control::Reload(plan, reply)) => {
-                let _ = reply.send((worker.id(), worker.reload(plan)));
-            }
-            Ok(Control::Finish { task, result }) => worker.finish(&task, &result),
-            Ok(Control::Adopt(stream, peer)) => {
-                adopt(&ex, &worker, stream, peer, Origin::HandedOver)
-            }
-            Ok(Control::Released(id)) => {
-                if let Some(conn) = worker.conns.borrow().get(&id) {
-                    conn.stream.wake_reader();
-                }
-            }
+            Ok(other) => handle(&ex, &worker, other),
             Err(_) => break Shutdown::Fast,
         }
     };
     // Stop accepting: dropping the task drops the listener.
     drop(accept);
+    worker.my_stats().accepting.store(false, Ordering::Relaxed);
     worker.draining.set(true);
     let (deadline, close_idle) = match stop {
         Shutdown::Graceful(wait) => (Instant::now() + wait, true),
         Shutdown::Handover(wait) => (Instant::now() + wait, false),
         Shutdown::Fast => (Instant::now(), true),
     };
+    worker.close_idle.set(close_idle);
     loop {
         // Idle connections close now (on a handover, after their next response, so a client
         // never sees a keep-alive connection closed under its request); busy ones close after
@@ -591,7 +590,17 @@ async fn run(
                 _ => {}
             }
         }
-        if worker.conns.borrow().is_empty() || Instant::now() >= deadline {
+        // A connection another worker accepted may still be on its way here: serve it.
+        while let Ok(message) = control.try_recv() {
+            handle(&ex, &worker, message);
+        }
+        let accepting = worker
+            .stats
+            .workers
+            .iter()
+            .any(|w| w.accepting.load(Ordering::Relaxed));
+        let done = worker.conns.borrow().is_empty() && !accepting && control.is_empty();
+        if done || Instant::now() >= deadline {
             break;
         }
         Timer::after(Duration::from_millis(5)).await;
@@ -602,6 +611,23 @@ async fn run(
             "worker {}: {left} connection(s) still busy after max_wait_time; closing them",
             worker.id()
         );
+    }
+}
+
+/// A message from the main thread or another worker, other than `Stop`.
+fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control) {
+    match message {
+        Control::Stop(_) => {}
+        Control::Reload(plan, reply) => {
+            let _ = reply.send((worker.id(), worker.reload(plan)));
+        }
+        Control::Finish { task, result } => worker.finish(&task, &result),
+        Control::Adopt(stream, peer) => adopt(ex, worker, stream, peer, Origin::HandedOver),
+        Control::Released(id) => {
+            if let Some(conn) = worker.conns.borrow().get(&id) {
+                conn.stream.wake_reader();
+            }
+        }
     }
 }
 
