@@ -297,3 +297,60 @@ fn error_responses_carry_a_date_header() {
         "responses without a date header: {missing:?}"
     );
 }
+
+/// `info`'s count of requests refused for the body budget.
+fn bodies_refused(server: &TestServer) -> u64 {
+    let info = crate::common::run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    info.stdout
+        .split(" refused (503)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refused count in {}", info.stdout))
+}
+
+/// 300 clients announce 1 MiB bodies and send none: memory follows the bytes received, and
+/// past the server-wide body budget the announcements get 503 at once.
+#[test]
+fn announced_bodies_cost_no_memory_until_their_bytes_arrive() {
+    let server = Config::hello()
+        .limit("max_inflight_body_bytes", 32 << 20)
+        .start();
+    server.assert_serving();
+    let before = server.server_rss_kb();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        let mut c = server.conn();
+        c.send("POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n");
+        conns.push(c);
+    }
+    // 32 fit the 32 MiB budget and wait for their bytes; the other 268 are refused at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bodies_refused(&server) < 268 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(bodies_refused(&server), 268);
+    let grown = server.server_rss_kb().saturating_sub(before);
+    assert!(
+        grown < 30 * 1024,
+        "RSS grew by {grown} kB for 300 announced bodies"
+    );
+    // Once they go, a body that does arrive is served whole.
+    drop(conns);
+    let body = vec![b'x'; 1 << 20];
+    let resp = loop {
+        let mut c = server.conn();
+        c.send("POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n");
+        c.send(&body);
+        let resp = c.read_response();
+        if resp.status != 503 {
+            break resp;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "{resp:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((resp.status, resp.text().as_str()), (200, HELLO_BODY));
+}

@@ -281,6 +281,12 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
     /// An idle keep-alive connection is closed after this long.
     pub keepalive_timeout_ms: u64,
+    /// Bytes of request bodies held or announced across all connections (bodies too large to
+    /// sit in a connection's read buffer count); a request that would go past it gets 503.
+    pub max_inflight_body_bytes: usize,
+    /// A response (or WebSocket write) the client does not take within this long closes the
+    /// connection.
+    pub send_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -291,6 +297,8 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             header_read_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
+            max_inflight_body_bytes: 64 << 20,
+            send_timeout_ms: 30_000,
         }
     }
 }

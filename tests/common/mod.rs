@@ -461,6 +461,27 @@ impl TestServer {
         );
     }
 
+    /// The pid of the process that serves (under the supervisor), from `info`.
+    pub fn server_pid(&self) -> u32 {
+        let out = run_plughost(["info", "-c", &self.config_path().to_string_lossy()]);
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("pid: "))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in info: {out:?}"))
+    }
+
+    /// The resident memory of the serving process, in kB.
+    pub fn server_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.server_pid()))
+            .expect("the server process's status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Panics unless `GET /hello` on a new connection answers 200 with the hello body.
     pub fn assert_serving(&self) {
         let resp = self.get("/hello");

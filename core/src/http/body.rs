@@ -1,7 +1,14 @@
 //! Reading request input: the connection's read buffer, and bodies framed by
 //! `Content-Length` or chunked transfer coding.
 
-use std::{io, net::TcpStream};
+use std::{
+    io,
+    net::TcpStream,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use futures_lite::AsyncReadExt;
 
@@ -82,6 +89,88 @@ impl ReadBuf {
     }
 }
 
+/// Bytes of large request bodies this connection holds or was promised, counted against the
+/// server-wide `limits.max_inflight_body_bytes`; given back when dropped.
+#[derive(Debug)]
+pub struct Budget {
+    counter: Arc<AtomicUsize>,
+    max: usize,
+    held: usize,
+}
+
+impl Budget {
+    /// An empty share of `counter`, which may reach `max`.
+    pub fn new(counter: Arc<AtomicUsize>, max: usize) -> Budget {
+        Budget {
+            counter,
+            max,
+            held: 0,
+        }
+    }
+
+    /// Takes `more` bytes from the budget; false (taking nothing) when that would pass it.
+    pub fn take(&mut self, more: usize) -> bool {
+        let taken = self
+            .counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                now.checked_add(more).filter(|&sum| sum <= self.max)
+            });
+        if taken.is_ok() {
+            self.held += more;
+        }
+        taken.is_ok()
+    }
+
+    /// Sets the budget's size (a reload may change it).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Gives back everything taken.
+    pub fn release(&mut self) {
+        if self.held > 0 {
+            self.counter.fetch_sub(self.held, Ordering::AcqRel);
+            self.held = 0;
+        }
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// How much a body buffer grows per read: memory follows the bytes that arrive, never the
+/// length a header announces.
+const GROW: usize = 64 * 1024;
+
+/// Reads the rest of a body of `n` bytes into `body` (which holds the first `body.len()`),
+/// growing it as bytes arrive. `Ok(false)` when the input ended first.
+pub async fn read_into(
+    stream: &Async<TcpStream>,
+    body: &mut Vec<u8>,
+    n: usize,
+) -> io::Result<bool> {
+    let mut got = body.len();
+    while got < n {
+        body.resize((got + GROW).min(n), 0);
+        match (&*stream).read(&mut body[got..]).await {
+            Ok(0) => {
+                body.truncate(got);
+                return Ok(false);
+            }
+            Ok(k) => got += k,
+            Err(e) => {
+                body.truncate(got);
+                return Err(e);
+            }
+        }
+        body.truncate(got);
+    }
+    Ok(true)
+}
+
 /// Reads what is there into `buf`; 0 at the end of the input.
 pub async fn read_some(stream: &Async<TcpStream>, buf: &mut ReadBuf) -> io::Result<usize> {
     let space = buf.space();
@@ -104,6 +193,7 @@ pub async fn read_chunked(
     body: &mut Vec<u8>,
     head_len: usize,
     max: usize,
+    budget: &mut Budget,
 ) -> io::Result<Result<(), Refusal>> {
     body.clear();
     let mut c = Chunked {
@@ -122,6 +212,9 @@ pub async fn read_chunked(
         }
         if size > (max - body.len()) as u64 {
             return Ok(Err(Refusal::TooLarge));
+        }
+        if !budget.take(size as usize) {
+            return Ok(Err(Refusal::Busy));
         }
         c.data(body, size as usize).await?;
         if let Err(r) = c.crlf().await? {

@@ -11,6 +11,7 @@
 use std::{
     io,
     net::{Shutdown, SocketAddr, TcpStream},
+    sync::{atomic::AtomicUsize, Arc},
     time::Duration,
 };
 
@@ -20,7 +21,7 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
 
 use super::{
-    body::{read_chunked, read_some, ReadBuf},
+    body::{read_chunked, read_into, read_some, Budget, ReadBuf},
     parse::{parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal},
     write::{connection_header, write_refusal, write_response, Framing},
 };
@@ -45,6 +46,10 @@ pub trait Site: ws::Site {
     /// Whether idle keep-alive connections close now (a stop), rather than after their next
     /// response (a handover to a new server process).
     fn close_idle(&self) -> bool;
+    /// The count of large request body bytes in flight across workers.
+    fn body_budget(&self) -> &Arc<AtomicUsize>;
+    /// Counts a request refused because that budget was spent.
+    fn body_refused(&self);
     /// Runs `f` with the current router.
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R;
     /// Runs `f` with the current `date` header value.
@@ -68,6 +73,8 @@ struct Buffers {
     headers: Vec<Header<'static>>,
     param_views: Vec<Param<'static>>,
     resp: Response,
+    /// This connection's share of the body budget.
+    budget: Budget,
 }
 
 /// Where a request's body is.
@@ -99,6 +106,7 @@ pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
         headers: Vec::with_capacity(16),
         param_views: Vec::new(),
         resp: Response::new(),
+        budget: Budget::new(site.body_budget().clone(), limits.max_inflight_body_bytes),
     };
     let peer = peer.to_string();
     if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
@@ -115,6 +123,7 @@ async fn serve_requests<S: Site>(
 ) -> io::Result<()> {
     loop {
         let limits = site.limits();
+        b.budget.set_max(limits.max_inflight_body_bytes);
         let Some(head) = read_head(site, conn, b, &limits).await? else {
             return Ok(());
         };
@@ -134,6 +143,11 @@ async fn serve_requests<S: Site>(
             Body::InPlace(n) => head.len + n,
             Body::Apart => head.len,
         });
+        b.budget.release();
+        if b.body.capacity() > 64 * 1024 {
+            // A large body's memory goes back; the next one grows its own.
+            b.body = Vec::new();
+        }
         if close {
             flush(conn, &mut b.out).await?;
             let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
@@ -220,9 +234,26 @@ async fn read_body<S: Site>(
             }
             conn.set_phase(Phase::ReadingBody, site.now());
             let max = limits.max_body_bytes;
-            match read_chunked(&conn.stream, &mut b.read, &mut b.body, head.len, max).await? {
-                Ok(()) => Ok(Some(Body::Apart)),
-                Err(r) => refuse(site, conn, b, r).await,
+            let read = &mut b.read;
+            let chunked = read_chunked(
+                &conn.stream,
+                read,
+                &mut b.body,
+                head.len,
+                max,
+                &mut b.budget,
+            );
+            match chunked.await {
+                Ok(Ok(())) => Ok(Some(Body::Apart)),
+                Ok(Err(r)) => {
+                    if r == Refusal::Busy {
+                        site.body_refused();
+                    }
+                    refuse(site, conn, b, r).await
+                }
+                // The input ended inside the body: a timeout gets its 408.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => body_cut(site, conn, b).await,
+                Err(e) => Err(e),
             }
         }
     }
@@ -250,17 +281,18 @@ async fn read_length<S: Site>(
         }
         return Ok(Some(Body::InPlace(n)));
     }
+    // Too large for the read buffer: it counts against the server-wide budget, and its
+    // memory grows with the bytes that arrive, not with what the header announced.
+    if !b.budget.take(n) {
+        site.body_refused();
+        return refuse(site, conn, b, Refusal::Busy).await;
+    }
     b.body.clear();
     b.body.extend_from_slice(&b.read.pending()[head.len..]);
     b.read.truncate(head.len);
-    b.body.resize(n, 0);
     conn.set_phase(Phase::ReadingBody, site.now());
-    let mut got = have;
-    while got < n {
-        match (&conn.stream).read(&mut b.body[got..]).await? {
-            0 => return body_cut(site, conn, b).await,
-            k => got += k,
-        }
+    if !read_into(&conn.stream, &mut b.body, n).await? {
+        return body_cut(site, conn, b).await;
     }
     Ok(Some(Body::Apart))
 }

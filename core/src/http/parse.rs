@@ -21,6 +21,8 @@ pub enum Refusal {
     TooLarge,
     /// 431: the head is over `max_header_bytes` or `max_headers`.
     HeadersTooLarge,
+    /// 503: the server-wide budget for request bodies is spent.
+    Busy,
 }
 
 impl Refusal {
@@ -31,6 +33,7 @@ impl Refusal {
             Refusal::Timeout => (408, "Request Timeout"),
             Refusal::TooLarge => (413, "Content Too Large"),
             Refusal::HeadersTooLarge => (431, "Request Header Fields Too Large"),
+            Refusal::Busy => (503, "Service Unavailable"),
         }
     }
 }

@@ -2,7 +2,10 @@
 //! lines so workers never contend.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -38,6 +41,11 @@ pub struct Stats {
     pub reload_failures: AtomicU64,
     /// Task workers, the timer and custom processes.
     pub services: ServiceStats,
+    /// Bytes of large request bodies held or announced now, across workers (under
+    /// `limits.max_inflight_body_bytes`).
+    pub bodies_in_flight: Arc<AtomicUsize>,
+    /// Requests refused with 503 because that budget was spent.
+    pub bodies_refused: AtomicU64,
 }
 
 /// Counters of the task workers, the timer and the custom processes.
@@ -82,6 +90,8 @@ impl Stats {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             services: ServiceStats::default(),
+            bodies_in_flight: Arc::default(),
+            bodies_refused: AtomicU64::new(0),
         }
     }
 

@@ -128,6 +128,12 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "recycles: {}", stats.sum(|w| &w.recycles));
     let _ = writeln!(
         s,
+        "large request bodies: {} bytes in flight, {} refused (503) past limits.max_inflight_body_bytes",
+        stats.bodies_in_flight.load(Ordering::Relaxed),
+        stats.bodies_refused.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        s,
         "reloads: {} ok, {} failed",
         stats.reloads.load(Ordering::Relaxed),
         stats.reload_failures.load(Ordering::Relaxed)

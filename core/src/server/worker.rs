@@ -15,7 +15,10 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     panic::AssertUnwindSafe,
     rc::Rc,
-    sync::{atomic::Ordering, mpsc, Arc},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -386,6 +389,14 @@ impl http::Site for Worker {
     /// Whether a graceful stop is under way.
     fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    fn body_budget(&self) -> &Arc<AtomicUsize> {
+        &self.stats.bodies_in_flight
+    }
+
+    fn body_refused(&self) {
+        self.stats.bodies_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     fn close_idle(&self) -> bool {
