@@ -354,3 +354,47 @@ fn announced_bodies_cost_no_memory_until_their_bytes_arrive() {
     };
     assert_eq!((resp.status, resp.text().as_str()), (200, HELLO_BODY));
 }
+
+/// The open connections `info` counts.
+fn open_connections(server: &TestServer) -> u64 {
+    let info = crate::common::run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    info.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("connections: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connections line in {}", info.stdout))
+}
+
+#[test]
+fn a_client_that_never_reads_its_response_is_cut_after_the_send_timeout() {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .plugin("panicky", &a.panicky)
+        .route("/big", "panicky.big")
+        .limit("send_timeout_ms", 300)
+        .start();
+    let mut c = server.conn();
+    // 20 MB, far more than the socket buffers hold: the write blocks on a reader that never
+    // reads.
+    c.send("GET /big?n=20000000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_connections(&server) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled connection is still open 10 s later:\n{}",
+            server.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // What the client gets is cut short: the connection ends before 20 MB arrived.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut c.stream(), &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < 20_000_000, "got {got} bytes");
+    server.assert_serving();
+}

@@ -69,4 +69,6 @@ pub struct WsSettings {
     pub max_connections: usize,
     /// Send queue length per connection.
     pub send_queue: usize,
+    /// A write the client does not take within this long closes the connection.
+    pub send_timeout: std::time::Duration,
 }

@@ -149,12 +149,12 @@ async fn serve_requests<S: Site>(
             b.body = Vec::new();
         }
         if close {
-            flush(conn, &mut b.out).await?;
+            flush(site, conn, &mut b.out).await?;
             let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
             return Ok(());
         }
         if b.out.len() > 64 * 1024 {
-            flush(conn, &mut b.out).await?;
+            flush(site, conn, &mut b.out).await?;
         }
     }
 }
@@ -180,7 +180,7 @@ async fn read_head<S: Site>(
             }
         }
         // Responses to pipelined requests go out before we wait for more input.
-        flush(conn, &mut b.out).await?;
+        flush(site, conn, &mut b.out).await?;
         let idle = b.read.pending().is_empty();
         if idle && site.close_idle() {
             return Ok(None);
@@ -230,7 +230,7 @@ async fn read_body<S: Site>(
         BodyKind::Length(n) => read_length(site, conn, b, head, n).await,
         BodyKind::Chunked => {
             if head.expect_continue {
-                send_continue(conn, &mut b.out).await?;
+                send_continue(site, conn, &mut b.out).await?;
             }
             conn.set_phase(Phase::ReadingBody, site.now());
             let max = limits.max_body_bytes;
@@ -270,7 +270,7 @@ async fn read_length<S: Site>(
 ) -> io::Result<Option<Body>> {
     let have = b.read.pending().len() - head.len;
     if head.expect_continue && have < n {
-        send_continue(conn, &mut b.out).await?;
+        send_continue(site, conn, &mut b.out).await?;
     }
     if b.read.fit(head.len + n) {
         while b.read.pending().len() < head.len + n {
@@ -443,7 +443,7 @@ async fn switch_to_websocket<S: Site>(
     queues: Queues,
 ) -> io::Result<()> {
     conn.leave_lobby();
-    flush(conn, &mut b.out).await?;
+    flush(session.site(), conn, &mut b.out).await?;
     // Bytes past the head already belong to the WebSocket.
     let part = b.read.pending()[head_len..].to_vec();
     b.read.consume(b.read.pending().len());
@@ -451,9 +451,11 @@ async fn switch_to_websocket<S: Site>(
     Ok(())
 }
 
-/// Writes what is buffered in `out`.
-async fn flush(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
+/// Writes what is buffered in `out`; a client that does not take it within
+/// `limits.send_timeout_ms` is cut off by the sweeper.
+async fn flush<S: Site>(site: &S, conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
     if !out.is_empty() {
+        conn.set_phase(Phase::Writing, site.now());
         (&conn.stream).write_all(out).await?;
         out.clear();
     }
@@ -461,8 +463,8 @@ async fn flush(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
 }
 
 /// Writes what is buffered, then `100 Continue`.
-async fn send_continue(conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
-    flush(conn, out).await?;
+async fn send_continue<S: Site>(site: &S, conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
+    flush(site, conn, out).await?;
     (&conn.stream)
         .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         .await
@@ -489,7 +491,7 @@ async fn refuse<S: Site, T>(
     let (status, text) = r.status();
     log::debug!("connection {}: answering {status} {text}", conn.id);
     site.with_date(|d| write_refusal(&mut b.out, r, d));
-    flush(conn, &mut b.out).await?;
+    flush(site, conn, &mut b.out).await?;
     let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
     linger(&conn.stream).await;
     Ok(None)

@@ -23,8 +23,10 @@ pub enum Phase {
     ReadingHead,
     /// Reading a request body (header read timeout).
     ReadingBody,
-    /// Running plugins or writing the response.
+    /// Running plugins.
     Busy,
+    /// Writing a response the client has not taken yet (send timeout).
+    Writing,
     /// An upgraded WebSocket (heartbeat timeout, counted from the last frame received).
     WebSocket,
 }
@@ -107,6 +109,15 @@ impl Conn {
     /// Whether the sweeper closed the read side for a timeout.
     pub fn timed_out(&self) -> bool {
         self.timed_out.get()
+    }
+
+    /// A response the client does not take: shuts the socket down both ways and wakes the
+    /// blocked write, which fails, and the connection ends.
+    pub fn cut_writer(&self) {
+        self.timed_out.set(true);
+        let _ = self.stream.get_ref().shutdown(SockShutdown::Both);
+        self.stream.wake_writer();
+        self.stream.wake_reader();
     }
 
     /// Closes the read side (a timeout, or a stop), which wakes the connection's pending

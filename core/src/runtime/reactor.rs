@@ -377,6 +377,14 @@ impl<T: AsFd> Async<T> {
         }
     }
 
+    /// Wakes whoever waits to write to this socket (to find it shut down).
+    pub fn wake_writer(&self) {
+        self.source.writable.set(true);
+        if let Some(w) = self.source.write_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
     /// The socket.
     pub fn get_ref(&self) -> &T {
         &self.io

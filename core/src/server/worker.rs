@@ -285,6 +285,17 @@ impl Worker {
                 Phase::ReadingHead | Phase::ReadingBody => {
                     Duration::from_millis(limits.header_read_timeout_ms)
                 }
+                Phase::Writing => {
+                    let limit = Duration::from_millis(limits.send_timeout_ms);
+                    if !conn.timed_out() && now.duration_since(conn.since()) >= limit {
+                        log::debug!(
+                            "connection {}: the client took no response for {limit:?}; closing",
+                            conn.id
+                        );
+                        conn.cut_writer();
+                    }
+                    continue;
+                }
                 Phase::Busy | Phase::WebSocket => continue,
             };
             // A connection another worker took over is let go at once (in case its Released
@@ -314,6 +325,7 @@ impl ws::Site for Worker {
             max_message_size: plan.ws.max_message_size,
             max_connections: plan.ws.max_connections,
             send_queue: plan.ws.send_queue,
+            send_timeout: Duration::from_millis(plan.limits.send_timeout_ms),
         }
     }
 
@@ -773,7 +785,8 @@ async fn sweeper(worker: Rc<Worker>) {
         let limits = worker.limits();
         let shortest = limits
             .header_read_timeout_ms
-            .min(limits.keepalive_timeout_ms);
+            .min(limits.keepalive_timeout_ms)
+            .min(limits.send_timeout_ms);
         Timer::after(Duration::from_millis((shortest / 4).clamp(10, 500))).await;
         worker.refresh_clock();
         worker.sweep();

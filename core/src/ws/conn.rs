@@ -69,6 +69,13 @@ impl<S: Site> std::fmt::Debug for Session<'_, S> {
     }
 }
 
+impl<'a, S: Site> Session<'a, S> {
+    /// The worker the connection lives on.
+    pub fn site(&self) -> &'a S {
+        self.site
+    }
+}
+
 impl<S: Site> Drop for Session<'_, S> {
     fn drop(&mut self) {
         self.site.connections().remove(self.id);
@@ -246,7 +253,10 @@ async fn run<S: Site>(
         let ended = match step {
             Step::Control(Some((code, reason))) => Some(Ending::send(code, &reason)),
             Step::Control(None) | Step::Outgoing(None) => Some(Ending::send(1001, "going away")),
-            Step::Outgoing(Some(message)) => write_queued(stream, message, queues).await,
+            Step::Outgoing(Some(message)) => {
+                let timeout = site.ws_settings().send_timeout;
+                write_queued(stream, message, queues, timeout).await
+            }
             Step::Incoming(Some(Ok(message))) => {
                 conn.touch(site.now());
                 deliver(site, conn.id, stream, ws, message).await
@@ -303,15 +313,28 @@ async fn write_queued(
     stream: &mut Stream<'_>,
     message: WsMessage,
     queues: &Queues,
+    timeout: Duration,
 ) -> Option<Ending> {
-    let sent = future::or(
-        async { Some(send_all(stream, message, queues).await) },
-        async {
-            let _ = queues.control.recv().await;
-            None
-        },
-    )
-    .await;
+    let mut send = std::pin::pin!(send_all(stream, message, queues));
+    // Almost always the socket takes it at once: no timer for that.
+    let sent = match future::poll_once(&mut send).await {
+        Some(sent) => Some(sent),
+        None => {
+            future::or(async { Some(send.await) }, async {
+                future::or(
+                    async {
+                        let _ = queues.control.recv().await;
+                    },
+                    async {
+                        Timer::after(timeout).await;
+                    },
+                )
+                .await;
+                None
+            })
+            .await
+        }
+    };
     match sent {
         Some(Ok(())) => None,
         Some(Err(_)) => Some(Ending::quiet(1006, "write failed")),
