@@ -392,6 +392,76 @@ fn a_reload_that_reorders_or_removes_websocket_routes() {
     );
 }
 
+/// One client floods the room with 400 small frames in one write; the three other members,
+/// reading as fast as they can, each get all 400 messages: the flooder's worker keeps
+/// letting their connections write.
+#[test]
+fn a_flooding_client_does_not_starve_its_readers() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut flooder = connect(server.addr());
+    let id = whoami(&mut flooder);
+    let readers: Vec<_> = (0..3)
+        .map(|_| flood::reader(connect(server.addr()), id))
+        .collect();
+    // Every reader is in the room and reading before the flood.
+    flood::wait_ready(&readers);
+    for i in 0..400 {
+        flooder.write(Message::text(format!("m{i}"))).unwrap();
+    }
+    flooder.flush().unwrap();
+    for r in readers {
+        let got = r.join().expect("reader thread");
+        assert_eq!(got, Ok(400), "{}", server.logs());
+    }
+}
+
+mod flood {
+    //! Reader threads for the flood test.
+    use super::*;
+
+    /// A reader: counts the flooder's messages until it has 400, or says how it failed.
+    pub struct Reader {
+        handle: std::thread::JoinHandle<Result<usize, String>>,
+        ready: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Reader {
+        pub fn join(self) -> std::thread::Result<Result<usize, String>> {
+            self.handle.join()
+        }
+    }
+
+    pub fn wait_ready(readers: &[Reader]) {
+        for r in readers {
+            r.ready.recv_timeout(IO_TIMEOUT).expect("reader ready");
+        }
+    }
+
+    pub(super) fn reader(mut ws: Client, flooder: u64) -> Reader {
+        let (tx, ready) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let _ = tx.send(());
+            let prefix = format!("#{flooder}: m");
+            let mut got = 0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while got < 400 {
+                if Instant::now() > deadline {
+                    return Err(format!("only {got} of 400 messages in 20 s"));
+                }
+                match next(&mut ws, Duration::from_millis(500)) {
+                    Some(Message::Text(t)) if t.starts_with(&prefix) => got += 1,
+                    Some(Message::Text(_)) => {}
+                    Some(Message::Close(f)) => return Err(format!("closed after {got}: {f:?}")),
+                    Some(other) => return Err(format!("unexpected {other:?}")),
+                    None => {}
+                }
+            }
+            Ok(got)
+        });
+        Reader { handle, ready }
+    }
+}
+
 /// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN.
 fn reset(stream: TcpStream) {
     use std::os::fd::AsRawFd;

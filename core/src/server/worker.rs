@@ -93,6 +93,8 @@ pub struct Worker {
     /// Draining closes idle keep-alive connections at once (not on a handover).
     close_idle: Cell<bool>,
     stats: Arc<Stats>,
+    /// Connections closed since memory was last handed back.
+    closed_since_trim: Cell<u64>,
     /// Bumped by every reload, so WebSocket bindings resolve again.
     generation: Cell<u64>,
     /// This worker's WebSocket connections and the handler each belongs to.
@@ -272,6 +274,17 @@ impl Worker {
         if date.len() == 29 {
             self.date.borrow_mut().copy_from_slice(date.as_bytes());
             self.date_secs.set(coarse_unix_secs());
+        }
+    }
+
+    /// After many connections closed, hands the memory malloc keeps for them back to the
+    /// system (glibc keeps freed memory in its arenas; 1000 closed WebSocket connections
+    /// left 30 MB resident).
+    fn give_memory_back(&self) {
+        if self.closed_since_trim.get() >= TRIM_AFTER_CLOSED {
+            self.closed_since_trim.set(0);
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
         }
     }
 
@@ -535,6 +548,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 draining: Cell::new(false),
                 close_idle: Cell::new(false),
                 stats,
+                closed_since_trim: Cell::new(0),
                 generation: Cell::new(0),
                 ws_bindings: RefCell::new(HashMap::new()),
             });
@@ -705,6 +719,8 @@ impl Listed {
 impl Drop for Listed {
     fn drop(&mut self) {
         self.worker.conns.borrow_mut().remove(&self.conn.id);
+        let closed = &self.worker.closed_since_trim;
+        closed.set(closed.get() + 1);
         // A connection taken over is counted by the worker that took it.
         if !self.conn.claim.taken() {
             self.worker
@@ -790,8 +806,12 @@ async fn sweeper(worker: Rc<Worker>) {
         Timer::after(Duration::from_millis((shortest / 4).clamp(10, 500))).await;
         worker.refresh_clock();
         worker.sweep();
+        worker.give_memory_back();
     }
 }
+
+/// Connections closed on a worker after which it hands freed memory back to the system.
+const TRIM_AFTER_CLOSED: u64 = 256;
 
 /// Closes WebSocket connections that stayed silent longer than `heartbeat_idle_time`,
 /// checking every `heartbeat_check_interval`.

@@ -149,6 +149,9 @@ impl AsyncWrite for Io<'_> {
 /// Messages read in a row before what is queued to send goes out.
 const READ_BURST: u32 = 16;
 
+/// What tungstenite reserves to read into.
+const READ_BUFFER: usize = 4096;
+
 /// Most messages written out together.
 const WRITE_BURST: usize = 64;
 
@@ -213,9 +216,12 @@ pub async fn serve<S: Site>(
 ) {
     let site = session.site;
     let max = site.ws_settings().max_message_size;
+    // tungstenite reserves 128 KiB per read by default; an idle connection needs little, and
+    // a large message still grows the buffer as it arrives.
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+        .max_frame_size(Some(max))
+        .read_buffer_size(READ_BUFFER);
     let mut stream =
         WebSocketStream::from_partially_read(Io(&conn.stream), part, Role::Server, Some(config))
             .await;
@@ -244,8 +250,18 @@ async fn run<S: Site>(
     // Messages read in a row without sending: a client that keeps sending cannot hold back
     // what is queued for it for long.
     let mut reads = 0;
+    // Messages handled since this task last let the others run: a client that sends a flood
+    // of small frames must not keep its worker from the rest (its readers among them).
+    let mut since_yield = 0;
     loop {
+        if since_yield >= READ_BURST {
+            since_yield = 0;
+            future::yield_now().await;
+        }
         let step = next_step(stream, queues, reads).await;
+        if let Step::Incoming(_) = step {
+            since_yield += 1;
+        }
         reads = match step {
             Step::Incoming(_) => reads + 1,
             _ => 0,
