@@ -729,3 +729,124 @@ fn connections_taken_over_under_load_each_get_their_own_answers() {
     );
     server.assert_serving();
 }
+
+#[test]
+fn two_host_headers_are_a_bad_request() {
+    let server = Config::hello().start();
+    let resp = server
+        .conn()
+        .request("GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    server.assert_serving();
+}
+
+#[test]
+fn close_wins_over_keep_alive_and_http10_with_a_transfer_coding_closes() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    let resp =
+        conn.request("GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close, keep-alive\r\n\r\n");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(resp.connection_has("close"), "{resp:?}");
+    conn.expect_closed();
+    let mut conn = server.conn();
+    let resp = conn.request(
+        "POST /hello HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.version, "HTTP/1.0", "{resp:?}");
+    conn.expect_closed();
+}
+
+#[test]
+fn a_get_route_says_head_in_its_405_allow() {
+    let server = Config::hello()
+        .route_methods("/get-only", "hello.hello", &["GET"])
+        .start();
+    let resp = server
+        .conn()
+        .request("POST /get-only HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(resp.status, 405, "{resp:?}");
+    assert_eq!(resp.header("allow"), Some("GET, HEAD"), "{resp:?}");
+}
+
+#[test]
+fn a_refusal_answers_in_the_requests_version() {
+    let server = Config::hello().limit("max_body_bytes", 10).start();
+    let resp = server
+        .conn()
+        .request("POST /hello HTTP/1.0\r\nContent-Length: 100\r\n\r\n");
+    assert_eq!(resp.status, 413, "{resp:?}");
+    assert_eq!(resp.version, "HTTP/1.0", "{resp:?}");
+}
+
+/// Bytes the client sends after a `Connection: close` request must not turn the close into
+/// a reset that destroys the response still in flight: the server reads them away for a
+/// moment before it closes.
+#[test]
+fn a_close_lingers_so_the_response_survives_what_the_client_still_sends() {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .plugin("panicky", &a.panicky)
+        .route("/big", "panicky.big")
+        .start();
+    for _ in 0..3 {
+        let mut conn = server.conn();
+        let mut bytes =
+            b"GET /big?n=4000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
+        bytes.extend(std::iter::repeat_n(b'x', 64 * 1024));
+        conn.send(&bytes);
+        // The client reads late: the response is still in the server's send buffer when the
+        // server is done writing it.
+        std::thread::sleep(Duration::from_millis(100));
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(resp.body.len(), 4_000_000);
+    }
+}
+
+#[test]
+fn a_chunked_body_cut_by_the_timeout_gets_408() {
+    let server = Config::hello().limit("header_read_timeout_ms", 300).start();
+    let mut conn = server.conn();
+    conn.send("POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab");
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 408, "{resp:?}");
+}
+
+#[test]
+fn expect_100_continue_to_a_missing_route_gets_404_not_100() {
+    let server = Config::hello().start();
+    let mut conn = server.conn();
+    conn.send(
+        "POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 404, "{resp:?}");
+    // The body was never asked for: the connection closes instead of reading it as a request.
+    conn.expect_closed();
+}
+
+#[test]
+fn raising_max_header_bytes_by_reload_reaches_open_connections() {
+    let config = Config::hello()
+        .limit("max_header_bytes", 4096)
+        .extra("reload: (inotify: true, debounce_ms: 100)");
+    let server = config.start();
+    let mut conn = server.conn();
+    assert_eq!(conn.request(get_request("/hello")).status, 200);
+    server
+        .dir()
+        .write_config(&config.clone().limit("max_header_bytes", 32768).render());
+    server.wait_for_log("reloaded config on 2/2 workers", Duration::from_secs(30));
+    let long = format!(
+        "GET /hello HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let resp = conn.request(long);
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+}

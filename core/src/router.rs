@@ -177,6 +177,10 @@ impl Router {
             if !allowed.contains(&m.as_str()) {
                 allowed.push(m);
             }
+            // GET routes answer HEAD too, so the allow header says so (RFC 9110 9.3.2).
+            if m == "GET" && !allowed.contains(&"HEAD") && !methods.iter().any(|o| o == "HEAD") {
+                allowed.push("HEAD");
+            }
         }
         false
     }
@@ -287,7 +291,7 @@ mod tests {
         );
         assert_eq!(
             find(&r, "POST", "/hello/x").0,
-            Match::MethodNotAllowed("GET".into())
+            Match::MethodNotAllowed("GET, HEAD".into())
         );
     }
 

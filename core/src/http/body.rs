@@ -38,6 +38,11 @@ impl ReadBuf {
         }
     }
 
+    /// Sets how far the buffer may grow (a reload may raise `max_header_bytes`).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max.max(self.data.len());
+    }
+
     /// Grows the buffer so `data[start..start + len]` fits, when `max` allows.
     pub fn fit(&mut self, len: usize) -> bool {
         let need = self.start + len;

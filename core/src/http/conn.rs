@@ -75,6 +75,8 @@ struct Buffers {
     resp: Response,
     /// This connection's share of the body budget.
     budget: Budget,
+    /// The version of the request being answered (for refusals).
+    version: HttpVersion,
 }
 
 /// Where a request's body is.
@@ -84,6 +86,8 @@ enum Body {
     InPlace(usize),
     /// In `Buffers::body` (large or chunked).
     Apart,
+    /// Not read: the client asked `Expect: 100-continue` for a request that has no route.
+    Unread,
 }
 
 /// What the connection does after a request.
@@ -107,6 +111,7 @@ pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
         param_views: Vec::new(),
         resp: Response::new(),
         budget: Budget::new(site.body_budget().clone(), limits.max_inflight_body_bytes),
+        version: HttpVersion::Http11,
     };
     let peer = peer.to_string();
     if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
@@ -122,17 +127,21 @@ async fn serve_requests<S: Site>(
     b: &mut Buffers,
 ) -> io::Result<()> {
     loop {
-        let limits = site.limits();
-        b.budget.set_max(limits.max_inflight_body_bytes);
-        let Some(head) = read_head(site, conn, b, &limits).await? else {
+        b.version = HttpVersion::Http11;
+        let Some(head) = read_head(site, conn, b).await? else {
             return Ok(());
         };
+        // The limits in force now: a reload may have changed them while the connection idled.
+        let limits = site.limits();
+        b.budget.set_max(limits.max_inflight_body_bytes);
+        b.version = head.version;
         conn.set_phase(Phase::Busy, site.now());
         let Some(body) = read_body(site, conn, b, &head, &limits).await? else {
             return Ok(());
         };
         let close = match respond(site, conn, peer, b, &head, body) {
-            Next::KeepAlive => false,
+            // A body left unread (a refused `Expect: 100-continue`) may still come: close.
+            Next::KeepAlive => matches!(body, Body::Unread),
             Next::Close => true,
             Next::Upgrade(session, queues) => {
                 return switch_to_websocket(session, conn, b, head.len, queues).await;
@@ -141,7 +150,7 @@ async fn serve_requests<S: Site>(
         // A body read into `b.body` is already gone from the read buffer.
         b.read.consume(match body {
             Body::InPlace(n) => head.len + n,
-            Body::Apart => head.len,
+            Body::Apart | Body::Unread => head.len,
         });
         b.budget.release();
         if b.body.capacity() > 64 * 1024 {
@@ -151,6 +160,9 @@ async fn serve_requests<S: Site>(
         if close {
             flush(site, conn, &mut b.out).await?;
             let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
+            // What the client still sends is read and dropped for a moment, so the close
+            // does not turn into a reset that destroys the response in flight.
+            linger(&conn.stream).await;
             return Ok(());
         }
         if b.out.len() > 64 * 1024 {
@@ -162,15 +174,12 @@ async fn serve_requests<S: Site>(
 /// Reads until a whole head is buffered, and parses it. `None` when the connection is done:
 /// the client left, its input was refused, the server is draining, or another worker took
 /// the connection over.
-async fn read_head<S: Site>(
-    site: &S,
-    conn: &Conn,
-    b: &mut Buffers,
-    limits: &Limits,
-) -> io::Result<Option<Head>> {
+async fn read_head<S: Site>(site: &S, conn: &Conn, b: &mut Buffers) -> io::Result<Option<Head>> {
     loop {
+        let limits = site.limits();
+        b.read.set_max(limits.max_header_bytes.max(1024) + 1024);
         if !b.read.pending().is_empty() {
-            match parse_head(b.read.pending(), limits, &mut b.header_pos) {
+            match parse_head(b.read.pending(), &limits, &mut b.header_pos) {
                 Ok(Some(head)) => return Ok(Some(head)),
                 Ok(None) if b.read.pending().len() > limits.max_header_bytes => {
                     return refuse(site, conn, b, Refusal::HeadersTooLarge).await;
@@ -222,6 +231,11 @@ async fn read_body<S: Site>(
     head: &Head,
     limits: &Limits,
 ) -> io::Result<Option<Body>> {
+    // `100 Continue` only for a request that has somewhere to go: the 404 or 405 goes out
+    // before the body is sent.
+    if head.expect_continue && head.body != BodyKind::None && !has_route(site, b, head) {
+        return Ok(Some(Body::Unread));
+    }
     match head.body {
         BodyKind::None => Ok(Some(Body::InPlace(0))),
         BodyKind::Length(n) if n > limits.max_body_bytes => {
@@ -312,6 +326,7 @@ fn respond<'a, S: Site>(
         let body: &[u8] = match body {
             Body::InPlace(n) => &buf[head.len..head.len + n],
             Body::Apart => &b.body,
+            Body::Unread => &[],
         };
         let path = text(buf, head.path);
         let method = text(buf, head.method);
@@ -346,6 +361,15 @@ fn respond<'a, S: Site>(
         b.param_views = recycle(params);
         next
     })
+}
+
+/// Whether the request's path and method lead to a handler (or a WebSocket route).
+fn has_route<S: Site>(site: &S, b: &mut Buffers, head: &Head) -> bool {
+    let buf = b.read.pending();
+    let (method, path) = (text(buf, head.method), text(buf, head.path));
+    let params = &mut b.params;
+    site.with_router(|router| matches!(router.find(method, path, params), Match::Found(_)))
+        || (head.upgrade && site.ws_route(path).is_some())
 }
 
 /// Runs the plugins for a request and writes their response; decides keep-alive.
@@ -490,7 +514,8 @@ async fn refuse<S: Site, T>(
 ) -> io::Result<Option<T>> {
     let (status, text) = r.status();
     log::debug!("connection {}: answering {status} {text}", conn.id);
-    site.with_date(|d| write_refusal(&mut b.out, r, d));
+    let version = b.version;
+    site.with_date(|d| write_refusal(&mut b.out, r, version, d));
     flush(site, conn, &mut b.out).await?;
     let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
     linger(&conn.stream).await;

@@ -152,7 +152,7 @@ pub fn parse_head(
         query: span(base, query.as_bytes()),
         version,
         body: fields.body()?,
-        keep_alive: fields.keep_alive,
+        keep_alive: fields.keeps_alive(),
         expect_continue: fields.expect_continue,
         is_head: method == "HEAD",
         upgrade: fields.upgrade_websocket && fields.connection_upgrade && method == "GET",
@@ -169,6 +169,8 @@ struct Fields {
     has_te: bool,
     has_host: bool,
     keep_alive: bool,
+    /// `Connection: close` was among the tokens: it wins over `keep-alive`.
+    close: bool,
     expect_continue: bool,
     upgrade_websocket: bool,
     connection_upgrade: bool,
@@ -185,6 +187,7 @@ impl Fields {
             has_te: false,
             has_host: false,
             keep_alive: version == HttpVersion::Http11,
+            close: false,
             expect_continue: false,
             upgrade_websocket: false,
             connection_upgrade: false,
@@ -217,6 +220,10 @@ impl Fields {
                 self.chunked = true;
             }
         } else if name.eq_ignore_ascii_case("host") {
+            // RFC 9112 3.2: more than one Host is a bad request.
+            if self.has_host {
+                return Err(Refusal::BadRequest);
+            }
             self.has_host = true;
         } else if name.eq_ignore_ascii_case("connection") {
             self.connection(h.value);
@@ -241,13 +248,19 @@ impl Fields {
         for token in value.split(|&b| b == b',') {
             let token = token.trim_ascii();
             if token.eq_ignore_ascii_case(b"close") {
-                self.keep_alive = false;
+                self.close = true;
             } else if token.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
             } else if token.eq_ignore_ascii_case(b"upgrade") {
                 self.connection_upgrade = true;
             }
         }
+    }
+
+    /// Whether the connection stays open: `close` wins over `keep-alive`, and an HTTP/1.0
+    /// request with a transfer coding closes (RFC 9112 6.1).
+    fn keeps_alive(&self) -> bool {
+        self.keep_alive && !self.close && !(self.version == HttpVersion::Http10 && self.has_te)
     }
 
     /// The body's framing, once every header was read; refuses conflicting framings and an
@@ -328,6 +341,25 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn http_deviations_are_refused_or_closed() {
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            Refusal::BadRequest
+        );
+        let h = parse("GET / HTTP/1.1\r\nHost: h\r\nConnection: close, keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = parse(
+            "POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(h.body, BodyKind::Chunked);
     }
 
     #[test]

@@ -129,9 +129,13 @@ pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8
 }
 
 /// Appends the answer to refused input: a plain-text status, and the connection closes.
-pub fn write_refusal(out: &mut Vec<u8>, r: Refusal, date: &[u8]) {
+/// It answers in the request's version when the head was read (HTTP/1.1 before that).
+pub fn write_refusal(out: &mut Vec<u8>, r: Refusal, version: HttpVersion, date: &[u8]) {
     let (status, text) = r.status();
-    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(match version {
+        HttpVersion::Http10 => b"HTTP/1.0 ",
+        HttpVersion::Http11 => b"HTTP/1.1 ",
+    });
     push_u64(out, status as u64);
     out.push(b' ');
     out.extend_from_slice(text.as_bytes());
