@@ -398,3 +398,61 @@ fn a_client_that_never_reads_its_response_is_cut_after_the_send_timeout() {
     assert!(got < 20_000_000, "got {got} bytes");
     server.assert_serving();
 }
+
+/// A connection that sends nothing is closed after the header timeout, not held for the
+/// keep-alive timeout.
+#[test]
+fn a_silent_connection_is_closed_after_the_header_timeout() {
+    let server = Config::hello()
+        .limit("header_read_timeout_ms", 300)
+        .limit("keepalive_timeout_ms", 60_000)
+        .start();
+    let conn = server.conn();
+    conn.stream()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut conn.stream(), &mut buf);
+    assert!(
+        matches!(n, Ok(0)) && started.elapsed() < Duration::from_secs(20),
+        "{n:?} after {:?}",
+        started.elapsed()
+    );
+    server.assert_serving();
+}
+
+/// Out of file descriptors, the server closes its longest-idle keep-alive connections to
+/// make room for new clients, and says so once a second.
+#[test]
+fn out_of_descriptors_the_oldest_idle_connections_make_room() {
+    let server = Config::hello().workers(1).start();
+    let pid = server.server_pid().to_string();
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=48:48"])
+        .status()
+        .expect("prlimit runs");
+    assert!(status.success());
+    // Each client makes a request and stays, idle: past 48 descriptors, new clients are
+    // only served because old idle ones are closed.
+    let mut clients = Vec::new();
+    for i in 0..80 {
+        let mut c = server.conn();
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let resp = c
+            .try_send(get_request("/hello"))
+            .map_err(|e| e.to_string())
+            .and_then(|()| c.try_read_response(false));
+        match resp {
+            Ok(r) => assert_eq!(r.status, 200, "client {i}: {r:?}"),
+            Err(e) => panic!("client {i} was not served: {e}\n{}", server.logs()),
+        }
+        clients.push(c);
+    }
+    server.wait_for_log(
+        "idle keep-alive connection(s) to make room",
+        Duration::from_secs(10),
+    );
+}

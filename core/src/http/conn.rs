@@ -77,6 +77,8 @@ struct Buffers {
     budget: Budget,
     /// The version of the request being answered (for refusals).
     version: HttpVersion,
+    /// Requests answered on this connection.
+    served: u64,
 }
 
 /// Where a request's body is.
@@ -112,6 +114,7 @@ pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
         resp: Response::new(),
         budget: Budget::new(site.body_budget().clone(), limits.max_inflight_body_bytes),
         version: HttpVersion::Http11,
+        served: 0,
     };
     let peer = peer.to_string();
     if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
@@ -135,6 +138,7 @@ async fn serve_requests<S: Site>(
         let limits = site.limits();
         b.budget.set_max(limits.max_inflight_body_bytes);
         b.version = head.version;
+        b.served += 1;
         conn.set_phase(Phase::Busy, site.now());
         let Some(body) = read_body(site, conn, b, &head, &limits).await? else {
             return Ok(());
@@ -194,7 +198,9 @@ async fn read_head<S: Site>(site: &S, conn: &Conn, b: &mut Buffers) -> io::Resul
         if idle && site.close_idle() {
             return Ok(None);
         }
-        let phase = if idle {
+        // Waiting between two requests is idle (keep-alive timeout); a connection that has
+        // sent nothing yet is reading its first head (header timeout), silent or not.
+        let phase = if idle && b.served > 0 {
             Phase::Idle
         } else {
             Phase::ReadingHead

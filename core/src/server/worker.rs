@@ -93,6 +93,8 @@ pub struct Worker {
     /// Draining closes idle keep-alive connections at once (not on a handover).
     close_idle: Cell<bool>,
     stats: Arc<Stats>,
+    /// Failed accepts, for a log line a second.
+    accept_failures: AcceptFailures,
     /// Connections closed since memory was last handed back.
     closed_since_trim: Cell<u64>,
     /// Bumped by every reload, so WebSocket bindings resolve again.
@@ -275,6 +277,23 @@ impl Worker {
             self.date.borrow_mut().copy_from_slice(date.as_bytes());
             self.date_secs.set(coarse_unix_secs());
         }
+    }
+
+    /// Closes up to `n` idle keep-alive connections, the longest idle first; returns how many.
+    fn shed_idle(&self, n: usize) -> usize {
+        let mut idle: Vec<Rc<Conn>> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.phase() == Phase::Idle && !c.timed_out())
+            .cloned()
+            .collect();
+        idle.sort_by_key(|c| c.since());
+        idle.truncate(n);
+        for c in &idle {
+            c.cut();
+        }
+        idle.len()
     }
 
     /// After many connections closed, hands the memory malloc keeps for them back to the
@@ -548,6 +567,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 draining: Cell::new(false),
                 close_idle: Cell::new(false),
                 stats,
+                accept_failures: AcceptFailures::default(),
                 closed_since_trim: Cell::new(0),
                 generation: Cell::new(0),
                 ws_bindings: RefCell::new(HashMap::new()),
@@ -693,9 +713,18 @@ async fn accept_loop(
                 }
             }
             Err(e) => {
-                // Out of file descriptors and the like: say so, back off, keep going.
-                log::error!("worker {}: accept failed: {e}", worker.id());
-                Timer::after(Duration::from_millis(50)).await;
+                // Out of file descriptors: the oldest idle keep-alive connections make room
+                // for new clients. Anything else: back off. Either way, say so once a second.
+                let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                let shed = if out_of_fds {
+                    worker.shed_idle(SHED_BATCH)
+                } else {
+                    0
+                };
+                worker
+                    .accept_failures
+                    .note(worker.id(), &e, shed, worker.now.get());
+                Timer::after(Duration::from_millis(if shed > 0 { 1 } else { 50 })).await;
             }
         }
     }
@@ -727,6 +756,38 @@ impl Drop for Listed {
                 .my_stats()
                 .connections
                 .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Idle keep-alive connections closed at a time when the process runs out of descriptors.
+const SHED_BATCH: usize = 16;
+
+/// Failed accepts, logged at most once a second with how many there were.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    since: Cell<Option<Instant>>,
+    count: Cell<u64>,
+    shed: Cell<u64>,
+}
+
+impl AcceptFailures {
+    fn note(&self, worker: u32, e: &std::io::Error, shed: usize, now: Instant) {
+        self.count.set(self.count.get() + 1);
+        self.shed.set(self.shed.get() + shed as u64);
+        let due = self
+            .since
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if due {
+            log::error!(
+                "worker {worker}: accept failed {} time(s) in the last second: {e}; closed {} idle keep-alive connection(s) to make room",
+                self.count.get(),
+                self.shed.get()
+            );
+            self.since.set(Some(now));
+            self.count.set(0);
+            self.shed.set(0);
         }
     }
 }
