@@ -440,3 +440,30 @@ fn a_runtime_folder_others_can_write_is_refused() {
     assert!(stderr.contains("runtime folder"), "{stderr}");
     assert!(stderr.contains("mode 0777"), "{stderr}");
 }
+
+/// A panic storm: every panic is answered and counted, but the log says the same thing only
+/// a few times a second, then how many more there were.
+#[test]
+fn a_panic_storm_is_logged_a_few_times_a_second() {
+    let a = artifacts();
+    let server = Config::hello()
+        .workers(1)
+        .plugin("panicky", &a.panicky)
+        .route("/panic", "panicky.panicky")
+        .start();
+    let mut conn = server.conn();
+    for _ in 0..2000 {
+        let resp = conn.request(get_request("/panic"));
+        assert_eq!(resp.status, 500);
+    }
+    server.wait_for_log("more like this in the last second", LOG_WAIT);
+    let logs = server.logs();
+    let lines = logs
+        .lines()
+        .filter(|l| l.contains("asked to panic"))
+        .count();
+    // 2000 panics; at most 5 lines a second of them, plus the summaries.
+    assert!(lines < 100, "{lines} log lines for 2000 panics");
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(info.stdout.contains("panics: 2000"), "{}", info.stdout);
+}
