@@ -331,3 +331,32 @@ fn stop_and_info_work_with_a_config_that_no_longer_validates() {
     assert!(stop.status.success(), "{stop:?}");
     assert!(stop.stdout.contains("plughost stopped"), "{stop:?}");
 }
+
+/// 20 requests on 20 connections while both workers are busy: SIGTERM serves every one the
+/// kernel already accepted (those in the listen backlog too) before the server exits.
+#[test]
+fn sigterm_serves_the_connections_waiting_in_the_backlog() {
+    let mut server = Config::full().max_wait_time(20).start();
+    let addr = server.addr();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = common::Conn::connect(addr);
+                c.try_send(get_request("/slow?ms=200"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| c.try_read_response(false))
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    // Both workers are inside a slow handler; the other connections wait in the backlog.
+    assert!(
+        server.wait_for_log_matching(LOG_WAIT, |t| t.matches("slow handler entered").count() >= 2)
+    );
+    server.signal(libc::SIGTERM);
+    let statuses: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok = statuses.iter().filter(|s| **s == Ok(200)).count();
+    assert_eq!(ok, 20, "{statuses:?}\n{}", server.logs());
+    let status = server.wait_exit(Duration::from_secs(30)).expect("stopped");
+    assert!(status.success(), "{}", server.logs());
+}

@@ -195,7 +195,9 @@ async fn read_head<S: Site>(site: &S, conn: &Conn, b: &mut Buffers) -> io::Resul
         // Responses to pipelined requests go out before we wait for more input.
         flush(site, conn, &mut b.out).await?;
         let idle = b.read.pending().is_empty();
-        if idle && site.close_idle() {
+        // A stop closes connections between two requests; one that has not sent its first
+        // request yet (from the listen backlog) is read and answered.
+        if idle && b.served > 0 && site.close_idle() {
             return Ok(None);
         }
         // Waiting between two requests is idle (keep-alive timeout); a connection that has

@@ -613,7 +613,8 @@ async fn run(
     };
     worker.lobby().set_pulse(reactor::pulse());
     let _ = ready.send((worker.id(), Ok(())));
-    let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener));
+    let listener = Rc::new(listener);
+    let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener.clone()));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
     let _heartbeat = ex.spawn(heartbeat(worker.clone()));
     worker.my_stats().accepting.store(true, Ordering::Relaxed);
@@ -624,8 +625,20 @@ async fn run(
             Err(_) => break Shutdown::Fast,
         }
     };
-    // Stop accepting: dropping the task drops the listener.
+    // Stop accepting.
     drop(accept);
+    if let Shutdown::Graceful(_) = stop {
+        // Connections the kernel already accepted wait in the listen backlog: serve them
+        // (their responses say `connection: close`) instead of letting them be reset.
+        let n = drain_backlog(&ex, &worker, &listener);
+        if n > 0 {
+            log::info!(
+                "worker {}: serving {n} connection(s) from the listen backlog before stopping",
+                worker.id()
+            );
+        }
+    }
+    drop(listener);
     worker.my_stats().accepting.store(false, Ordering::Relaxed);
     worker.draining.set(true);
     let (deadline, close_idle) = match stop {
@@ -688,10 +701,25 @@ fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control
     }
 }
 
+/// Accepts every connection waiting in the listen backlog now; returns how many.
+fn drain_backlog(
+    ex: &Rc<LocalExecutor<'static>>,
+    worker: &Rc<Worker>,
+    listener: &Async<TcpListener>,
+) -> usize {
+    let mut n = 0;
+    // The listener is nonblocking: this stops at the first WouldBlock.
+    while let Ok((stream, peer)) = listener.get_ref().accept() {
+        adopt(ex, worker, stream, peer, Origin::Accepted);
+        n += 1;
+    }
+    n
+}
+
 async fn accept_loop(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    listener: Async<TcpListener>,
+    listener: Rc<Async<TcpListener>>,
 ) {
     loop {
         match listener.accept_std().await {
