@@ -660,7 +660,7 @@ fn an_idle_worker_takes_over_connections_waiting_on_a_stuck_one() {
     let info = worker_info(&server);
     assert!(
         info.iter()
-            .any(|l| !l.starts_with(&format!("{w}:")) && l.ends_with(" 1 connections taken over")),
+            .any(|l| !l.starts_with(&format!("{w}:")) && l.contains(" 1 connections taken over")),
         "{info:?}"
     );
     server.assert_serving();
@@ -849,4 +849,39 @@ fn raising_max_header_bytes_by_reload_reaches_open_connections() {
         (200, HELLO_BODY),
         "{resp:?}"
     );
+}
+
+/// New connections that land in a stuck worker's listen backlog are accepted and served by
+/// an idle worker, while the stuck one is still inside its slow handler.
+#[test]
+fn an_idle_worker_serves_new_connections_waiting_in_a_stuck_workers_backlog() {
+    let server = Config::full().workers(2).start();
+    let mut slow = server.conn();
+    slow.send(get_request("/slow?ms=3000"));
+    server.wait_for_log(
+        "slow handler entered: sleeping 3000 ms",
+        Duration::from_secs(10),
+    );
+    // 20 new connections: about half hash to the stuck worker's socket.
+    for i in 0..20 {
+        let resp = server.get("/hello");
+        assert_eq!(resp.status, 200, "connection {i}: {resp:?}");
+    }
+    // All answered while the slow handler still runs: its response has not come.
+    slow.stream().set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let pending = slow.stream().peek(&mut byte);
+    assert!(
+        matches!(&pending, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the slow response came before the new connections were answered: {pending:?}"
+    );
+    slow.stream().set_nonblocking(false).unwrap();
+    let info = worker_info(&server);
+    assert!(
+        info.iter()
+            .any(|l| !l.contains(" 0 accepted from a stalled worker's backlog")),
+        "{info:?}"
+    );
+    let resp = slow.read_response();
+    assert_eq!((resp.status, resp.text().as_str()), (200, "slept 3000\n"));
 }

@@ -23,6 +23,8 @@ pub struct WorkerStats {
     pub recycles: AtomicU64,
     /// Keep-alive connections this worker took over from a stalled one.
     pub taken_over: AtomicU64,
+    /// New connections this worker accepted from a stalled one's listen backlog.
+    pub from_backlog: AtomicU64,
     /// Whether it accepts connections (false once it stops), so a stopping worker waits
     /// for those its peers may still hand it.
     pub accepting: AtomicBool,

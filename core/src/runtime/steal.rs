@@ -83,12 +83,26 @@ struct Entry {
 pub struct Lobby {
     pulse: OnceLock<Arc<Pulse>>,
     conns: Mutex<HashMap<u64, Entry>>,
+    /// The worker's listening socket, while it accepts: connections waiting in its backlog
+    /// can be accepted by another worker while this one is stuck.
+    listener: Mutex<Option<RawFd>>,
 }
 
 impl Lobby {
     /// Publishes the worker's event loop, once it runs.
     pub fn set_pulse(&self, pulse: Arc<Pulse>) {
         let _ = self.pulse.set(pulse);
+    }
+
+    /// Publishes the worker's listening socket (`None` before it is closed: after that no
+    /// other worker uses the descriptor).
+    pub fn set_listener(&self, fd: Option<RawFd>) {
+        *self.listener.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+    }
+
+    /// Whether the worker is asleep in `epoll_wait`: idle, neither busy nor stuck.
+    pub fn idle(&self) -> bool {
+        self.pulse.get().is_some_and(|p| p.waiting())
     }
 
     /// Lists connection `id`.
@@ -178,6 +192,29 @@ pub fn take_from(from: &Lobby, scratch: &mut Scratch) -> Vec<Taken> {
         });
     }
     taken
+}
+
+/// Accepts up to `max` connections waiting in the backlog of `from`'s listening socket (its
+/// worker is stuck, so nobody else would).
+pub fn accept_from(from: &Lobby, max: usize) -> Vec<(TcpStream, SocketAddr)> {
+    let mut accepted = Vec::new();
+    // Never wait for the owner.
+    let Ok(listener) = from.listener.try_lock() else {
+        return accepted;
+    };
+    let Some(fd) = *listener else {
+        return accepted;
+    };
+    // SAFETY: the descriptor stays open while we hold the lock (its owner unpublishes it
+    // before closing it); ManuallyDrop never closes it here. It is nonblocking.
+    let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    while accepted.len() < max {
+        match l.accept() {
+            Ok(conn) => accepted.push(conn),
+            Err(_) => break,
+        }
+    }
+    accepted
 }
 
 /// What an idle worker knows of the others' event loops.

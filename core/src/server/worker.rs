@@ -13,6 +13,7 @@ use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     panic::AssertUnwindSafe,
     rc::Rc,
     sync::{
@@ -126,6 +127,8 @@ impl Worker {
     }
 
     /// The worker to hand a new connection to, when this one has two more than it.
+    /// Only an idle worker (asleep in `epoll_wait`) gets one: a busy or stuck worker with few
+    /// connections is not lightly loaded.
     fn lighter_peer(&self) -> Option<usize> {
         let mine = self.my_stats().connections.load(Ordering::Relaxed);
         let (id, least) = self
@@ -133,6 +136,7 @@ impl Worker {
             .workers
             .iter()
             .enumerate()
+            .filter(|(i, _)| self.lobbies[*i].idle())
             .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
             .min_by_key(|(_, c)| *c)?;
         (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
@@ -156,9 +160,20 @@ impl Worker {
         }
         let me = self.info.id as usize;
         watch.check(me, &self.lobbies, Duration::from_micros(after), |from| {
+            // New connections waiting in the stuck worker's listen backlog are served here.
+            let accepted = steal::accept_from(&self.lobbies[from], BACKLOG_BATCH);
+            let from_backlog = accepted.len();
+            if from_backlog > 0 {
+                self.my_stats()
+                    .from_backlog
+                    .fetch_add(from_backlog as u64, Ordering::Relaxed);
+            }
+            for (stream, peer) in accepted {
+                adopt(ex, self, stream, peer, Origin::Accepted);
+            }
             let taken = steal::take_from(&self.lobbies[from], scratch);
             if taken.is_empty() {
-                return 0;
+                return from_backlog;
             }
             log::trace!(
                 "worker {me}: took over {} connection(s) from stalled worker {from}",
@@ -175,7 +190,7 @@ impl Worker {
                 let _ = self.peers[from].try_send(Control::Released(t.id));
                 adopt(ex, self, t.stream, t.peer, Origin::TakenOver);
             }
-            n as usize
+            n as usize + from_backlog
         })
     }
 
@@ -614,6 +629,9 @@ async fn run(
     worker.lobby().set_pulse(reactor::pulse());
     let _ = ready.send((worker.id(), Ok(())));
     let listener = Rc::new(listener);
+    worker
+        .lobby()
+        .set_listener(Some(listener.get_ref().as_raw_fd()));
     let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener.clone()));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
     let _heartbeat = ex.spawn(heartbeat(worker.clone()));
@@ -638,6 +656,8 @@ async fn run(
             );
         }
     }
+    // No other worker may use the descriptor once it is closed.
+    worker.lobby().set_listener(None);
     drop(listener);
     worker.my_stats().accepting.store(false, Ordering::Relaxed);
     worker.draining.set(true);
@@ -787,6 +807,9 @@ impl Drop for Listed {
         }
     }
 }
+
+/// Connections accepted at a time from a stuck worker's listen backlog.
+const BACKLOG_BATCH: usize = 64;
 
 /// Idle keep-alive connections closed at a time when the process runs out of descriptors.
 const SHED_BATCH: usize = 16;
