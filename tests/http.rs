@@ -718,7 +718,10 @@ fn connections_taken_over_under_load_each_get_their_own_answers() {
     let taken: u64 = worker_info(&server)
         .iter()
         .map(|l| {
-            let n = l.rsplit(", ").next().unwrap();
+            let n = l
+                .split(", ")
+                .find(|part| part.ends_with("connections taken over"))
+                .unwrap();
             n.split_whitespace().next().unwrap().parse::<u64>().unwrap()
         })
         .sum();
