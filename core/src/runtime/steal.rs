@@ -100,9 +100,10 @@ impl Lobby {
         *self.listener.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 
-    /// Whether the worker is asleep in `epoll_wait`: idle, neither busy nor stuck.
-    pub fn idle(&self) -> bool {
-        self.pulse.get().is_some_and(|p| p.waiting())
+    /// The worker's event loop as seen now: whether it sleeps in `epoll_wait`, and its turn
+    /// count (which stands still while it is stuck).
+    pub fn pulse_now(&self) -> Option<(bool, u64)> {
+        self.pulse.get().map(|p| (p.waiting(), p.turns()))
     }
 
     /// Lists connection `id`.

@@ -94,6 +94,8 @@ pub struct Worker {
     /// Draining closes idle keep-alive connections at once (not on a handover).
     close_idle: Cell<bool>,
     stats: Arc<Stats>,
+    /// Each peer's turn count and when this worker saw it change, to tell a stuck peer.
+    peer_turns: RefCell<Vec<(u64, Instant)>>,
     /// Failed accepts, for a log line a second.
     accept_failures: AcceptFailures,
     /// Connections closed since memory was last handed back.
@@ -127,8 +129,8 @@ impl Worker {
     }
 
     /// The worker to hand a new connection to, when this one has two more than it.
-    /// Only an idle worker (asleep in `epoll_wait`) gets one: a busy or stuck worker with few
-    /// connections is not lightly loaded.
+    /// Never a stuck worker (awake, its event loop standing still for `steal_after_us`): its
+    /// few connections do not make it lightly loaded.
     fn lighter_peer(&self) -> Option<usize> {
         let mine = self.my_stats().connections.load(Ordering::Relaxed);
         let (id, least) = self
@@ -136,10 +138,29 @@ impl Worker {
             .workers
             .iter()
             .enumerate()
-            .filter(|(i, _)| self.lobbies[*i].idle())
+            .filter(|(i, _)| !self.stuck(*i))
             .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
             .min_by_key(|(_, c)| *c)?;
         (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
+    }
+
+    /// Whether worker `i` seems stuck: awake, and its event loop has not turned since this
+    /// worker looked at least `steal_after_us` ago.
+    fn stuck(&self, i: usize) -> bool {
+        let Some((waiting, turns)) = self.lobbies[i].pulse_now() else {
+            return false;
+        };
+        let now = self.now.get();
+        let mut seen = self.peer_turns.borrow_mut();
+        let Some(last) = seen.get_mut(i) else {
+            return false;
+        };
+        if waiting || last.0 != turns {
+            *last = (turns, now);
+            return false;
+        }
+        let after = Duration::from_micros(self.plan.borrow().steal_after_us.max(1));
+        now.duration_since(last.1) >= after
     }
 
     fn lobby(&self) -> &Arc<Lobby> {
@@ -565,6 +586,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                     return;
                 }
             };
+            let n_workers = lobbies.len();
             let worker = Rc::new(Worker {
                 info,
                 plan: RefCell::new(plan),
@@ -582,6 +604,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 draining: Cell::new(false),
                 close_idle: Cell::new(false),
                 stats,
+                peer_turns: RefCell::new(vec![(0, Instant::now()); n_workers]),
                 accept_failures: AcceptFailures::default(),
                 closed_since_trim: Cell::new(0),
                 generation: Cell::new(0),
