@@ -25,6 +25,9 @@ pub struct WorkerStats {
     pub taken_over: AtomicU64,
     /// New connections this worker accepted from a stalled one's listen backlog.
     pub from_backlog: AtomicU64,
+    /// Whether it is inside a call into plugin code for a request (which may take long):
+    /// other workers hand it no new connection then.
+    pub in_call: AtomicBool,
     /// Whether it accepts connections (false once it stops), so a stopping worker waits
     /// for those its peers may still hand it.
     pub accepting: AtomicBool,

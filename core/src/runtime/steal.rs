@@ -100,12 +100,6 @@ impl Lobby {
         *self.listener.lock().unwrap_or_else(|e| e.into_inner()) = fd;
     }
 
-    /// The worker's event loop as seen now: whether it sleeps in `epoll_wait`, and its turn
-    /// count (which stands still while it is stuck).
-    pub fn pulse_now(&self) -> Option<(bool, u64)> {
-        self.pulse.get().map(|p| (p.waiting(), p.turns()))
-    }
-
     /// Lists connection `id`.
     pub fn enter(&self, id: u64, fd: RawFd, peer: SocketAddr, claim: Arc<Claim>) {
         self.lock().insert(id, Entry { fd, peer, claim });

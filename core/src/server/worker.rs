@@ -94,8 +94,6 @@ pub struct Worker {
     /// Draining closes idle keep-alive connections at once (not on a handover).
     close_idle: Cell<bool>,
     stats: Arc<Stats>,
-    /// Each peer's turn count and when this worker saw it change, to tell a stuck peer.
-    peer_turns: RefCell<Vec<(u64, Instant)>>,
     /// Failed accepts, for a log line a second.
     accept_failures: AcceptFailures,
     /// Connections closed since memory was last handed back.
@@ -129,8 +127,8 @@ impl Worker {
     }
 
     /// The worker to hand a new connection to, when this one has two more than it.
-    /// Never a stuck worker (awake, its event loop standing still for `steal_after_us`): its
-    /// few connections do not make it lightly loaded.
+    /// Never a worker inside a plugin call: it may be stuck there, and a connection handed
+    /// to it waits in its channel where no other worker can take it over.
     fn lighter_peer(&self) -> Option<usize> {
         let mine = self.my_stats().connections.load(Ordering::Relaxed);
         let (id, least) = self
@@ -138,29 +136,10 @@ impl Worker {
             .workers
             .iter()
             .enumerate()
-            .filter(|(i, _)| !self.stuck(*i))
+            .filter(|(_, w)| !w.in_call.load(Ordering::Relaxed))
             .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
             .min_by_key(|(_, c)| *c)?;
         (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
-    }
-
-    /// Whether worker `i` seems stuck: awake, and its event loop has not turned since this
-    /// worker looked at least `steal_after_us` ago.
-    fn stuck(&self, i: usize) -> bool {
-        let Some((waiting, turns)) = self.lobbies[i].pulse_now() else {
-            return false;
-        };
-        let now = self.now.get();
-        let mut seen = self.peer_turns.borrow_mut();
-        let Some(last) = seen.get_mut(i) else {
-            return false;
-        };
-        if waiting || last.0 != turns {
-            *last = (turns, now);
-            return false;
-        }
-        let after = Duration::from_micros(self.plan.borrow().steal_after_us.max(1));
-        now.duration_since(last.1) >= after
     }
 
     fn lobby(&self) -> &Arc<Lobby> {
@@ -176,15 +155,26 @@ impl Worker {
         scratch: &mut Scratch,
     ) -> Option<Duration> {
         let after = self.plan.borrow().steal_after_us;
-        if after == 0 || self.draining() {
+        if after == 0 || self.draining() || self.lobbies.len() < 2 {
             return None;
         }
         let me = self.info.id as usize;
-        watch.check(me, &self.lobbies, Duration::from_micros(after), |from| {
+        // At most one new connection from stuck workers' backlogs per look: this worker may
+        // get stuck with it, and those behind it should go to other idle workers.
+        let mut took_new = false;
+        let next = watch.check(me, &self.lobbies, Duration::from_micros(after), |from| {
             // New connections waiting in the stuck worker's listen backlog are served here.
-            let accepted = steal::accept_from(&self.lobbies[from], BACKLOG_BATCH);
+            let accepted = if took_new {
+                Vec::new()
+            } else {
+                steal::accept_from(&self.lobbies[from], BACKLOG_BATCH)
+            };
             let from_backlog = accepted.len();
             if from_backlog > 0 {
+                took_new = true;
+                log::trace!(
+                    "worker {me}: accepted {from_backlog} from stalled worker {from}'s backlog"
+                );
                 self.my_stats()
                     .from_backlog
                     .fetch_add(from_backlog as u64, Ordering::Relaxed);
@@ -212,7 +202,10 @@ impl Worker {
                 adopt(ex, self, t.stream, t.peer, Origin::TakenOver);
             }
             n as usize + from_backlog
-        })
+        });
+        // Every other worker sleeps now, but one may wake and get stuck with connections in
+        // its backlog: look again in a while rather than sleep until this worker has work.
+        Some(next.unwrap_or(IDLE_LOOK).min(IDLE_LOOK))
     }
 
     fn create_instances(&self) -> Option<Instances> {
@@ -504,6 +497,7 @@ impl http::Site for Worker {
     fn dispatch(&self, req: &Request<'_>, route: &Match, resp: &mut Response) {
         let stats = self.my_stats();
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        let _in_call = InCall::enter(stats);
         let mut slot = self.instances.borrow_mut();
         if slot.is_none() {
             *slot = self.create_instances();
@@ -586,7 +580,6 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                     return;
                 }
             };
-            let n_workers = lobbies.len();
             let worker = Rc::new(Worker {
                 info,
                 plan: RefCell::new(plan),
@@ -604,7 +597,6 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 draining: Cell::new(false),
                 close_idle: Cell::new(false),
                 stats,
-                peer_turns: RefCell::new(vec![(0, Instant::now()); n_workers]),
                 accept_failures: AcceptFailures::default(),
                 closed_since_trim: Cell::new(0),
                 generation: Cell::new(0),
@@ -771,6 +763,10 @@ async fn accept_loop(
                 // a worker with two more connections than another hands the new one over.
                 let Some(to) = worker.lighter_peer() else {
                     adopt(&ex, &worker, stream, peer, Origin::Accepted);
+                    // Its request runs before the next accept: should it be slow, the
+                    // connections behind it wait in the listen backlog, where an idle worker
+                    // takes them, not in this worker's list behind it.
+                    futures_lite::future::yield_now().await;
                     continue;
                 };
                 // Counted for the receiver now, so the next decision already sees it.
@@ -798,6 +794,22 @@ async fn accept_loop(
                 Timer::after(Duration::from_millis(if shed > 0 { 1 } else { 50 })).await;
             }
         }
+    }
+}
+
+/// While this lives, the worker counts as inside a plugin call.
+struct InCall<'a>(&'a WorkerStats);
+
+impl<'a> InCall<'a> {
+    fn enter(stats: &'a WorkerStats) -> InCall<'a> {
+        stats.in_call.store(true, Ordering::Relaxed);
+        InCall(stats)
+    }
+}
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.in_call.store(false, Ordering::Relaxed);
     }
 }
 
@@ -831,8 +843,14 @@ impl Drop for Listed {
     }
 }
 
-/// Connections accepted at a time from a stuck worker's listen backlog.
-const BACKLOG_BATCH: usize = 64;
+/// The longest an idle worker sleeps before it looks at the others again (while take-over is
+/// on and there are others).
+const IDLE_LOOK: Duration = Duration::from_millis(20);
+
+/// Connections accepted at a time from a stuck worker's listen backlog: one, so that a slow
+/// request taken over does not hold the others up behind it on the taker; other idle
+/// workers (or this one, on its next look) take the rest.
+const BACKLOG_BATCH: usize = 1;
 
 /// Idle keep-alive connections closed at a time when the process runs out of descriptors.
 const SHED_BATCH: usize = 16;
