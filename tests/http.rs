@@ -62,11 +62,11 @@ fn path_params_prefix_routes_and_queries() {
         (200, "hello, ada!\n"),
         "{resp:?}"
     );
-    // Parameters are passed still percent-encoded.
+    // Parameters are passed percent-decoded.
     let resp = server.get("/hello/a%20b");
     assert_eq!(
         (resp.status, resp.text().as_str()),
-        (200, "hello, a%20b!\n"),
+        (200, "hello, a b!\n"),
         "{resp:?}"
     );
     // The query is not part of the path that is routed.
@@ -887,4 +887,36 @@ fn an_idle_worker_serves_new_connections_waiting_in_a_stuck_workers_backlog() {
     );
     let resp = slow.read_response();
     assert_eq!((resp.status, resp.text().as_str()), (200, "slept 3000\n"));
+}
+
+#[test]
+fn paths_are_normalized_before_routing_and_params_decoded() {
+    let a = crate::common::artifacts();
+    let server = Config::hello()
+        .plugin("panicky", &a.panicky)
+        .route("/count/*", "panicky.panicky")
+        .start();
+    // Dot segments go before routing: this is /hello, not /static/*.
+    let resp = server.get("/static/../hello");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, HELLO_BODY),
+        "{resp:?}"
+    );
+    // Encoded dots climbing above the root are refused.
+    let resp = server.get("/static/%2e%2e/%2e%2e/etc/passwd");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    let resp = server.get("/../hello");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    // Route parameters reach the plugin decoded.
+    let resp = server.get("/hello/ada%20lovelace");
+    assert_eq!(resp.text(), "hello, ada lovelace!\n", "{resp:?}");
+    // The plugin sees the normalized path, and the target as sent.
+    let resp = server.get("/count/./a/%62?q=%2e");
+    assert_eq!(resp.header("x-path"), Some("/count/a/b"), "{resp:?}");
+    assert_eq!(
+        resp.header("x-target"),
+        Some("/count/./a/%62?q=%2e"),
+        "{resp:?}"
+    );
 }

@@ -142,7 +142,7 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
         std::fs::copy(root.join("plugin-api/src").join(f), api.join("src").join(f)).unwrap();
     }
     // The workspace's dependencies of plugin-api, spelled out (the copy is not in the workspace).
-    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n\
         [dependencies]\nabi_stable = \"0.11.3\"\nserde = { version = \"1\", features = [\"derive\"] }\n\
         ron = \"0.8\"\nlog = { version = \"0.4\", features = [\"std\"] }\n";
     std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
@@ -178,7 +178,7 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
     let logs = server.logs();
     assert!(logs.contains("incompatible plugin ABI"), "{logs}");
     assert!(logs.contains("fields only in the plugin: extra"), "{logs}");
-    assert!(logs.contains("plugin-api 0.1.0"), "{logs}");
+    assert!(logs.contains("plugin-api 0.2.0"), "{logs}");
     assert!(
         logs.lines().count() < 200,
         "the layout dump must be cut:\n{logs}"

@@ -129,6 +129,7 @@ fn with_request<R>(f: impl FnOnce(&Request<'_>) -> R) -> R {
         method: "POST".into(),
         path: "/hello".into(),
         query: "".into(),
+        target: "/hello".into(),
         version: HttpVersion::Http11,
         headers: RSlice::from_slice(&headers),
         params: RSlice::from_slice(&[]),

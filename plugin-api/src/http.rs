@@ -40,7 +40,8 @@ impl<'a> Header<'a> {
 pub struct Param<'a> {
     /// The name between the braces in the route.
     pub name: RStr<'a>,
-    /// The matched path segment (still percent-encoded).
+    /// The matched path segment, percent-decoded (kept encoded when it would not decode to
+    /// UTF-8).
     pub value: RStr<'a>,
 }
 
@@ -50,10 +51,13 @@ pub struct Param<'a> {
 pub struct Request<'a> {
     /// `GET`, `POST`, ...
     pub method: RStr<'a>,
-    /// The path, without the query.
+    /// The path, without the query, normalized before routing: percent-encoded unreserved
+    /// characters decoded and dot segments removed (`/a/../b` is `/b`); other escapes stay.
     pub path: RStr<'a>,
     /// The raw query string after `?`, empty when there is none.
     pub query: RStr<'a>,
+    /// The request target exactly as the client sent it (path and query).
+    pub target: RStr<'a>,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: HttpVersion,
     /// The headers in the order received.
@@ -318,6 +322,7 @@ mod tests {
             method: "GET".into(),
             path: "/".into(),
             query: "a=1&flag&b=x%20y".into(),
+            target: "/?a=1&flag&b=x%20y".into(),
             version: HttpVersion::Http11,
             headers: RSlice::from_slice(&[]),
             params: RSlice::from_slice(&[]),

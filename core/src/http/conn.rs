@@ -22,7 +22,9 @@ use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
 
 use super::{
     body::{read_chunked, read_into, read_some, Budget, ReadBuf},
-    parse::{parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal},
+    parse::{
+        decode_param, normalize_path, parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal,
+    },
     write::{connection_header, write_refusal, write_response, Framing},
 };
 use crate::{
@@ -79,6 +81,13 @@ struct Buffers {
     version: HttpVersion,
     /// Requests answered on this connection.
     served: u64,
+    /// The request's path after normalization, when it differs from the one sent.
+    path: String,
+    /// Whether `path` is the one to route (else the head's own).
+    normalized: bool,
+    /// Percent-decoded path parameter values, and their ranges in it.
+    param_text: String,
+    param_ranges: Vec<Option<(u32, u32)>>,
 }
 
 /// Where a request's body is.
@@ -115,6 +124,10 @@ pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
         budget: Budget::new(site.body_budget().clone(), limits.max_inflight_body_bytes),
         version: HttpVersion::Http11,
         served: 0,
+        path: String::new(),
+        normalized: false,
+        param_text: String::new(),
+        param_ranges: Vec::new(),
     };
     let peer = peer.to_string();
     if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
@@ -139,6 +152,11 @@ async fn serve_requests<S: Site>(
         b.budget.set_max(limits.max_inflight_body_bytes);
         b.version = head.version;
         b.served += 1;
+        // Routing sees the normalized path; one that climbs above `/` is refused.
+        match normalize_path(text(b.read.pending(), head.path), &mut b.path) {
+            Ok(changed) => b.normalized = changed,
+            Err(r) => return refuse::<S, ()>(site, conn, b, r).await.map(|_| ()),
+        }
         conn.set_phase(Phase::Busy, site.now());
         let Some(body) = read_body(site, conn, b, &head, &limits).await? else {
             return Ok(());
@@ -336,23 +354,35 @@ fn respond<'a, S: Site>(
             Body::Apart => &b.body,
             Body::Unread => &[],
         };
-        let path = text(buf, head.path);
+        let path = if b.normalized {
+            b.path.as_str()
+        } else {
+            text(buf, head.path)
+        };
         let method = text(buf, head.method);
         let route = router.find(method, path, &mut b.params);
+        decode_params(path, &b.params, &mut b.param_text, &mut b.param_ranges);
         let mut headers: Vec<Header<'_>> = recycle(std::mem::take(&mut b.headers));
         headers.extend(b.header_pos.iter().map(|h| Header {
             name: RStr::from_str(text(buf, h.name)),
             value: RSlice::from_slice(slice(buf, h.value)),
         }));
         let mut params: Vec<Param<'_>> = recycle(std::mem::take(&mut b.param_views));
-        params.extend(b.params.iter().map(|p| Param {
-            name: RStr::from_str(router.param_name(p)),
-            value: RStr::from_str(&path[p.start as usize..(p.start + p.len) as usize]),
+        params.extend(b.params.iter().zip(&b.param_ranges).map(|(p, decoded)| {
+            let value = match decoded {
+                Some((start, end)) => &b.param_text[*start as usize..*end as usize],
+                None => &path[p.start as usize..(p.start + p.len) as usize],
+            };
+            Param {
+                name: RStr::from_str(router.param_name(p)),
+                value: RStr::from_str(value),
+            }
         }));
         let req = Request {
             method: RStr::from_str(method),
             path: RStr::from_str(path),
             query: RStr::from_str(text(buf, head.query)),
+            target: RStr::from_str(text(buf, head.target)),
             version: head.version,
             headers: RSlice::from_slice(&headers),
             params: RSlice::from_slice(&params),
@@ -371,10 +401,36 @@ fn respond<'a, S: Site>(
     })
 }
 
+/// Percent-decodes the values of the captured parameters into `text`; `ranges` says, per
+/// parameter, where its decoded value is (`None`: the value as it stands in the path).
+fn decode_params(
+    path: &str,
+    params: &[ParamPos],
+    text: &mut String,
+    ranges: &mut Vec<Option<(u32, u32)>>,
+) {
+    text.clear();
+    ranges.clear();
+    for p in params {
+        let value = &path[p.start as usize..(p.start + p.len) as usize];
+        let start = text.len();
+        let decoded = decode_param(value, text);
+        ranges.push(decoded.then_some((start as u32, text.len() as u32)));
+        if ranges.last() == Some(&None) {
+            text.truncate(start);
+        }
+    }
+}
+
 /// Whether the request's path and method lead to a handler (or a WebSocket route).
 fn has_route<S: Site>(site: &S, b: &mut Buffers, head: &Head) -> bool {
     let buf = b.read.pending();
-    let (method, path) = (text(buf, head.method), text(buf, head.path));
+    let method = text(buf, head.method);
+    let path = if b.normalized {
+        b.path.as_str()
+    } else {
+        text(buf, head.path)
+    };
     let params = &mut b.params;
     site.with_router(|router| matches!(router.find(method, path, params), Match::Found(_)))
         || (head.upgrade && site.ws_route(path).is_some())

@@ -58,6 +58,8 @@ pub struct Head {
     pub path: (u32, u32),
     /// The query's span (after `?`, possibly empty).
     pub query: (u32, u32),
+    /// The request target as sent (path and query).
+    pub target: (u32, u32),
     /// HTTP/1.0 or 1.1.
     pub version: HttpVersion,
     /// How the body is framed.
@@ -150,6 +152,7 @@ pub fn parse_head(
         method: span(base, method.as_bytes()),
         path: span(base, path.as_bytes()),
         query: span(base, query.as_bytes()),
+        target: span(base, target.as_bytes()),
         version,
         body: fields.body()?,
         keep_alive: fields.keeps_alive(),
@@ -159,6 +162,110 @@ pub fn parse_head(
         ws_key: fields.ws_key,
         ws_version_ok: fields.ws_version_ok,
     }))
+}
+
+/// Whether `c` is an unreserved character (RFC 3986 2.3), which percent-encoding must not
+/// change the meaning of.
+fn unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Normalizes a request path before routing (RFC 3986 6.2.2): percent-encoded unreserved
+/// characters are decoded (`%2e` is `.`, `%41` is `A`), other escapes are kept (with upper
+/// case hex), and dot segments are removed (5.2.4), so `/static/../hello` is `/hello`. A path
+/// that climbs above `/`, or a malformed escape, is a bad request. Writes the result into
+/// `out` and returns true when it differs from `path`; the common path needs no work.
+pub fn normalize_path(path: &str, out: &mut String) -> Result<bool, Refusal> {
+    if path == "*" || (!path.contains('%') && !path.contains("/.")) {
+        return Ok(false);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        // Copy up to the next escape as it is ('%' is ASCII: this keeps UTF-8 whole).
+        let run = path[i..].find('%').map_or(path.len(), |at| i + at);
+        decoded.push_str(&path[i..run]);
+        i = run;
+        if i == bytes.len() {
+            break;
+        }
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(Refusal::BadRequest);
+        };
+        let byte = hi << 4 | lo;
+        if unreserved(byte) {
+            decoded.push(byte as char);
+        } else {
+            decoded.push_str(&format!("%{byte:02X}"));
+        }
+        i += 3;
+    }
+    out.clear();
+    let mut segments: Vec<&str> = Vec::new();
+    let mut parts = decoded[1..].split('/').peekable();
+    let mut trailing_slash = false;
+    while let Some(seg) = parts.next() {
+        let last = parts.peek().is_none();
+        match seg {
+            "." => trailing_slash = last,
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err(Refusal::BadRequest);
+                }
+                trailing_slash = last;
+            }
+            _ => segments.push(seg),
+        }
+    }
+    out.push('/');
+    out.push_str(&segments.join("/"));
+    if trailing_slash && !out.ends_with('/') {
+        out.push('/');
+    }
+    Ok(out != path)
+}
+
+/// Percent-decodes a path parameter's value into `out`; false (and `out` unusable) when it
+/// has no escape to decode, a malformed one, or decodes to something that is not UTF-8.
+pub fn decode_param(value: &str, out: &mut String) -> bool {
+    if !value.contains('%') {
+        return false;
+    }
+    let bytes = value.as_bytes();
+    let mut raw = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                (Some(hi), Some(lo)) => {
+                    raw.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
+                }
+                _ => return false,
+            }
+        }
+        raw.push(bytes[i]);
+        i += 1;
+    }
+    match std::str::from_utf8(&raw) {
+        Ok(text) => {
+            out.push_str(text);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// What the headers say, read one header at a time.
@@ -360,6 +467,49 @@ mod tests {
         .unwrap();
         assert!(!h.keep_alive);
         assert_eq!(h.body, BodyKind::Chunked);
+    }
+
+    fn norm(path: &str) -> Result<String, Refusal> {
+        let mut out = String::new();
+        Ok(if normalize_path(path, &mut out)? {
+            out
+        } else {
+            path.to_owned()
+        })
+    }
+
+    #[test]
+    fn paths_are_normalized_before_routing() {
+        assert_eq!(norm("/hello").unwrap(), "/hello");
+        assert_eq!(norm("/static/../hello").unwrap(), "/hello");
+        assert_eq!(norm("/a/./b/").unwrap(), "/a/b/");
+        assert_eq!(norm("/a/b/..").unwrap(), "/a/");
+        assert_eq!(norm("/a/b/.").unwrap(), "/a/b/");
+        assert_eq!(norm("/%68ello").unwrap(), "/hello");
+        assert_eq!(norm("/a%2fb").unwrap(), "/a%2Fb");
+        assert_eq!(norm("/a%2eb").unwrap(), "/a.b");
+        assert_eq!(norm("/.hidden/x").unwrap(), "/.hidden/x");
+        assert_eq!(norm("*").unwrap(), "*");
+        for bad in [
+            "/..",
+            "/a/../..",
+            "/static/%2e%2e/%2e%2e/etc/passwd",
+            "/%zz",
+            "/%4",
+        ] {
+            assert_eq!(norm(bad).unwrap_err(), Refusal::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn params_are_decoded() {
+        let mut out = String::new();
+        assert!(decode_param("a%20b%2Fc", &mut out));
+        assert_eq!(out, "a b/c");
+        out.clear();
+        assert!(!decode_param("plain", &mut out));
+        assert!(!decode_param("%ff%fe", &mut out), "not UTF-8");
+        assert!(!decode_param("%g1", &mut out));
     }
 
     #[test]
