@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use futures_lite::AsyncReadExt;
+use futures_lite::{AsyncRead, AsyncReadExt};
 
 use super::parse::Refusal;
 use crate::runtime::reactor::Async;
@@ -178,11 +178,16 @@ pub async fn read_into(
 
 /// Reads what is there into `buf`; 0 at the end of the input.
 pub async fn read_some(stream: &Async<TcpStream>, buf: &mut ReadBuf) -> io::Result<usize> {
+    fill(&mut &*stream, buf).await
+}
+
+/// Reads what `input` has into `buf`; 0 at its end.
+pub async fn fill<R: AsyncRead + Unpin>(input: &mut R, buf: &mut ReadBuf) -> io::Result<usize> {
     let space = buf.space();
     if space.is_empty() {
         return Err(io::Error::other("read buffer full"));
     }
-    let n = (&*stream).read(space).await?;
+    let n = input.read(space).await?;
     buf.end += n;
     Ok(n)
 }
@@ -192,8 +197,8 @@ const MAX_LINE: usize = 1024;
 
 /// Decodes a chunked body that starts `head_len` bytes into the pending input, into `body`.
 /// On success the head stays pending (consumed by the caller) and the chunked bytes are gone.
-pub async fn read_chunked(
-    stream: &Async<TcpStream>,
+pub async fn read_chunked<R: AsyncRead + Unpin>(
+    input: &mut R,
     read: &mut ReadBuf,
     body: &mut Vec<u8>,
     head_len: usize,
@@ -202,7 +207,7 @@ pub async fn read_chunked(
 ) -> io::Result<Result<(), Refusal>> {
     body.clear();
     let mut c = Chunked {
-        stream,
+        input,
         read,
         head_len,
         pos: 0,
@@ -230,14 +235,14 @@ pub async fn read_chunked(
 
 /// A chunked body being decoded: `pos` counts the bytes of it decoded after the head and not
 /// yet removed from the read buffer.
-struct Chunked<'a> {
-    stream: &'a Async<TcpStream>,
+struct Chunked<'a, R> {
+    input: &'a mut R,
     read: &'a mut ReadBuf,
     head_len: usize,
     pos: usize,
 }
 
-impl Chunked<'_> {
+impl<R: AsyncRead + Unpin> Chunked<'_, R> {
     fn avail(&self) -> &[u8] {
         &self.read.pending()[self.head_len + self.pos..]
     }
@@ -245,7 +250,7 @@ impl Chunked<'_> {
     /// Removes the bytes already decoded, then reads more; the input may not end here.
     async fn more(&mut self) -> io::Result<()> {
         self.compact();
-        if read_some(self.stream, self.read).await? == 0 {
+        if fill(self.input, self.read).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         Ok(())

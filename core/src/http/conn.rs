@@ -274,15 +274,8 @@ async fn read_body<S: Site>(
             }
             conn.set_phase(Phase::ReadingBody, site.now());
             let max = limits.max_body_bytes;
-            let read = &mut b.read;
-            let chunked = read_chunked(
-                &conn.stream,
-                read,
-                &mut b.body,
-                head.len,
-                max,
-                &mut b.budget,
-            );
+            let (read, mut input) = (&mut b.read, &conn.stream);
+            let chunked = read_chunked(&mut input, read, &mut b.body, head.len, max, &mut b.budget);
             match chunked.await {
                 Ok(Ok(())) => Ok(Some(Body::Apart)),
                 Ok(Err(r)) => {
