@@ -415,6 +415,23 @@ fn a_flooding_client_does_not_starve_its_readers() {
     }
 }
 
+/// With `max_messages_per_second`, a client that sends more is closed with 1008; the room
+/// goes on.
+#[test]
+fn a_client_over_the_message_rate_limit_is_closed_with_1008() {
+    let server = TestServer::start(&chat_config(1, ", max_messages_per_second: 100").render());
+    let mut flooder = connect(server.addr());
+    let mut other = connect(server.addr());
+    let other_id = whoami(&mut other);
+    for i in 0..300 {
+        flooder.write(Message::text(format!("m{i}"))).unwrap();
+    }
+    flooder.flush().unwrap();
+    assert_eq!(expect_close(&mut flooder, IO_TIMEOUT), 1008);
+    other.send(Message::text("still here")).unwrap();
+    expect_text(&mut other, |t| t == format!("#{other_id}: still here"));
+}
+
 mod flood {
     //! Reader threads for the flood test.
     use super::*;

@@ -146,6 +146,9 @@ pub struct WebSocketConfig {
     pub max_connections: usize,
     /// Messages queued to one connection before it counts as a slow reader and is closed.
     pub send_queue: usize,
+    /// Messages a client may send per second; one that sends more is closed with 1008.
+    /// 0: no limit (a flooding client is still only served its share of its worker).
+    pub max_messages_per_second: u64,
 }
 
 impl Default for WebSocketConfig {
@@ -158,6 +161,7 @@ impl Default for WebSocketConfig {
             max_message_size: 1 << 20,
             max_connections: 10_000,
             send_queue: 256,
+            max_messages_per_second: 0,
         }
     }
 }

@@ -71,4 +71,6 @@ pub struct WsSettings {
     pub send_queue: usize,
     /// A write the client does not take within this long closes the connection.
     pub send_timeout: std::time::Duration,
+    /// Messages a client may send per second (0: no limit).
+    pub max_messages_per_second: u64,
 }

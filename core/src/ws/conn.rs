@@ -253,6 +253,8 @@ async fn run<S: Site>(
     // Messages handled since this task last let the others run: a client that sends a flood
     // of small frames must not keep its worker from the rest (its readers among them).
     let mut since_yield = 0;
+    let limit = site.ws_settings().max_messages_per_second;
+    let mut rate = Rate::default();
     loop {
         if since_yield >= READ_BURST {
             since_yield = 0;
@@ -261,6 +263,13 @@ async fn run<S: Site>(
         let step = next_step(stream, queues, reads).await;
         if let Step::Incoming(_) = step {
             since_yield += 1;
+            if limit > 0 && rate.over(site.now(), limit) {
+                log::debug!(
+                    "websocket {}: more than {limit} messages a second; closing",
+                    conn.id
+                );
+                return Ending::send(1008, "message rate limit exceeded");
+            }
         }
         reads = match step {
             Step::Incoming(_) => reads + 1,
@@ -283,6 +292,27 @@ async fn run<S: Site>(
         if let Some(ending) = ended {
             return ending;
         }
+    }
+}
+
+/// Messages received in the current second.
+#[derive(Debug, Default)]
+struct Rate {
+    window: Option<Instant>,
+    count: u64,
+}
+
+impl Rate {
+    /// Counts one message at `now`; true when the second's count passes `limit`.
+    fn over(&mut self, now: Instant, limit: u64) -> bool {
+        match self.window {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => self.count += 1,
+            _ => {
+                self.window = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count > limit
     }
 }
 
