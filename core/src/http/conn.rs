@@ -90,6 +90,23 @@ struct Buffers {
     param_ranges: Vec<Option<(u32, u32)>>,
 }
 
+impl Buffers {
+    /// Gives the buffers' memory back (the connection became a WebSocket).
+    fn release(&mut self) {
+        self.read = ReadBuf::new(0);
+        self.out = Vec::new();
+        self.body = Vec::new();
+        self.header_pos = Vec::new();
+        self.params = Vec::new();
+        self.headers = Vec::new();
+        self.param_views = Vec::new();
+        self.resp = Response::new();
+        self.path = String::new();
+        self.param_text = String::new();
+        self.param_ranges = Vec::new();
+    }
+}
+
 /// Where a request's body is.
 #[derive(Debug, Clone, Copy)]
 enum Body {
@@ -527,7 +544,8 @@ async fn switch_to_websocket<S: Site>(
     flush(session.site(), conn, &mut b.out).await?;
     // Bytes past the head already belong to the WebSocket.
     let part = b.read.pending()[head_len..].to_vec();
-    b.read.consume(b.read.pending().len());
+    // The HTTP buffers are not needed any more: a WebSocket may stay open for days.
+    b.release();
     ws::serve(session, conn, part, queues).await;
     Ok(())
 }

@@ -21,7 +21,9 @@ pub type CloseRequest = (u16, String);
 pub struct Handle {
     /// The route path the connection was opened on.
     pub route: String,
+    /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
     data: async_channel::Sender<WsMessage>,
+    capacity: usize,
     control: async_channel::Sender<CloseRequest>,
     closing: AtomicBool,
 }
@@ -77,11 +79,12 @@ impl Connections {
 
     /// Registers a connection with a send queue of `capacity` messages.
     pub fn open(&self, id: u64, route: &str, capacity: usize) -> Queues {
-        let (data_tx, data) = async_channel::bounded(capacity.max(1));
+        let (data_tx, data) = async_channel::unbounded();
         let (control_tx, control) = async_channel::bounded(1);
         let handle = Handle {
             route: route.to_owned(),
             data: data_tx,
+            capacity: capacity.max(1),
             control: control_tx,
             closing: AtomicBool::new(false),
         };
@@ -110,18 +113,15 @@ impl Connections {
         if handle.closing.load(Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
-        match handle.data.try_send(message) {
-            Ok(()) => Ok(()),
-            Err(async_channel::TrySendError::Closed(_)) => Err(HostError::Closed),
-            Err(async_channel::TrySendError::Full(_)) => {
-                // A reader this slow would cost unbounded memory: close it.
-                handle.closing.store(true, Ordering::Relaxed);
-                let _ = handle
-                    .control
-                    .try_send((1008, "send queue full: the client reads too slowly".into()));
-                Err(HostError::QueueFull)
-            }
+        if handle.data.len() >= handle.capacity {
+            // A reader this slow would cost unbounded memory: close it.
+            handle.closing.store(true, Ordering::Relaxed);
+            let _ = handle
+                .control
+                .try_send((1008, "send queue full: the client reads too slowly".into()));
+            return Err(HostError::QueueFull);
         }
+        handle.data.try_send(message).map_err(|_| HostError::Closed)
     }
 
     /// Queues `message` to connection `id`.
