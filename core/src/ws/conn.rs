@@ -286,7 +286,14 @@ async fn run<S: Site>(
                 conn.touch(site.now());
                 deliver(site, conn.id, stream, ws, message).await
             }
-            Step::Incoming(Some(Err(e))) => Some(read_failed(conn.id, e)),
+            Step::Incoming(Some(Err(e))) => {
+                // The replies to the messages before the bad frame go out before the close.
+                if let Ok(message) = queues.data.try_recv() {
+                    let timeout = site.ws_settings().send_timeout;
+                    let _ = write_queued(stream, message, queues, timeout).await;
+                }
+                Some(read_failed(conn.id, e))
+            }
             Step::Incoming(None) => Some(Ending::quiet(1006, "connection lost")),
         };
         if let Some(ending) = ended {
