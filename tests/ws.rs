@@ -415,6 +415,22 @@ fn a_flooding_client_does_not_starve_its_readers() {
     }
 }
 
+#[test]
+fn info_counts_websocket_connections_per_worker() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut a = connect(server.addr());
+    let mut b = connect(server.addr());
+    whoami(&mut a);
+    whoami(&mut b);
+    let info = crate::common::run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
+    assert!(
+        info.stdout
+            .contains("2 websocket connections with 0 messages queued"),
+        "{}",
+        info.stdout
+    );
+}
+
 /// With `max_messages_per_second`, a client that sends more is closed with 1008; the room
 /// goes on.
 #[test]

@@ -134,6 +134,7 @@ pub fn run(
         stats: stats.clone(),
         stray_panics: host.stray_panics(),
         supervisor: options.supervisor.clone(),
+        connections: host.connections().clone(),
         last_reload: Mutex::new(None),
     });
     let socket = control::socket_path(&config.runtime_dir);

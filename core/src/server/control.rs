@@ -109,15 +109,18 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "uptime: {}s", stats.started.elapsed().as_secs());
     let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
+    let ws = state.connections.per_worker(stats.workers.len());
     for (i, w) in stats.workers.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog",
+            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog, {} websocket connections with {} messages queued",
             w.requests.load(Ordering::Relaxed),
             w.connections.load(Ordering::Relaxed),
             w.panics.load(Ordering::Relaxed),
             w.taken_over.load(Ordering::Relaxed),
-            w.from_backlog.load(Ordering::Relaxed)
+            w.from_backlog.load(Ordering::Relaxed),
+            ws[i].0,
+            ws[i].1
         );
     }
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));

@@ -27,6 +27,8 @@ pub struct State {
     pub stray_panics: Arc<std::sync::atomic::AtomicU64>,
     /// The supervisor's line for `info` (its pid, restarts, last crash), when there is one.
     pub supervisor: Option<String>,
+    /// Every WebSocket connection, for `info`.
+    pub connections: Arc<crate::ws::registry::Connections>,
     /// How the last reload went, for `info`.
     pub last_reload: Mutex<Option<String>>,
 }

@@ -169,6 +169,22 @@ impl Connections {
             .unwrap_or(false)
     }
 
+    /// Per worker (by id, `workers` of them): its open connections and the messages queued
+    /// to them, for `info`.
+    pub fn per_worker(&self, workers: usize) -> Vec<(u64, u64)> {
+        let mut out = vec![(0, 0); workers];
+        for shard in self.shards.iter() {
+            let Ok(map) = shard.0.read() else { continue };
+            for (id, h) in map.iter() {
+                if let Some(w) = out.get_mut((id >> 48) as usize) {
+                    w.0 += 1;
+                    w.1 += h.data.len() as u64;
+                }
+            }
+        }
+        out
+    }
+
     /// Ids on `route` (empty: all), in no particular order.
     pub fn ids(&self, route: &str) -> Vec<u64> {
         let mut ids = Vec::new();
