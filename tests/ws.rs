@@ -415,6 +415,28 @@ fn a_flooding_client_does_not_starve_its_readers() {
     }
 }
 
+/// A message far larger than the 1 KiB a connection reads into at a time arrives whole.
+#[test]
+fn a_message_larger_than_the_read_buffer_arrives_whole() {
+    let server = TestServer::start(&chat_config(1, "").render());
+    let mut ws = connect(server.addr());
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    // ws-chat echoes binary messages to their sender.
+    whoami(&mut ws);
+    ws.send(Message::binary(big.clone())).unwrap();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "no binary echo");
+        match next(&mut ws, Duration::from_millis(500)) {
+            Some(Message::Binary(b)) => break assert!(b[..] == big[..], "the echo differs"),
+            Some(Message::Text(_)) | None => {}
+            other => panic!("expected the binary echo, got {other:?}"),
+        }
+    }
+    ws.send(Message::text("small after big")).unwrap();
+    expect_text(&mut ws, |t| t.ends_with(": small after big"));
+}
+
 #[test]
 fn info_counts_websocket_connections_per_worker() {
     let server = TestServer::start(&chat_config(1, "").render());

@@ -150,7 +150,7 @@ impl AsyncWrite for Io<'_> {
 const READ_BURST: u32 = 16;
 
 /// What tungstenite reserves to read into.
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 1024;
 
 /// Most messages written out together.
 const WRITE_BURST: usize = 64;
