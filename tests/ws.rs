@@ -437,6 +437,47 @@ fn a_message_larger_than_the_read_buffer_arrives_whole() {
     expect_text(&mut ws, |t| t.ends_with(": small after big"));
 }
 
+/// 1000 WebSocket connections opened and closed: the memory they took goes back (a bounded
+/// check: at least most of what they added, within 10 s).
+#[test]
+fn memory_comes_back_after_1000_connections_close() {
+    let server = TestServer::start(&Config::hello().extra(&format!(
+        r#"websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")])"#
+    ))
+    .plugin("ws-echo", &ws_echo())
+    .render());
+    let before = server.server_rss_kb();
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        s.write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        conns.push(s);
+    }
+    for s in &mut conns {
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+    }
+    let peak = server.server_rss_kb();
+    assert!(peak > before, "{before} -> {peak}");
+    drop(conns);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = server.server_rss_kb();
+    while after > before + (peak - before) / 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = server.server_rss_kb();
+    }
+    assert!(
+        after <= before + (peak - before) / 2,
+        "RSS {before} kB idle, {peak} kB with 1000 connections, still {after} kB after they closed"
+    );
+}
+
 #[test]
 fn info_counts_websocket_connections_per_worker() {
     let server = TestServer::start(&chat_config(1, "").render());
