@@ -441,11 +441,12 @@ fn a_message_larger_than_the_read_buffer_arrives_whole() {
 /// check: at least most of what they added, within 10 s).
 #[test]
 fn memory_comes_back_after_1000_connections_close() {
-    let server = TestServer::start(&Config::hello().extra(&format!(
-        r#"websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")])"#
-    ))
-    .plugin("ws-echo", &ws_echo())
-    .render());
+    let server = TestServer::start(
+        &Config::hello()
+            .extra(r#"websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")])"#)
+            .plugin("ws-echo", &ws_echo())
+            .render(),
+    );
     let before = server.server_rss_kb();
     let mut conns = Vec::new();
     for _ in 0..1000 {
