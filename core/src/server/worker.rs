@@ -398,9 +398,11 @@ impl ws::Site for Worker {
             Some(i) => WsTarget::Live(i),
             None => WsTarget::Retired(&b.component),
         };
+        let stats = self.my_stats();
+        let _in_call = InCall::enter(stats);
         let mut slot = self.instances.borrow_mut();
         match slot.as_mut() {
-            Some(inst) => inst.ws_event(target, self.my_stats(), event),
+            Some(inst) => inst.ws_event(target, stats, event),
             None => false,
         }
     }
@@ -443,6 +445,7 @@ impl http::Site for Worker {
         };
         let stats = self.my_stats();
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        let _in_call = InCall::enter(stats);
         let mut slot = self.instances.borrow_mut();
         if slot.is_none() {
             *slot = self.create_instances();
