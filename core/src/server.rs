@@ -143,7 +143,8 @@ pub fn run(
         socket.display()
     )))?;
     let (events_tx, events) = mpsc::channel();
-    spawn_signal_thread(signals, events_tx.clone())?;
+    forward_signals(signals, events_tx.clone(), Event::Signal)
+        .map_err(StartError::io("cannot start the signal thread"))?;
     let mut live = Live::new(&loaded, registry, plan, host, services);
     live.start_watcher(events_tx, Event::Changed);
 
@@ -162,7 +163,6 @@ pub fn run(
     stop(signal, live, workers, &mut hooks, &stats);
     drop(hooks);
     control.remove();
-    pidfile::remove(&pidfile::path(&config.runtime_dir));
     Ok(())
 }
 
@@ -266,18 +266,23 @@ impl ServerHooks {
     }
 }
 
-fn spawn_signal_thread(mut signals: Signals, tx: mpsc::Sender<Event>) -> Result<(), StartError> {
+/// Sends each signal `signals` catches to `tx` (as `wrap(signal)`), from a thread of its own,
+/// until the receiver is gone.
+pub(crate) fn forward_signals<E: Send + 'static>(
+    mut signals: Signals,
+    tx: mpsc::Sender<E>,
+    wrap: fn(i32) -> E,
+) -> std::io::Result<()> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                if tx.send(Event::Signal(signal)).is_err() {
+                if tx.send(wrap(signal)).is_err() {
                     return;
                 }
             }
         })
-        .map_err(StartError::io("cannot start the signal thread"))?;
-    Ok(())
+        .map(drop)
 }
 
 /// What the main thread waits for.

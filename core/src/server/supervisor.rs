@@ -107,7 +107,7 @@ pub fn run(
         code,
         start_error: None,
     };
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2]) {
+    let signals = match Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2]) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot install signal handlers: {e}");
@@ -115,17 +115,7 @@ pub fn run(
         }
     };
     let (events, rx) = mpsc::channel();
-    let signal_tx = events.clone();
-    let spawned = thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if signal_tx.send(Event::Signal(signal)).is_err() {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = spawned {
+    if let Err(e) = super::forward_signals(signals, events.clone(), Event::Signal) {
         log::error!("cannot start the signal thread: {e}");
         return fail(1);
     }
