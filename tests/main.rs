@@ -12,3 +12,4 @@ mod reload;
 mod supervisor;
 mod tasks;
 mod ws;
+mod ws_deflate;

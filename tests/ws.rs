@@ -42,7 +42,7 @@ pub(crate) fn ws_chat() -> PathBuf {
 }
 
 /// `target/debug/libws_echo.so`, built once.
-fn ws_echo() -> PathBuf {
+pub(crate) fn ws_echo() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     built_plugin("ws-echo", &PATH)
 }

@@ -2,13 +2,15 @@
 //! registry of every worker's connections, through which any thread pushes ([`registry`]).
 
 pub mod conn;
+pub mod deflate;
+pub mod frame;
 pub mod registry;
 
 use std::cell::Cell;
 
 use plughost_plugin_api::{Message, Request};
 
-use crate::config::ComponentRef;
+use crate::config::{ComponentRef, DeflateConfig};
 
 pub use conn::{open, serve, Session, Site};
 
@@ -73,4 +75,6 @@ pub struct WsSettings {
     pub send_timeout: std::time::Duration,
     /// Messages a client may send per second (0: no limit).
     pub max_messages_per_second: u64,
+    /// permessage-deflate.
+    pub deflate: DeflateConfig,
 }

@@ -16,9 +16,9 @@ use std::{
 };
 
 use abi_stable::std_types::{RSlice, RStr};
-use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use plughost_plugin_api::{Header, HttpVersion, Param, Request, Response};
+use tungstenite::handshake::derive_accept_key;
 
 use super::{
     body::{read_chunked, read_into, read_some, Budget, ReadBuf},
@@ -34,7 +34,7 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    ws::{self, registry::Queues, Binding, Session},
+    ws::{self, deflate, registry::Queues, Binding, Session},
 };
 
 /// What the connection loop needs from the worker that runs it.
@@ -522,13 +522,31 @@ fn upgrade<'a, S: Site>(
             Next::Close
         };
     }
+    // A handler that answers the extension header itself negotiates alone.
+    let deflate = match resp.get_header("sec-websocket-extensions") {
+        Some(_) => None,
+        None => deflate::negotiate(extension_offers(req), &settings.deflate),
+    };
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     out.extend_from_slice(derive_accept_key(key).as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(agreed) = &deflate {
+        out.extend_from_slice(b"sec-websocket-extensions: ");
+        out.extend_from_slice(agreed.response().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(resp.head_bytes());
     out.extend_from_slice(b"\r\n");
-    let (session, queues) = ws::open(site, conn.id, ws, req);
+    let (session, queues) = ws::open(site, conn.id, ws, req, deflate);
     Next::Upgrade(session, queues)
+}
+
+/// The values of the request's `Sec-WebSocket-Extensions` headers.
+fn extension_offers<'r>(req: &'r Request<'_>) -> impl Iterator<Item = &'r str> {
+    req.headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .filter_map(|h| h.value_str())
 }
 
 /// Sends the 101 and serves the connection as a WebSocket until it closes. If the 101

@@ -388,6 +388,7 @@ impl ws::Site for Worker {
             send_queue: plan.ws.send_queue,
             send_timeout: Duration::from_millis(plan.limits.send_timeout_ms),
             max_messages_per_second: plan.ws.max_messages_per_second,
+            deflate: plan.ws.deflate,
         }
     }
 

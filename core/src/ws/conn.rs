@@ -1,32 +1,26 @@
 //! The WebSocket connection loop. The upgrade is answered by the HTTP loop (it parses the
-//! request itself); the stream is then handed to async-tungstenite together with any bytes
-//! already read past the request head. Ping/pong is tungstenite's; the heartbeat, the size
-//! limit and the bounded send queue are ours.
+//! request and negotiates permessage-deflate); the connection then reads frames with our own
+//! decoder ([`super::frame`]), hands messages to its handler, answers pings and closes, and
+//! writes what is queued to it, with the heartbeat, the size limit, the rate limit, the send
+//! timeout and the bounded send queue.
 
 use std::{
+    cell::RefCell,
     io,
     net::TcpStream,
     pin::Pin,
-    task::{Context, Poll},
+    rc::Rc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
-use async_tungstenite::{
-    tungstenite::{
-        self,
-        protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig},
-        Message as WsMessage,
-    },
-    WebSocketStream,
-};
-use futures_lite::{future, AsyncRead, AsyncWrite, StreamExt};
-use futures_sink::Sink;
+use futures_lite::{future, AsyncRead, AsyncWriteExt};
 use plughost_plugin_api::Message;
 
-use std::rc::Rc;
-
 use super::{
-    registry::{Connections, Queues},
+    deflate::{Agreed, Codec},
+    frame::{self, Decoder, Event, Fault, Kind},
+    registry::{Connections, Outgoing, Queues},
     Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
@@ -61,6 +55,8 @@ pub struct Session<'a, S: Site> {
     opened: bool,
     /// How it ended, for `on_close`.
     ending: (u16, String),
+    /// permessage-deflate, when the handshake agreed on it.
+    deflate: Option<Agreed>,
 }
 
 impl<S: Site> std::fmt::Debug for Session<'_, S> {
@@ -96,6 +92,7 @@ pub fn open<'a, S: Site>(
     id: u64,
     binding: Binding,
     req: &plughost_plugin_api::Request<'_>,
+    deflate: Option<Agreed>,
 ) -> (Session<'a, S>, Queues) {
     let queues = site
         .connections()
@@ -108,6 +105,7 @@ pub fn open<'a, S: Site>(
         binding,
         opened: false,
         ending: (1006, "connection lost".into()),
+        deflate,
     };
     session.opened = site.ws_event(&session.binding, WsEvent::Open(id, req));
     if !session.opened {
@@ -117,67 +115,147 @@ pub fn open<'a, S: Site>(
     (session, queues)
 }
 
-/// The connection's socket, borrowed for the WebSocket's lifetime.
-struct Io<'a>(&'a Async<TcpStream>);
-
-impl AsyncRead for Io<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Io<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_flush(cx)
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_close(cx)
-    }
-}
-
-/// Messages read in a row before what is queued to send goes out.
+/// Messages handled in a row before what is queued to send goes out, and before the task
+/// lets the worker's other tasks run.
 const READ_BURST: u32 = 16;
 
-/// What tungstenite reserves to read into.
-const READ_BUFFER: usize = 1024;
-
-/// Most messages written out together.
+/// Most queued messages encoded into one write.
 const WRITE_BURST: usize = 64;
 
-/// Sends `first` and whatever else is queued (up to [`WRITE_BURST`]), flushing once.
-async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut WebSocketStream<S>,
-    first: WsMessage,
-    queues: &Queues,
-) -> Result<(), tungstenite::Error> {
-    let mut next = Some(first);
-    let mut n = 0;
-    while let Some(message) = next.take() {
-        future::poll_fn(|cx| Pin::new(&mut *stream).poll_ready(cx)).await?;
-        Pin::new(&mut *stream).start_send(message)?;
-        n += 1;
-        if n < WRITE_BURST {
-            next = queues.data.try_recv().ok();
-        }
-    }
-    future::poll_fn(|cx| Pin::new(&mut *stream).poll_flush(cx)).await
+/// Bytes asked of the socket per read, into a buffer all the thread's connections share:
+/// a connection keeps only what it has not decoded yet.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Input or output buffers up to this size are kept for the next use; larger ones are freed
+/// once empty, so an idle connection holds almost nothing.
+const KEEP: usize = 4096;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
-enum Step {
-    Control(Option<(u16, String)>),
-    Outgoing(Option<WsMessage>),
-    Incoming(Option<Result<WsMessage, tungstenite::Error>>),
+/// The connection's wire: undecoded input, encoded output, the decoder and compression.
+struct Wire<'a> {
+    stream: &'a Async<TcpStream>,
+    input: Vec<u8>,
+    /// `input[..start]` is decoded.
+    start: usize,
+    out: Vec<u8>,
+    decoder: Decoder,
+    codec: Option<Codec>,
+    /// The last compressed message, inflated.
+    plain: Vec<u8>,
+    max: usize,
+}
+
+impl<'a> Wire<'a> {
+    fn new(conn: &'a Conn, part: Vec<u8>, settings: &WsSettings, agreed: Option<Agreed>) -> Self {
+        let max = settings.max_message_size;
+        Wire {
+            stream: &conn.stream,
+            input: part,
+            start: 0,
+            out: Vec::new(),
+            decoder: Decoder::new(max, agreed.is_some()),
+            codec: agreed.map(|a| Codec::new(a, &settings.deflate)),
+            plain: Vec::new(),
+            max,
+        }
+    }
+
+    /// Decodes from what is buffered.
+    fn decode(&mut self) -> Result<Option<Event>, Fault> {
+        let mut input = &self.input[self.start..];
+        let before = input.len();
+        let decoded = self.decoder.decode(&mut input);
+        self.start += before - input.len();
+        if self.start == self.input.len() {
+            self.start = 0;
+            release(&mut self.input);
+        }
+        decoded
+    }
+
+    /// The last message: its kind and payload, inflated if it was compressed.
+    fn message(&mut self, kind: Kind, compressed: bool) -> Result<Message<'_>, Fault> {
+        let data = if compressed {
+            let codec = self
+                .codec
+                .as_mut()
+                .ok_or(Fault::Protocol("RSV1 without permessage-deflate"))?;
+            codec.inflate(self.decoder.message(), self.max, &mut self.plain)?;
+            &self.plain[..]
+        } else {
+            self.decoder.message()
+        };
+        Ok(match kind {
+            Kind::Text => Message::text(std::str::from_utf8(data).map_err(|_| Fault::Utf8)?),
+            Kind::Binary => Message::binary(data),
+        })
+    }
+
+    /// Reads what the socket has into the input; 0 at its end.
+    async fn read(&mut self) -> io::Result<usize> {
+        future::poll_fn(|cx| {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let read = Pin::new(&mut &*self.stream).poll_read(cx, &mut scratch[..]);
+                if let Poll::Ready(Ok(n)) = read {
+                    if self.start > 0 {
+                        self.input.drain(..self.start);
+                        self.start = 0;
+                    }
+                    self.input.extend_from_slice(&scratch[..n]);
+                }
+                read
+            })
+        })
+        .await
+    }
+
+    /// Encodes a message to send, compressed when that was agreed and it is worth it.
+    fn encode(&mut self, message: &Outgoing) {
+        match &mut self.codec {
+            Some(codec) if codec.worth(message.data.len()) => {
+                let mut packed = std::mem::take(&mut self.plain);
+                packed.clear();
+                codec.compress(&message.data, &mut packed);
+                frame::message(&mut self.out, message.kind, true, &packed);
+                self.plain = packed;
+                release(&mut self.plain);
+            }
+            _ => frame::message(&mut self.out, message.kind, false, &message.data),
+        }
+    }
+
+    /// Encodes up to [`WRITE_BURST`] queued messages.
+    fn encode_queued(&mut self, queues: &Queues) {
+        for _ in 0..WRITE_BURST {
+            let Ok(message) = queues.data.try_recv() else {
+                break;
+            };
+            self.encode(&message);
+        }
+    }
+
+    /// Writes out everything encoded.
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let mut stream = self.stream;
+            stream.write_all(&self.out).await?;
+            self.out.clear();
+            release(&mut self.out);
+        }
+        Ok(())
+    }
+}
+
+/// Empties `buf`, and frees it if it grew large.
+fn release(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > KEEP {
+        *buf = Vec::new();
+    }
 }
 
 /// How the connection ended: the close code, the reason, and whether we send a close frame.
@@ -204,9 +282,6 @@ impl Ending {
     }
 }
 
-/// The WebSocket over the connection's socket.
-type Stream<'a> = WebSocketStream<Io<'a>>;
-
 /// Serves an upgraded connection until it closes.
 pub async fn serve<S: Site>(
     mut session: Session<'_, S>,
@@ -215,91 +290,171 @@ pub async fn serve<S: Site>(
     queues: Queues,
 ) {
     let site = session.site;
-    let max = site.ws_settings().max_message_size;
-    // tungstenite reserves 128 KiB per read by default; an idle connection needs little, and
-    // a large message still grows the buffer as it arrives.
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-        .read_buffer_size(READ_BUFFER);
-    let mut stream =
-        WebSocketStream::from_partially_read(Io(&conn.stream), part, Role::Server, Some(config))
-            .await;
+    let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate);
     conn.set_phase(Phase::WebSocket, site.now());
     let ending = if session.opened {
-        run(site, conn, &mut stream, &session.binding, &queues).await
+        run(site, conn, &mut wire, &session.binding, &queues).await
     } else {
         Ending::send(1011, "internal error")
     };
     site.connections().remove(conn.id);
     if ending.send {
-        send_close(&mut stream, &ending).await;
+        send_close(&mut wire, &queues, &ending).await;
     }
     session.ending = (ending.code, ending.reason);
     // Dropping the session runs `on_close`.
+}
+
+/// What woke a connection that had nothing to do.
+enum Wake {
+    Control(Option<(u16, String)>),
+    Outgoing(Option<Outgoing>),
+    Read(io::Result<usize>),
 }
 
 /// Reads, delivers and writes until the connection ends; says how it ended.
 async fn run<S: Site>(
     site: &S,
     conn: &Conn,
-    stream: &mut Stream<'_>,
+    wire: &mut Wire<'_>,
     ws: &Binding,
     queues: &Queues,
 ) -> Ending {
-    // Messages read in a row without sending: a client that keeps sending cannot hold back
-    // what is queued for it for long.
+    // Messages handled in a row without writing: a client that keeps sending cannot hold
+    // back what is queued for it for long.
     let mut reads = 0;
     // Messages handled since this task last let the others run: a client that sends a flood
     // of small frames must not keep its worker from the rest (its readers among them).
     let mut since_yield = 0;
-    let limit = site.ws_settings().max_messages_per_second;
     let mut rate = Rate::default();
     loop {
         if since_yield >= READ_BURST {
             since_yield = 0;
             future::yield_now().await;
         }
-        let step = next_step(stream, queues, reads).await;
-        if let Step::Incoming(_) = step {
-            since_yield += 1;
-            if limit > 0 && rate.over(site.now(), limit) {
-                log::debug!(
-                    "websocket {}: more than {limit} messages a second; closing",
-                    conn.id
-                );
-                return Ending::send(1008, "message rate limit exceeded");
+        if let Ok((code, reason)) = queues.control.try_recv() {
+            return Ending::send(code, &reason);
+        }
+        if reads < READ_BURST {
+            match wire.decode() {
+                Ok(Some(event)) => {
+                    reads += 1;
+                    since_yield += 1;
+                    if let Some(ending) = on_event(site, conn, wire, ws, event, &mut rate).await {
+                        return ending;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(fault) => {
+                    log::debug!("websocket {}: {fault}", conn.id);
+                    return Ending::send(fault.code(), fault.reason());
+                }
             }
         }
-        reads = match step {
-            Step::Incoming(_) => reads + 1,
-            _ => 0,
-        };
-        let ended = match step {
-            Step::Control(Some((code, reason))) => Some(Ending::send(code, &reason)),
-            Step::Control(None) | Step::Outgoing(None) => Some(Ending::send(1001, "going away")),
-            Step::Outgoing(Some(message)) => {
-                let timeout = site.ws_settings().send_timeout;
-                write_queued(stream, message, queues, timeout).await
+        let burst = reads >= READ_BURST;
+        reads = 0;
+        wire.encode_queued(queues);
+        if !wire.out.is_empty() {
+            if let Some(ending) = write_out(site, wire, queues).await {
+                return ending;
             }
-            Step::Incoming(Some(Ok(message))) => {
-                conn.touch(site.now());
-                deliver(site, conn.id, stream, ws, message).await
+        } else if !burst {
+            if let Some(ending) = wait(wire, queues).await {
+                return ending;
             }
-            Step::Incoming(Some(Err(e))) => {
-                // The replies to the messages before the bad frame go out before the close.
-                if let Ok(message) = queues.data.try_recv() {
-                    let timeout = site.ws_settings().send_timeout;
-                    let _ = write_queued(stream, message, queues, timeout).await;
-                }
-                Some(read_failed(conn.id, e))
-            }
-            Step::Incoming(None) => Some(Ending::quiet(1006, "connection lost")),
-        };
-        if let Some(ending) = ended {
-            return ending;
         }
     }
+}
+
+/// Waits for input, a message to send or a close request.
+async fn wait(wire: &mut Wire<'_>, queues: &Queues) -> Option<Ending> {
+    let wake = future::or(
+        async { Wake::Control(queues.control.recv().await.ok()) },
+        future::or(
+            async { Wake::Outgoing(queues.data.recv().await.ok()) },
+            async { Wake::Read(wire.read().await) },
+        ),
+    )
+    .await;
+    match wake {
+        Wake::Control(Some((code, reason))) => Some(Ending::send(code, &reason)),
+        Wake::Control(None) | Wake::Outgoing(None) => Some(Ending::send(1001, "going away")),
+        Wake::Outgoing(Some(message)) => {
+            wire.encode(&message);
+            None
+        }
+        Wake::Read(Ok(0)) | Wake::Read(Err(_)) => Some(Ending::quiet(1006, "connection lost")),
+        Wake::Read(Ok(_)) => None,
+    }
+}
+
+/// Handles one thing the client sent.
+async fn on_event<S: Site>(
+    site: &S,
+    conn: &Conn,
+    wire: &mut Wire<'_>,
+    ws: &Binding,
+    event: Event,
+    rate: &mut Rate,
+) -> Option<Ending> {
+    let now = site.now();
+    conn.touch(now);
+    let limit = site.ws_settings().max_messages_per_second;
+    if limit > 0 && rate.over(now, limit) {
+        log::debug!(
+            "websocket {}: more than {limit} messages a second; closing",
+            conn.id
+        );
+        return Some(Ending::send(1008, "message rate limit exceeded"));
+    }
+    match event {
+        Event::Message { kind, compressed } => {
+            let message = match wire.message(kind, compressed) {
+                Ok(message) => message,
+                Err(fault) => return Some(Ending::send(fault.code(), fault.reason())),
+            };
+            if site.ws_event(ws, WsEvent::Message(conn.id, message)) {
+                None
+            } else {
+                Some(Ending::send(1011, "internal error"))
+            }
+        }
+        Event::Ping => {
+            frame::pong(&mut wire.out, wire.decoder.control());
+            None
+        }
+        Event::Pong => None,
+        Event::Close => Some(closed_by_client(wire).await),
+    }
+}
+
+/// The client sent a close frame: answer it with the same code, after what is already
+/// encoded, then wait briefly for the client to close the TCP connection.
+async fn closed_by_client(wire: &mut Wire<'_>) -> Ending {
+    let (code, reason) = match frame::close_payload(wire.decoder.control()) {
+        Ok(Some((code, reason))) => (code, reason.to_owned()),
+        Ok(None) => (1005, String::new()),
+        Err(fault) => return Ending::send(fault.code(), fault.reason()),
+    };
+    frame::close(&mut wire.out, code, &reason);
+    let _ = future::or(
+        async {
+            if wire.flush().await.is_ok() {
+                while let Ok(n) = wire.read().await {
+                    wire.input.clear();
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        },
+        async {
+            Timer::after(Duration::from_secs(1)).await;
+        },
+    )
+    .await;
+    Ending::quiet(code, &reason)
 }
 
 /// Messages received in the current second.
@@ -323,52 +478,11 @@ impl Rate {
     }
 }
 
-/// What to do next. Fast path, nothing to wait for: a close request first, then a message
-/// already read and buffered (so the replies to a burst of messages go out together), then
-/// what is queued to send. This also registers no listener on the channels, which was a
-/// measurable cost per message. Otherwise waits for the first of the three.
-async fn next_step(stream: &mut Stream<'_>, queues: &Queues, reads: u32) -> Step {
-    let ready = future::poll_fn(|cx| {
-        if let Ok(close) = queues.control.try_recv() {
-            return Poll::Ready(Some(Step::Control(Some(close))));
-        }
-        if reads < READ_BURST {
-            if let Poll::Ready(incoming) = stream.poll_next(cx) {
-                return Poll::Ready(Some(Step::Incoming(incoming)));
-            }
-        }
-        Poll::Ready(
-            queues
-                .data
-                .try_recv()
-                .ok()
-                .map(|message| Step::Outgoing(Some(message))),
-        )
-    })
-    .await;
-    if let Some(step) = ready {
-        return step;
-    }
-    future::or(
-        async { Step::Control(queues.control.recv().await.ok()) },
-        future::or(
-            async { Step::Outgoing(queues.data.recv().await.ok()) },
-            async { Step::Incoming(stream.next().await) },
-        ),
-    )
-    .await
-}
-
-/// Writes `message` and everything else queued in one write. A client that stops reading
-/// must not stall us forever: a close request (send queue full, heartbeat, stop) wins over
-/// a blocked write.
-async fn write_queued(
-    stream: &mut Stream<'_>,
-    message: WsMessage,
-    queues: &Queues,
-    timeout: Duration,
-) -> Option<Ending> {
-    let mut send = std::pin::pin!(send_all(stream, message, queues));
+/// Writes what is encoded. A client that stops reading must not stall us forever: a close
+/// request (send queue full, heartbeat, stop) or the send timeout wins over a blocked write.
+async fn write_out<S: Site>(site: &S, wire: &mut Wire<'_>, queues: &Queues) -> Option<Ending> {
+    let timeout = site.ws_settings().send_timeout;
+    let mut send = std::pin::pin!(wire.flush());
     // Almost always the socket takes it at once: no timer for that.
     let sent = match future::poll_once(&mut send).await {
         Some(sent) => Some(sent),
@@ -398,65 +512,27 @@ async fn write_queued(
     }
 }
 
-/// Hands a message to the handler; a close frame from the client ends the connection.
-async fn deliver<S: Site>(
-    site: &S,
-    id: u64,
-    stream: &mut Stream<'_>,
-    ws: &Binding,
-    message: WsMessage,
-) -> Option<Ending> {
-    let delivered = match &message {
-        WsMessage::Text(t) => Message::text(t.as_str()),
-        WsMessage::Binary(b) => Message::binary(b),
-        WsMessage::Close(frame) => {
-            let (code, reason) = frame
-                .as_ref()
-                .map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
-                .unwrap_or((1005, String::new()));
-            // tungstenite queued the close reply; reading on until the stream ends writes it
-            // out (a `close` now would be refused as a send after closing, and the client
-            // would see a reset).
-            let _ = future::or(
-                async { while let Some(Ok(_)) = stream.next().await {} },
-                async {
-                    Timer::after(Duration::from_secs(1)).await;
-                },
-            )
-            .await;
-            return Some(Ending::quiet(code, &reason));
-        }
-        _ => return None,
-    };
-    if site.ws_event(ws, WsEvent::Message(id, delivered)) {
-        None
-    } else {
-        Some(Ending::send(1011, "internal error"))
-    }
-}
-
-/// The close code for a read that failed.
-fn read_failed(id: u64, e: tungstenite::Error) -> Ending {
-    log::debug!("websocket {id}: {e}");
-    match e {
-        tungstenite::Error::Capacity(_) => Ending::send(1009, "message too big"),
-        tungstenite::Error::Protocol(_) => Ending::send(1002, "protocol error"),
-        tungstenite::Error::Utf8(_) => Ending::send(1007, "invalid utf-8"),
-        _ => Ending::quiet(1006, "connection lost"),
-    }
-}
-
-/// Sends our close frame and waits briefly for the client's reply, so it reads ours before
-/// the FIN.
-async fn send_close(stream: &mut Stream<'_>, ending: &Ending) {
-    let frame = CloseFrame {
-        code: CloseCode::from(ending.code),
-        reason: ending.reason.clone().into(),
-    };
+/// Sends what is queued and our close frame, then waits briefly for the client's close, so
+/// it reads ours before the FIN.
+async fn send_close(wire: &mut Wire<'_>, queues: &Queues, ending: &Ending) {
+    wire.encode_queued(queues);
+    frame::close(&mut wire.out, ending.code, &ending.reason);
     let _ = future::or(
         async {
-            let _ = stream.close(Some(frame)).await;
-            while let Some(Ok(_)) = stream.next().await {}
+            if wire.flush().await.is_err() {
+                return;
+            }
+            // Whatever comes before the client's close (or a bad frame) is dropped.
+            loop {
+                match wire.decode() {
+                    Ok(Some(Event::Close)) | Err(_) => return,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                }
+                if !matches!(wire.read().await, Ok(n) if n > 0) {
+                    return;
+                }
+            }
         },
         async {
             Timer::after(Duration::from_secs(1)).await;

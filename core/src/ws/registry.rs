@@ -6,12 +6,22 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
-        RwLock,
+        Arc, RwLock,
     },
 };
 
-use async_tungstenite::tungstenite::Message as WsMessage;
 use plughost_plugin_api::{HostError, Message, MessageKind};
+
+use super::frame::Kind;
+
+/// A message queued to a connection. A broadcast shares one copy among its receivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Text or binary.
+    pub kind: Kind,
+    /// The payload (UTF-8 for text).
+    pub data: Arc<[u8]>,
+}
 
 /// A close request: code and reason.
 pub type CloseRequest = (u16, String);
@@ -22,7 +32,7 @@ pub struct Handle {
     /// The route path the connection was opened on.
     pub route: String,
     /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
-    data: async_channel::Sender<WsMessage>,
+    data: async_channel::Sender<Outgoing>,
     capacity: usize,
     control: async_channel::Sender<CloseRequest>,
     closing: AtomicBool,
@@ -32,7 +42,7 @@ pub struct Handle {
 #[derive(Debug)]
 pub struct Queues {
     /// Messages to send.
-    pub data: async_channel::Receiver<WsMessage>,
+    pub data: async_channel::Receiver<Outgoing>,
     /// Close requests (heartbeat, a full send queue, `close`).
     pub control: async_channel::Receiver<CloseRequest>,
 }
@@ -59,15 +69,19 @@ impl Default for Connections {
     }
 }
 
-/// Converts a plugin's message into one to send.
-pub fn to_ws(message: &Message<'_>) -> Result<WsMessage, HostError> {
-    Ok(match message.kind {
-        MessageKind::Text => WsMessage::text(
-            std::str::from_utf8(message.data.as_slice())
-                .map_err(|_| HostError::NotFound)?
-                .to_owned(),
-        ),
-        MessageKind::Binary => WsMessage::binary(message.data.as_slice().to_vec()),
+/// Converts a plugin's message into one to send; text that is not UTF-8 is refused.
+pub fn to_ws(message: &Message<'_>) -> Result<Outgoing, HostError> {
+    let data = message.data.as_slice();
+    let kind = match message.kind {
+        MessageKind::Text => {
+            std::str::from_utf8(data).map_err(|_| HostError::NotFound)?;
+            Kind::Text
+        }
+        MessageKind::Binary => Kind::Binary,
+    };
+    Ok(Outgoing {
+        kind,
+        data: data.into(),
     })
 }
 
@@ -109,7 +123,7 @@ impl Connections {
             .sum()
     }
 
-    fn queue(handle: &Handle, message: WsMessage) -> Result<(), HostError> {
+    fn queue(handle: &Handle, message: Outgoing) -> Result<(), HostError> {
         if handle.closing.load(Ordering::Relaxed) {
             return Err(HostError::Closed);
         }

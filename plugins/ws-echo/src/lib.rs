@@ -6,10 +6,14 @@
 //!
 //! ```ron
 //! plugins: { "ws-echo": (path: "../target/release/libws_echo.so") },
+//! routes: [(path: "/echo", handler: "ws-echo.page", methods: ["GET"])],
 //! websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")]),
 //! ```
 //!
-//! Try it: `websocat ws://localhost:5200/ws/echo`; every line comes back as it was sent.
+//! Try it: `websocat ws://localhost:5200/ws/echo`; every line comes back as it was sent. Or
+//! open `http://localhost:5200/echo` in a browser: the page sends a 64 KiB text message to
+//! `/ws/echo` (another path with `?ws=/path`) and shows whether it came back whole, and the
+//! extensions the browser and the server agreed on (`permessage-deflate` by default).
 
 use plughost_plugin_api::prelude::*;
 
@@ -25,12 +29,46 @@ impl WebSocketHandler for Echo {
     }
 }
 
+/// The page that tries the echo from a browser.
+struct Page;
+
+const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>ws-echo</title></head>
+<body>
+<p id="extensions">connecting</p>
+<p id="result">waiting</p>
+<script>
+const path = new URLSearchParams(location.search).get("ws") || "/ws/echo";
+const ws = new WebSocket(`ws://${location.host}${path}`);
+const sent = "héllo wörld ✓ ".repeat(5000).slice(0, 65536);
+ws.onopen = () => {
+  document.getElementById("extensions").textContent = "extensions: " + ws.extensions;
+  ws.send(sent);
+};
+ws.onmessage = (e) => {
+  document.getElementById("result").textContent =
+    e.data === sent ? `echo ok: ${e.data.length} characters` : "echo differs";
+  ws.close(1000);
+};
+ws.onerror = () => { document.getElementById("result").textContent = "error"; };
+</script>
+</body></html>
+"#;
+
+impl HttpHandler for Page {
+    fn handle(&mut self, _req: &Request<'_>, resp: &mut Response) {
+        resp.send(200, "text/html; charset=utf-8", PAGE);
+    }
+}
+
 fn plugin() -> Plugin {
-    Plugin::new("ws-echo", env!("CARGO_PKG_VERSION")).websocket("echo", |cx| {
-        Ok(Echo {
-            host: cx.host().clone(),
+    Plugin::new("ws-echo", env!("CARGO_PKG_VERSION"))
+        .websocket("echo", |cx| {
+            Ok(Echo {
+                host: cx.host().clone(),
+            })
         })
-    })
+        .http("page", |_| Ok(Page))
 }
 
 export_plugin!(plugin);
