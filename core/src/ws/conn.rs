@@ -5,22 +5,24 @@
 //! timeout and the bounded send queue.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     io,
+    marker::PhantomData,
     net::TcpStream,
     pin::Pin,
+    ptr::NonNull,
     rc::Rc,
     task::Poll,
     time::{Duration, Instant},
 };
 
 use futures_lite::{future, AsyncRead, AsyncWriteExt};
-use plughost_plugin_api::Message;
+use plughost_plugin_api::{HostError, Message, MessageKind};
 
 use super::{
     deflate::{Agreed, Codec},
     frame::{self, Decoder, Event, Fault, Kind},
-    registry::{Connections, Outgoing, Queues},
+    registry::{CloseRequest, Connections, Outgoing, Queues},
     Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
@@ -134,32 +136,144 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
 }
 
-/// The connection's wire: undecoded input, encoded output, the decoder and compression.
+/// The connection's wire: undecoded input, the decoder, and what goes out.
 struct Wire<'a> {
     stream: &'a Async<TcpStream>,
     input: Vec<u8>,
     /// `input[..start]` is decoded.
     start: usize,
-    out: Vec<u8>,
     decoder: Decoder,
-    codec: Option<Codec>,
     /// The last compressed message, inflated.
     plain: Vec<u8>,
     max: usize,
+    outbox: Outbox,
+}
+
+/// What goes out: encoded frames and the compression for them. A push from the handler to
+/// its own connection, during an event, is written here directly ([`push_direct`]).
+pub(super) struct Outbox {
+    out: Vec<u8>,
+    codec: Option<Codec>,
+    /// Compressed payloads, before framing.
+    packed: Vec<u8>,
+    /// The connection's queues: a direct write waits its turn behind what is queued, and a
+    /// connection asked to close takes no more.
+    data: async_channel::Receiver<Outgoing>,
+    control: async_channel::Receiver<CloseRequest>,
+    /// Direct writes during the current event, and how many one event may make (the send
+    /// queue's length: past it, pushes take the queue, which closes a runaway).
+    direct: usize,
+    cap: usize,
+}
+
+impl Outbox {
+    /// Appends a message: compressed when that was agreed and it is worth it; else the
+    /// frame already built for it, if any.
+    fn encode(&mut self, kind: Kind, payload: &[u8], frame: Option<&[u8]>) {
+        match (&mut self.codec, frame) {
+            (Some(codec), _) if codec.worth(payload.len()) => {
+                self.packed.clear();
+                codec.compress(payload, &mut self.packed);
+                frame::message(&mut self.out, kind, true, &self.packed);
+                release(&mut self.packed);
+            }
+            (_, Some(frame)) => self.out.extend_from_slice(frame),
+            (_, None) => frame::message(&mut self.out, kind, false, payload),
+        }
+    }
+
+    /// Encodes up to [`WRITE_BURST`] queued messages.
+    fn encode_queued(&mut self) {
+        for _ in 0..WRITE_BURST {
+            let Ok(message) = self.data.try_recv() else {
+                break;
+            };
+            self.encode(message.kind, message.payload(), Some(message.frame()));
+        }
+    }
+}
+
+thread_local! {
+    /// The connection whose event this thread is delivering, and its outbox.
+    static SERVING: Cell<Option<(u64, NonNull<Outbox>)>> = const { Cell::new(None) };
+}
+
+/// Marks a connection as the one being served while its handler runs.
+struct Serving<'a> {
+    previous: Option<(u64, NonNull<Outbox>)>,
+    _outbox: PhantomData<&'a mut Outbox>,
+}
+
+impl<'a> Serving<'a> {
+    fn enter(id: u64, outbox: &'a mut Outbox) -> Serving<'a> {
+        outbox.direct = 0;
+        let previous = SERVING.with(|s| s.replace(Some((id, NonNull::from(outbox)))));
+        Serving {
+            previous,
+            _outbox: PhantomData,
+        }
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.set(self.previous));
+    }
+}
+
+/// A push to the connection whose event this thread is delivering: written into its outbox
+/// at once, with no queue and no wake-up, when nothing is queued ahead of it. `None`: take
+/// the queue.
+pub(super) fn push_direct(id: u64, message: &Message<'_>) -> Option<Result<(), HostError>> {
+    let (serving, mut outbox) = SERVING.with(Cell::get)?;
+    if serving != id {
+        return None;
+    }
+    // SAFETY: `Serving` set this from a `&mut Outbox` that it keeps borrowed until it clears
+    // it, on this thread, around a synchronous call into the handler; nothing else touches
+    // the outbox meanwhile, and a push is not reentrant.
+    let outbox = unsafe { outbox.as_mut() };
+    if outbox.direct >= outbox.cap || !outbox.data.is_empty() || !outbox.control.is_empty() {
+        return None;
+    }
+    let payload = message.data.as_slice();
+    let kind = match message.kind {
+        MessageKind::Text if std::str::from_utf8(payload).is_err() => {
+            return Some(Err(HostError::NotFound))
+        }
+        MessageKind::Text => Kind::Text,
+        MessageKind::Binary => Kind::Binary,
+    };
+    outbox.direct += 1;
+    outbox.encode(kind, payload, None);
+    Some(Ok(()))
 }
 
 impl<'a> Wire<'a> {
-    fn new(conn: &'a Conn, part: Vec<u8>, settings: &WsSettings, agreed: Option<Agreed>) -> Self {
+    fn new(
+        conn: &'a Conn,
+        part: Vec<u8>,
+        settings: &WsSettings,
+        agreed: Option<Agreed>,
+        queues: &Queues,
+    ) -> Self {
         let max = settings.max_message_size;
         Wire {
             stream: &conn.stream,
             input: part,
             start: 0,
-            out: Vec::new(),
             decoder: Decoder::new(max, agreed.is_some()),
-            codec: agreed.map(|a| Codec::new(a, &settings.deflate)),
             plain: Vec::new(),
             max,
+            outbox: Outbox {
+                out: Vec::new(),
+                codec: agreed.map(|a| Codec::new(a, &settings.deflate)),
+                packed: Vec::new(),
+                data: queues.data.clone(),
+                control: queues.control.clone(),
+                direct: 0,
+                cap: settings.send_queue.max(1),
+            },
         }
     }
 
@@ -176,22 +290,22 @@ impl<'a> Wire<'a> {
         decoded
     }
 
-    /// The last message: its kind and payload, inflated if it was compressed.
-    fn message(&mut self, kind: Kind, compressed: bool) -> Result<Message<'_>, Fault> {
-        let data = if compressed {
-            let codec = self
-                .codec
-                .as_mut()
-                .ok_or(Fault::Protocol("RSV1 without permessage-deflate"))?;
-            codec.inflate(self.decoder.message(), self.max, &mut self.plain)?;
-            &self.plain[..]
-        } else {
-            self.decoder.message()
-        };
-        Ok(match kind {
-            Kind::Text => Message::text(std::str::from_utf8(data).map_err(|_| Fault::Utf8)?),
-            Kind::Binary => Message::binary(data),
-        })
+    /// Inflates the last message into `plain` if it was compressed, and checks that
+    /// compressed text inflated to UTF-8 (the decoder checked uncompressed text already).
+    fn inflate(&mut self, kind: Kind, compressed: bool) -> Result<(), Fault> {
+        if !compressed {
+            return Ok(());
+        }
+        let codec = self
+            .outbox
+            .codec
+            .as_mut()
+            .ok_or(Fault::Protocol("RSV1 without permessage-deflate"))?;
+        codec.inflate(self.decoder.message(), self.max, &mut self.plain)?;
+        if kind == Kind::Text && std::str::from_utf8(&self.plain).is_err() {
+            return Err(Fault::Utf8);
+        }
+        Ok(())
     }
 
     /// Reads what the socket has into the input; 0 at its end.
@@ -213,38 +327,13 @@ impl<'a> Wire<'a> {
         .await
     }
 
-    /// Encodes a message to send, compressed when that was agreed and it is worth it.
-    fn encode(&mut self, message: &Outgoing) {
-        match &mut self.codec {
-            Some(codec) if codec.worth(message.data.len()) => {
-                let mut packed = std::mem::take(&mut self.plain);
-                packed.clear();
-                codec.compress(&message.data, &mut packed);
-                frame::message(&mut self.out, message.kind, true, &packed);
-                self.plain = packed;
-                release(&mut self.plain);
-            }
-            _ => frame::message(&mut self.out, message.kind, false, &message.data),
-        }
-    }
-
-    /// Encodes up to [`WRITE_BURST`] queued messages.
-    fn encode_queued(&mut self, queues: &Queues) {
-        for _ in 0..WRITE_BURST {
-            let Ok(message) = queues.data.try_recv() else {
-                break;
-            };
-            self.encode(&message);
-        }
-    }
-
     /// Writes out everything encoded.
     async fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
+        let out = &mut self.outbox.out;
+        if !out.is_empty() {
             let mut stream = self.stream;
-            stream.write_all(&self.out).await?;
-            self.out.clear();
-            release(&mut self.out);
+            stream.write_all(out).await?;
+            release(out);
         }
         Ok(())
     }
@@ -290,7 +379,7 @@ pub async fn serve<S: Site>(
     queues: Queues,
 ) {
     let site = session.site;
-    let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate);
+    let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate, &queues);
     conn.set_phase(Phase::WebSocket, site.now());
     let ending = if session.opened {
         run(site, conn, &mut wire, &session.binding, &queues).await
@@ -299,7 +388,7 @@ pub async fn serve<S: Site>(
     };
     site.connections().remove(conn.id);
     if ending.send {
-        send_close(&mut wire, &queues, &ending).await;
+        send_close(&mut wire, &ending).await;
     }
     session.ending = (ending.code, ending.reason);
     // Dropping the session runs `on_close`.
@@ -354,8 +443,8 @@ async fn run<S: Site>(
         }
         let burst = reads >= READ_BURST;
         reads = 0;
-        wire.encode_queued(queues);
-        if !wire.out.is_empty() {
+        wire.outbox.encode_queued();
+        if !wire.outbox.out.is_empty() {
             if let Some(ending) = write_out(site, wire, queues).await {
                 return ending;
             }
@@ -381,7 +470,8 @@ async fn wait(wire: &mut Wire<'_>, queues: &Queues) -> Option<Ending> {
         Wake::Control(Some((code, reason))) => Some(Ending::send(code, &reason)),
         Wake::Control(None) | Wake::Outgoing(None) => Some(Ending::send(1001, "going away")),
         Wake::Outgoing(Some(message)) => {
-            wire.encode(&message);
+            wire.outbox
+                .encode(message.kind, message.payload(), Some(message.frame()));
             None
         }
         Wake::Read(Ok(0)) | Wake::Read(Err(_)) => Some(Ending::quiet(1006, "connection lost")),
@@ -410,18 +500,38 @@ async fn on_event<S: Site>(
     }
     match event {
         Event::Message { kind, compressed } => {
-            let message = match wire.message(kind, compressed) {
-                Ok(message) => message,
-                Err(fault) => return Some(Ending::send(fault.code(), fault.reason())),
+            if let Err(fault) = wire.inflate(kind, compressed) {
+                return Some(Ending::send(fault.code(), fault.reason()));
+            }
+            // Borrowed apart: the message from the decoder, the outbox for direct pushes.
+            let Wire {
+                decoder,
+                plain,
+                outbox,
+                ..
+            } = wire;
+            let data = if compressed {
+                &plain[..]
+            } else {
+                decoder.message()
             };
-            if site.ws_event(ws, WsEvent::Message(conn.id, message)) {
+            let message = match kind {
+                // SAFETY: text is UTF-8: the decoder checks it as it arrives, `inflate` after
+                // inflating.
+                Kind::Text => Message::text(unsafe { std::str::from_utf8_unchecked(data) }),
+                Kind::Binary => Message::binary(data),
+            };
+            let serving = Serving::enter(conn.id, outbox);
+            let delivered = site.ws_event(ws, WsEvent::Message(conn.id, message));
+            drop(serving);
+            if delivered {
                 None
             } else {
                 Some(Ending::send(1011, "internal error"))
             }
         }
         Event::Ping => {
-            frame::pong(&mut wire.out, wire.decoder.control());
+            frame::pong(&mut wire.outbox.out, wire.decoder.control());
             None
         }
         Event::Pong => None,
@@ -437,7 +547,7 @@ async fn closed_by_client(wire: &mut Wire<'_>) -> Ending {
         Ok(None) => (1005, String::new()),
         Err(fault) => return Ending::send(fault.code(), fault.reason()),
     };
-    frame::close(&mut wire.out, code, &reason);
+    frame::close(&mut wire.outbox.out, code, &reason);
     let _ = future::or(
         async {
             if wire.flush().await.is_ok() {
@@ -514,9 +624,9 @@ async fn write_out<S: Site>(site: &S, wire: &mut Wire<'_>, queues: &Queues) -> O
 
 /// Sends what is queued and our close frame, then waits briefly for the client's close, so
 /// it reads ours before the FIN.
-async fn send_close(wire: &mut Wire<'_>, queues: &Queues, ending: &Ending) {
-    wire.encode_queued(queues);
-    frame::close(&mut wire.out, ending.code, &ending.reason);
+async fn send_close(wire: &mut Wire<'_>, ending: &Ending) {
+    wire.outbox.encode_queued();
+    frame::close(&mut wire.outbox.out, ending.code, &ending.reason);
     let _ = future::or(
         async {
             if wire.flush().await.is_err() {

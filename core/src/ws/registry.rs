@@ -12,15 +12,40 @@ use std::{
 
 use plughost_plugin_api::{HostError, Message, MessageKind};
 
-use super::frame::Kind;
+use super::frame::{self, Kind};
 
-/// A message queued to a connection. A broadcast shares one copy among its receivers.
+/// A message queued to a connection, framed once: a broadcast shares the one frame among
+/// all its receivers (those that compress it build their own).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     /// Text or binary.
     pub kind: Kind,
-    /// The payload (UTF-8 for text).
-    pub data: Arc<[u8]>,
+    /// The uncompressed frame: header, then payload.
+    frame: Arc<[u8]>,
+    header: usize,
+}
+
+impl Outgoing {
+    /// Frames `payload` (UTF-8 for text).
+    pub fn new(kind: Kind, payload: &[u8]) -> Outgoing {
+        let mut framed = Vec::with_capacity(payload.len() + 10);
+        frame::message(&mut framed, kind, false, payload);
+        Outgoing {
+            kind,
+            header: framed.len() - payload.len(),
+            frame: framed.into(),
+        }
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.frame[self.header..]
+    }
+
+    /// The whole uncompressed frame.
+    pub fn frame(&self) -> &[u8] {
+        &self.frame
+    }
 }
 
 /// A close request: code and reason.
@@ -79,10 +104,7 @@ pub fn to_ws(message: &Message<'_>) -> Result<Outgoing, HostError> {
         }
         MessageKind::Binary => Kind::Binary,
     };
-    Ok(Outgoing {
-        kind,
-        data: data.into(),
-    })
+    Ok(Outgoing::new(kind, data))
 }
 
 impl Connections {
@@ -138,8 +160,12 @@ impl Connections {
         handle.data.try_send(message).map_err(|_| HostError::Closed)
     }
 
-    /// Queues `message` to connection `id`.
+    /// Sends `message` to connection `id`: straight into its outbox when it is the
+    /// connection whose event this thread is delivering, else through its queue.
     pub fn push(&self, id: u64, message: &Message<'_>) -> Result<(), HostError> {
+        if let Some(pushed) = super::conn::push_direct(id, message) {
+            return pushed;
+        }
         let message = to_ws(message)?;
         let map = self.shard(id).read().map_err(|_| HostError::NotFound)?;
         let handle = map.get(&id).ok_or(HostError::NotFound)?;
