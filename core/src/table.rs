@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 pub use counters::Counters;
 pub use layout::{Cell, Kind, Layout, Num, Value};
-pub use store::{RowRef, Table};
+pub use store::{RowRef, Scanned, Table};
 
 use crate::config::TableConfig;
 

@@ -425,15 +425,15 @@ impl HostFfi for Host {
             Ok(t) => t,
             Err(e) => return RResult::RErr(table_error(e)),
         };
-        let mut rows = RVec::new();
-        let mut key = Vec::new();
-        let next = t.scan(cursor, max_rows as usize, |row| {
-            row.key_into(&mut key);
-            rows.push(ScanRow {
-                key: String::from_utf8_lossy(&key).into_owned().into(),
-                values: row.values().into_iter().map(to_abi).collect(),
-            });
-        });
+        let mut scanned = Vec::new();
+        let next = t.scan(cursor, max_rows as usize, &mut scanned);
+        let rows = scanned
+            .into_iter()
+            .map(|r| ScanRow {
+                key: String::from_utf8_lossy(&r.key).into_owned().into(),
+                values: r.values.into_iter().map(to_abi).collect(),
+            })
+            .collect();
         RResult::ROk(ScanBatch {
             rows,
             next: next.into(),

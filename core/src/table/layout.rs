@@ -100,6 +100,8 @@ pub struct Layout {
     pub columns: Vec<Column>,
     /// The longest key in bytes.
     pub key_max: usize,
+    /// The key's first word in a row.
+    key_at: usize,
     /// Words per row.
     stride: usize,
 }
@@ -113,35 +115,48 @@ fn words_for(bytes: usize) -> usize {
 }
 
 impl Layout {
-    /// The layout of a table as configured.
+    /// The layout of a table as configured: the header word, the number columns (so a read
+    /// of numbers after the key check touches the row's first cache lines), the key, then
+    /// the `Str` and `Bytes` columns.
     pub fn new(config: &TableConfig) -> Layout {
         let key_max = config.key_max as usize;
-        let mut at = 1 + words_for(key_max);
+        let numbers = config
+            .columns
+            .iter()
+            .filter(|c| !matches!(c.kind, ColumnKind::Str(_) | ColumnKind::Bytes(_)))
+            .count();
+        let key_at = 1 + numbers;
+        let (mut number_at, mut bytes_at) = (1, key_at + words_for(key_max));
         let columns = config
             .columns
             .iter()
             .map(|c| {
-                let (kind, max, words) = match c.kind {
-                    ColumnKind::I64 => (Kind::I64, 8, 1),
-                    ColumnKind::U64 => (Kind::U64, 8, 1),
-                    ColumnKind::F64 => (Kind::F64, 8, 1),
-                    ColumnKind::Str(n) => (Kind::Str, n as usize, 1 + words_for(n as usize)),
-                    ColumnKind::Bytes(n) => (Kind::Bytes, n as usize, 1 + words_for(n as usize)),
+                let (kind, max) = match c.kind {
+                    ColumnKind::I64 => (Kind::I64, 8),
+                    ColumnKind::U64 => (Kind::U64, 8),
+                    ColumnKind::F64 => (Kind::F64, 8),
+                    ColumnKind::Str(n) => (Kind::Str, n as usize),
+                    ColumnKind::Bytes(n) => (Kind::Bytes, n as usize),
                 };
-                let column = Column {
+                let (next, words) = match kind {
+                    Kind::Str | Kind::Bytes => (&mut bytes_at, 1 + words_for(max)),
+                    _ => (&mut number_at, 1),
+                };
+                let at = *next;
+                *next += words;
+                Column {
                     name: c.name.clone(),
                     kind,
                     max,
                     at,
-                };
-                at += words;
-                column
+                }
             })
             .collect();
         Layout {
             columns,
             key_max,
-            stride: at,
+            key_at,
+            stride: bytes_at,
         }
     }
 
@@ -178,7 +193,7 @@ impl Layout {
     /// Writes a fresh row: its header, its key, every column zero or empty.
     pub(crate) fn init(&self, row: &[AtomicU64], tag: u64, key: &[u8]) {
         row[0].store(tag, Relaxed);
-        store_bytes(&row[1..], key);
+        store_bytes(&row[self.key_at..], key);
         for c in &self.columns {
             row[c.at].store(0, Relaxed);
         }
@@ -186,17 +201,24 @@ impl Layout {
 
     /// Whether the row holds this key (`tag` compared first, then the key's words).
     pub(crate) fn key_is(&self, row: &[AtomicU64], tag: u64, key: &[u8]) -> bool {
-        row[0].load(Relaxed) == tag
-            && key
-                .chunks(8)
-                .zip(&row[1..])
-                .all(|(chunk, w)| pack(chunk) == w.load(Relaxed))
+        if row[0].load(Relaxed) != tag {
+            return false;
+        }
+        let words = &row[self.key_at..];
+        let mut chunks = key.chunks_exact(8);
+        for (chunk, w) in (&mut chunks).zip(words) {
+            if pack(chunk) != w.load(Relaxed) {
+                return false;
+            }
+        }
+        let rest = chunks.remainder();
+        rest.is_empty() || pack(rest) == words[key.len() / 8].load(Relaxed)
     }
 
     /// Copies the row's key into `out` (replacing what it held).
     pub(crate) fn key_into(&self, row: &[AtomicU64], out: &mut Vec<u8>) {
         let len = ((row[0].load(Relaxed) & LEN_MASK) as usize).min(self.key_max);
-        load_bytes(&row[1..], len, out);
+        load_bytes(&row[self.key_at..], len, out);
     }
 
     /// Writes a checked cell (see [`Layout::check`]).

@@ -9,10 +9,15 @@
 //!
 //! Why it is fast and safe from every thread: there are `next_pow2(size)` buckets (a chain
 //! holds one row on average) split into up to 128 contiguous runs, each with its own `RwLock`
-//! (a shard), and the shard of a key's bucket guards that chain and the rows in it. Reads take
-//! the shard's read lock, writes its write lock; no lock is held for more than one chain, or
-//! one bounded batch of buckets while scanning. Keys are hashed with a per-table random
-//! `SipHash` key, so a client cannot aim keys at one chain.
+//! and sequence number (a shard), and the shard of a key's bucket guards that chain and the
+//! rows in it. Writes take the shard's write lock and make its sequence odd while they
+//! write; a point read first reads optimistically (no store to the shared cache line: it
+//! checks the sequence did not move, and tries again if it did), and after a few failed tries
+//! takes the read lock. Scans take the read lock. No lock is held for more than one chain, or
+//! one bounded batch of buckets while scanning. Every word of a row is an atomic, so an
+//! optimistic read of a row being rewritten reads stale or mixed values, which it then
+//! discards: never undefined behaviour. Keys are hashed with a per-table random `SipHash`
+//! key, so a client cannot aim keys at one chain.
 //!
 //! Why a scan never skips a row that stayed, never loops and never panics: buckets never move
 //! (there is no rehash), so a cursor over bucket numbers visits each bucket once; a row that
@@ -22,7 +27,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         atomic::{
-            AtomicU32, AtomicU64,
+            fence, AtomicU32, AtomicU64,
             Ordering::{AcqRel, Acquire, Relaxed, Release},
         },
         PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -43,10 +48,30 @@ const MAX_SHARDS: usize = 128;
 /// Most buckets a scan walks under one lock (so an empty stretch holds no lock for long).
 const SCAN_BUCKETS_PER_LOCK: usize = 256;
 
-/// One lock, alone on its cache line.
+/// Optimistic tries of a point read before it takes the read lock.
+const OPTIMISTIC_TRIES: usize = 4;
+
+/// One lock and its sequence number (odd while a writer writes), alone on a cache line.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Shard(RwLock<()>);
+struct Shard {
+    lock: RwLock<()>,
+    seq: AtomicU64,
+}
+
+/// A shard's write lock; the sequence number is odd while it is held.
+struct WriteGuard<'a> {
+    shard: &'a Shard,
+    _lock: RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        // Even again (before the lock is released, which happens after this).
+        let seq = self.shard.seq.load(Relaxed);
+        self.shard.seq.store(seq.wrapping_add(1), Release);
+    }
+}
 
 /// A fixed-capacity table shared by every thread. See the module doc for the design.
 #[derive(Debug)]
@@ -75,7 +100,16 @@ struct Spot {
     bucket: usize,
 }
 
-/// A row, read under its shard's lock (only inside [`Table::read`] and [`Table::scan`]).
+/// A row copied out by [`Table::scan`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scanned {
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its values, in column order.
+    pub values: Vec<Value>,
+}
+
+/// A row, read inside [`Table::read`].
 #[derive(Debug, Clone, Copy)]
 pub struct RowRef<'a> {
     layout: &'a Layout,
@@ -193,14 +227,23 @@ impl<S: BuildHasher> Table<S> {
         })
     }
 
-    fn read_lock(&self, bucket: usize) -> RwLockReadGuard<'_, ()> {
-        let shard = &self.shards[bucket >> self.shard_shift].0;
-        shard.read().unwrap_or_else(PoisonError::into_inner)
+    fn shard(&self, bucket: usize) -> &Shard {
+        &self.shards[bucket >> self.shard_shift]
     }
 
-    fn write_lock(&self, bucket: usize) -> RwLockWriteGuard<'_, ()> {
-        let shard = &self.shards[bucket >> self.shard_shift].0;
-        shard.write().unwrap_or_else(PoisonError::into_inner)
+    fn read_lock(&self, bucket: usize) -> RwLockReadGuard<'_, ()> {
+        let lock = &self.shard(bucket).lock;
+        lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_lock(&self, bucket: usize) -> WriteGuard<'_> {
+        let shard = self.shard(bucket);
+        let lock = shard.lock.write().unwrap_or_else(PoisonError::into_inner);
+        // Odd while writing; optimistic readers that see any of the writes see this too.
+        let seq = shard.seq.load(Relaxed);
+        shard.seq.store(seq.wrapping_add(1), Relaxed);
+        fence(Release);
+        WriteGuard { shard, _lock: lock }
     }
 
     fn row(&self, row: u32) -> &[AtomicU64] {
@@ -209,11 +252,16 @@ impl<S: BuildHasher> Table<S> {
         &self.words[at..at + stride]
     }
 
-    /// The key's row and the row before it in the chain. Under the bucket's shard lock.
+    /// The key's row and the row before it in the chain. Under the bucket's shard lock, or
+    /// optimistically (then the walk may meet links being rewritten: it stops at anything
+    /// that is not a row, and after `size` steps, and the caller discards what it found).
     fn find(&self, spot: &Spot, key: &str) -> Option<(u32, Option<u32>)> {
         let mut prev = None;
         let mut at = self.buckets[spot.bucket].load(Relaxed);
-        while at != NIL {
+        for _ in 0..self.size {
+            if at as usize >= self.size {
+                return None;
+            }
             if self.layout.key_is(self.row(at), spot.tag, key.as_bytes()) {
                 return Some((at, prev));
             }
@@ -262,20 +310,37 @@ impl<S: BuildHasher> Table<S> {
         }
     }
 
-    /// Calls `f` with the key's row under the read lock; `None` when the key is absent.
+    /// Calls `f` with the key's row; `None` when the key is absent. `f` may be called more
+    /// than once (an optimistic read that met a writer is done again): it should only read.
     pub fn read<R>(
         &self,
         key: &str,
-        f: impl FnOnce(RowRef<'_>) -> R,
+        mut f: impl FnMut(RowRef<'_>) -> R,
     ) -> Result<Option<R>, TableError> {
         let spot = self.spot(key)?;
-        let _lock = self.read_lock(spot.bucket);
-        Ok(self.find(&spot, key).map(|(row, _)| {
-            f(RowRef {
-                layout: &self.layout,
-                words: self.row(row),
+        let shard = self.shard(spot.bucket);
+        let mut read = || {
+            self.find(&spot, key).map(|(row, _)| {
+                f(RowRef {
+                    layout: &self.layout,
+                    words: self.row(row),
+                })
             })
-        }))
+        };
+        for _ in 0..OPTIMISTIC_TRIES {
+            let before = shard.seq.load(Acquire);
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let result = read();
+            fence(Acquire);
+            if shard.seq.load(Relaxed) == before {
+                return Ok(result);
+            }
+        }
+        let _lock = self.read_lock(spot.bucket);
+        Ok(read())
     }
 
     /// Whether the key has a row.
@@ -348,30 +413,71 @@ impl<S: BuildHasher> Table<S> {
         Ok(true)
     }
 
-    /// Calls `f` with each row of the buckets from `cursor` on, a bounded batch of buckets
-    /// per lock, until at least `max_rows` rows were seen (whole buckets only) or the end.
-    /// Returns the cursor to go on from, `None` at the end. See the module doc.
-    pub fn scan(&self, cursor: u64, max_rows: usize, mut f: impl FnMut(RowRef<'_>)) -> Option<u64> {
+    /// Copies the rows of the buckets from `cursor` on into `out`, a bounded run of buckets
+    /// at a time, until at least `max_rows` rows were copied (whole buckets only) or the end.
+    /// Returns the cursor to go on from, `None` at the end. Each run is copied optimistically
+    /// (a writer is never held up by a scan) and checked against its shard's sequence; after
+    /// a few runs that met a writer, under the read lock. See the module doc.
+    pub fn scan(&self, cursor: u64, max_rows: usize, out: &mut Vec<Scanned>) -> Option<u64> {
         let nbuckets = self.buckets.len();
         let mut b = usize::try_from(cursor).unwrap_or(usize::MAX);
         let mut seen = 0;
-        while b < nbuckets && seen < max_rows.max(1) {
+        let max_rows = max_rows.max(1);
+        while b < nbuckets && seen < max_rows {
             let shard_end = ((b >> self.shard_shift) + 1) << self.shard_shift;
             let end = shard_end.min(b + SCAN_BUCKETS_PER_LOCK);
-            let _lock = self.read_lock(b);
-            while b < end && seen < max_rows.max(1) {
-                let mut at = self.buckets[b].load(Relaxed);
-                while at != NIL {
-                    f(RowRef {
-                        layout: &self.layout,
-                        words: self.row(at),
-                    });
-                    seen += 1;
-                    at = self.links[at as usize].load(Relaxed);
+            let shard = self.shard(b);
+            let mark = out.len();
+            let mut run = None;
+            for _ in 0..OPTIMISTIC_TRIES {
+                let before = shard.seq.load(Acquire);
+                if before & 1 == 0 {
+                    let copied = self.copy_run(b, end, max_rows - seen, out);
+                    fence(Acquire);
+                    if shard.seq.load(Relaxed) == before {
+                        run = Some(copied);
+                        break;
+                    }
+                    out.truncate(mark);
                 }
-                b += 1;
+                std::hint::spin_loop();
             }
+            let (next, rows) = run.unwrap_or_else(|| {
+                let _lock = self.read_lock(b);
+                self.copy_run(b, end, max_rows - seen, out)
+            });
+            b = next;
+            seen += rows;
         }
         (b < nbuckets).then_some(b as u64)
+    }
+
+    /// Copies whole buckets from `b` (before `end`) until `budget` rows; returns the next
+    /// bucket and the rows copied. Bounded even if links change under it.
+    fn copy_run(
+        &self,
+        mut b: usize,
+        end: usize,
+        budget: usize,
+        out: &mut Vec<Scanned>,
+    ) -> (usize, usize) {
+        let (mut rows, mut steps) = (0, 0);
+        while b < end && rows < budget {
+            let mut at = self.buckets[b].load(Relaxed);
+            while (at as usize) < self.size && steps < self.size {
+                let words = self.row(at);
+                let mut key = Vec::new();
+                self.layout.key_into(words, &mut key);
+                let values = (0..self.layout.columns.len())
+                    .filter_map(|c| self.layout.value(words, c))
+                    .collect();
+                out.push(Scanned { key, values });
+                rows += 1;
+                steps += 1;
+                at = self.links[at as usize].load(Relaxed);
+            }
+            b += 1;
+        }
+        (b, rows)
     }
 }

@@ -233,14 +233,13 @@ fn concurrent_inserts_fill_exactly_size() {
 
 /// Walks the whole table with small batches, as the plugin API does.
 fn walk<S: BuildHasher>(t: &Table<S>, mut each: impl FnMut(String)) -> usize {
-    let (mut cursor, mut batches, mut key) = (Some(0), 0, Vec::new());
+    let (mut cursor, mut batches) = (Some(0), 0);
     while let Some(c) = cursor {
-        let mut keys = Vec::new();
-        cursor = t.scan(c, 16, |r| {
-            r.key_into(&mut key);
-            keys.push(String::from_utf8(key.clone()).unwrap());
-        });
-        keys.into_iter().for_each(&mut each);
+        let mut rows = Vec::new();
+        cursor = t.scan(c, 16, &mut rows);
+        rows.into_iter()
+            .map(|r| String::from_utf8(r.key).unwrap())
+            .for_each(&mut each);
         batches += 1;
         assert!(batches < 1_000_000, "the scan does not end");
     }
