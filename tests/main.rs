@@ -1,5 +1,5 @@
 //! Integration tests of plughost through the real binary: HTTP serving, limits and malformed
-//! input, plugin failures, config errors and the `info` command. The tests that send signals
+//! input, plugin failures, config errors, shared tables and the `info` command. The tests that send signals
 //! or use pid files are in `signals.rs`.
 
 mod cli;
@@ -10,6 +10,7 @@ mod limits;
 mod plugins;
 mod reload;
 mod supervisor;
+mod tables;
 mod tasks;
 mod ws;
 mod ws_deflate;

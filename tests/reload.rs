@@ -55,6 +55,17 @@ fn copy_hello(dir: &Path, name: &str, api: &Path) -> PathBuf {
     krate
 }
 
+/// The version of the workspace's plugin-api (what a server built here has).
+fn api_version() -> String {
+    let manifest = std::fs::read_to_string(artifacts().root.join("plugin-api/Cargo.toml")).unwrap();
+    manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("a version line")
+        .to_owned()
+}
+
 /// Replaces `from` by `to` in a file (panics when `from` is not there).
 fn edit(path: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -138,13 +149,17 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
     let api = work.path().join("plugin-api-changed");
     std::fs::create_dir_all(api.join("src")).unwrap();
     let root = &artifacts().root;
-    for f in ["abi.rs", "component.rs", "export.rs", "http.rs", "lib.rs"] {
-        std::fs::copy(root.join("plugin-api/src").join(f), api.join("src").join(f)).unwrap();
+    for f in std::fs::read_dir(root.join("plugin-api/src")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, api.join("src").join(f.file_name().unwrap())).unwrap();
     }
     // The workspace's dependencies of plugin-api, spelled out (the copy is not in the workspace).
-    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n\
-        [dependencies]\nabi_stable = \"0.11.3\"\nserde = { version = \"1\", features = [\"derive\"] }\n\
-        ron = \"0.8\"\nlog = { version = \"0.4\", features = [\"std\"] }\n";
+    let version = api_version();
+    let manifest = format!(
+        "[package]\nname = \"plughost-plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n\
+        [dependencies]\nabi_stable = \"0.11.3\"\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\
+        ron = \"0.8\"\nlog = {{ version = \"0.4\", features = [\"std\"] }}\n"
+    );
     std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
     edit(
         &api.join("src/http.rs"),
@@ -178,7 +193,7 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
     let logs = server.logs();
     assert!(logs.contains("incompatible plugin ABI"), "{logs}");
     assert!(logs.contains("fields only in the plugin: extra"), "{logs}");
-    assert!(logs.contains("plugin-api 0.2.0"), "{logs}");
+    assert!(logs.contains(&format!("plugin-api {version}")), "{logs}");
     assert!(
         logs.lines().count() < 200,
         "the layout dump must be cut:\n{logs}"
@@ -191,6 +206,39 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
         info.stdout.contains("reloads: 0 ok, 1 failed"),
         "{}",
         info.stdout
+    );
+}
+
+/// plugin-api 0.3 added the table calls to the host's ABI: a server refuses a plugin built
+/// against 0.2 (abi_stable compares the 0.x minor), naming both versions.
+#[test]
+fn a_plugin_built_against_plugin_api_0_2_is_refused() {
+    let work = TestDir::new();
+    let root = &artifacts().root;
+    let api = work.path().join("plugin-api-0.2");
+    std::fs::create_dir_all(api.join("src")).unwrap();
+    for f in std::fs::read_dir(root.join("plugin-api/src")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, api.join("src").join(f.file_name().unwrap())).unwrap();
+    }
+    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n\
+        [dependencies]\nabi_stable = \"0.11.3\"\nserde = { version = \"1\", features = [\"derive\"] }\n\
+        ron = \"0.8\"\nlog = { version = \"0.4\", features = [\"std\"] }\n";
+    std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
+    let old = build(&copy_hello(work.path(), "hello-api-0-2", &api));
+    let (status, stderr) = Config::empty()
+        .plugin("hello", &old)
+        .route("/hello", "hello.hello")
+        .start_expect_failure();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("incompatible plugin-api version"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("server plugin-api {}", api_version()))
+            && stderr.contains("plugin built with plugin-api 0.2.0"),
+        "{stderr}"
     );
 }
 

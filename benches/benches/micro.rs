@@ -189,7 +189,7 @@ fn itoa(mut n: u64) -> Digits {
 fn plugin_call(c: &mut Criterion) {
     let so = hello_so();
     let run = runtime_dir();
-    let host = Host::new(String::new(), None).boxed();
+    let host = Host::new(String::new(), None, Default::default()).boxed();
 
     // 1a. Straight through the HttpHandlerBox, as the pipeline does for one handler.
     let lib = loader::load("hello", &so, &run, false).expect("load libhello.so");

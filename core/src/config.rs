@@ -66,6 +66,60 @@ pub struct Config {
     pub timer: TimerConfig,
     /// Custom processes by name.
     pub processes: BTreeMap<String, ProcessConfig>,
+    /// Shared tables by name: created before the workers, with a fixed number of rows.
+    pub tables: BTreeMap<String, TableConfig>,
+}
+
+/// Longest key a table takes, in bytes (`key_max` may lower it to save memory).
+pub const TABLE_KEY_MAX: u32 = 256;
+
+/// Longest value a `Str` or `Bytes` column may be declared to hold, in bytes.
+pub const TABLE_VALUE_MAX: u32 = 1 << 20;
+
+/// Most rows one table may be declared with (row numbers are 32-bit).
+pub const TABLE_SIZE_MAX: u64 = 1 << 31;
+
+/// One shared table: exactly `size` rows, each with the same typed columns.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Rows: exactly this many distinct keys fit, whatever the keys.
+    pub size: u64,
+    /// The columns, in order.
+    #[serde(default)]
+    pub columns: Vec<ColumnConfig>,
+    /// Longest key in bytes, at most 256 (the default). Each row reserves this much.
+    #[serde(default = "table_key_max")]
+    pub key_max: u32,
+}
+
+fn table_key_max() -> u32 {
+    TABLE_KEY_MAX
+}
+
+/// One column of a table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// Its name, unique in the table.
+    pub name: String,
+    /// What it holds.
+    pub kind: ColumnKind,
+}
+
+/// What a column holds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// A signed 64-bit integer.
+    I64,
+    /// An unsigned 64-bit integer.
+    U64,
+    /// A 64-bit float.
+    F64,
+    /// UTF-8 text of at most this many bytes (a longer value is refused, never cut).
+    Str(u32),
+    /// Bytes, at most this many.
+    Bytes(u32),
 }
 
 /// The cron timer.
@@ -278,6 +332,7 @@ impl Default for Config {
             events: BTreeMap::new(),
             timer: TimerConfig::default(),
             processes: BTreeMap::new(),
+            tables: BTreeMap::new(),
         }
     }
 }
@@ -577,6 +632,7 @@ impl Config {
         };
         self.validate_routes(&invalid, &check_ref)?;
         self.validate_services(&invalid, &check_ref)?;
+        self.validate_tables(&invalid)?;
         for (list, name) in [
             (&self.middleware, "middleware"),
             (&self.cleaners, "cleaners"),
@@ -743,6 +799,53 @@ impl Config {
                     name,
                     "must be at least 1 (or set enable: false)".into(),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Table sizes, key and value limits, column names.
+    fn validate_tables(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        for (name, t) in &self.tables {
+            if name.is_empty() || name.len() > TABLE_KEY_MAX as usize {
+                return Err(invalid(
+                    "tables".into(),
+                    "tables",
+                    format!("a table name must be 1 to {TABLE_KEY_MAX} bytes"),
+                ));
+            }
+            if t.size == 0 || t.size > TABLE_SIZE_MAX {
+                return Err(invalid(
+                    format!("tables.{name}.size"),
+                    name,
+                    format!("must be 1 to {TABLE_SIZE_MAX} rows, not {}", t.size),
+                ));
+            }
+            if t.key_max == 0 || t.key_max > TABLE_KEY_MAX {
+                return Err(invalid(
+                    format!("tables.{name}.key_max"),
+                    name,
+                    format!("must be 1 to {TABLE_KEY_MAX} bytes, not {}", t.key_max),
+                ));
+            }
+            for (i, c) in t.columns.iter().enumerate() {
+                let key = format!("tables.{name}.columns[{i}]");
+                if c.name.is_empty() || t.columns[..i].iter().any(|o| o.name == c.name) {
+                    let why = format!("column name {:?} is empty or used twice", c.name);
+                    return Err(invalid(key, name, why));
+                }
+                if let ColumnKind::Str(max) | ColumnKind::Bytes(max) = c.kind {
+                    if max == 0 || max > TABLE_VALUE_MAX {
+                        let why = format!(
+                            "{:?} must hold 1 to {TABLE_VALUE_MAX} bytes, not {max}",
+                            c.name
+                        );
+                        return Err(invalid(format!("{key}.kind"), &c.name, why));
+                    }
+                }
             }
         }
         Ok(())
@@ -1067,6 +1170,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("timer.jobs[0].interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn tables_parse_with_their_columns() {
+        let c = parse(
+            r#"(tables: { "sessions": (size: 100000, columns: [
+                (name: "conn", kind: U64), (name: "score", kind: F64),
+                (name: "name", kind: Str(64)),
+            ]) })"#,
+        )
+        .unwrap();
+        let t = &c.tables["sessions"];
+        assert_eq!((t.size, t.key_max, t.columns.len()), (100_000, 256, 3));
+        assert_eq!(t.columns[2].kind, ColumnKind::Str(64));
+    }
+
+    #[test]
+    fn bad_tables_are_named_with_their_line() {
+        let err = parse("(tables: {\n \"t\": (size: 0, columns: []),\n})")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.ron:2:") && err.contains("tables.t.size"),
+            "{err}"
+        );
+        let twice = r#"(tables: { "t": (size: 1, columns: [(name: "a", kind: I64), (name: "a", kind: U64)]) })"#;
+        let err = parse(twice).unwrap_err().to_string();
+        assert!(err.contains("tables.t.columns[1]"), "{err}");
+        let huge = r#"(tables: { "t": (size: 1, columns: [(name: "a", kind: Str(0))]) })"#;
+        assert!(parse(huge)
+            .unwrap_err()
+            .to_string()
+            .contains("columns[0].kind"));
+        let key = r#"(tables: { "t": (size: 1, key_max: 257) })"#;
+        assert!(parse(key)
+            .unwrap_err()
+            .to_string()
+            .contains("tables.t.key_max"));
+        let kind = "(tables: {\n \"t\": (size: 1, columns: [(name: \"a\", kind: Int)]),\n})";
+        assert!(parse(kind)
+            .unwrap_err()
+            .to_string()
+            .contains("server.ron:2:"));
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub enum StartError {
     /// The runtime folder cannot be created, or others can write to it.
     #[error("runtime folder: {0}")]
     RuntimeDir(String),
+    /// A shared table could not be created (its memory could not be allocated).
+    #[error("tables: {0}")]
+    Table(String),
     /// A worker could not start.
     #[error("worker {id} could not start: {reason}")]
     Worker {

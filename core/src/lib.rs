@@ -6,6 +6,7 @@
 //! - [`config`], [`error`], [`router`]: the config file, the errors, the route table;
 //! - [`runtime`]: each worker's epoll, the connection record, take-over, shared counters;
 //! - [`plugin`]: loading `.so` files, the host API, instances of components;
+//! - [`table`]: shared tables and counters, for every thread;
 //! - [`plan`]: what a config says to run, resolved against the loaded plugins;
 //! - [`ws`], [`http`]: the WebSocket and HTTP connection loops and the middleware onion;
 //! - [`jobs`]: task workers, events, the cron timer, custom processes;
@@ -25,4 +26,5 @@ pub mod plugin;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod table;
 pub mod ws;

@@ -36,6 +36,7 @@ use crate::{
     plan::Plan,
     plugin::{host::Host, Registry},
     runtime::{stats::Stats, Shutdown},
+    table::Tables,
 };
 use reload::Live;
 use state::State;
@@ -93,7 +94,13 @@ pub fn run(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), StartError> {
     let config = &loaded.config;
-    let host = Host::new(options.app_version.clone(), config.env_file.as_deref());
+    // The tables come first, with all their memory: every thread may use them.
+    let tables = Arc::new(Tables::new(&config.tables).map_err(StartError::Table)?);
+    let host = Host::new(
+        options.app_version.clone(),
+        config.env_file.as_deref(),
+        tables.clone(),
+    );
     let registry = Arc::new(Registry::load(config)?);
     let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
     let n = config.workers();
@@ -135,6 +142,7 @@ pub fn run(
         stray_panics: host.stray_panics(),
         supervisor: options.supervisor.clone(),
         connections: host.connections().clone(),
+        tables,
         last_reload: Mutex::new(None),
     });
     let socket = control::socket_path(&config.runtime_dir);

@@ -287,6 +287,22 @@ pub enum HostError {
     UnknownProcess,
     /// The feature is not enabled in the server's config.
     NotEnabled,
+    /// No table of that name is declared in `server.ron`.
+    UnknownTable,
+    /// The table has no column of that name.
+    UnknownColumn,
+    /// Every row of the table is in use: a new key needs a row to be deleted first.
+    TableFull,
+    /// The key (or counter name) is longer than the table's `key_max` (at most 256 bytes).
+    KeyTooLong,
+    /// A string or bytes value is longer than its column's size; nothing was written.
+    ValueTooLong,
+    /// The value is not of the column's kind (or a number column was read as text).
+    WrongType,
+    /// An integer `incr` or `decr` would overflow (or go below 0 in a `U64` column).
+    Overflow,
+    /// The server already holds its most counters (1024).
+    TooManyCounters,
 }
 
 impl std::fmt::Display for HostError {
@@ -299,11 +315,123 @@ impl std::fmt::Display for HostError {
             HostError::UnknownEvent => "no listeners for that event",
             HostError::UnknownProcess => "no such custom process",
             HostError::NotEnabled => "not enabled in server.ron",
+            HostError::UnknownTable => "no such table in server.ron",
+            HostError::UnknownColumn => "no such column in the table",
+            HostError::TableFull => "the table is full",
+            HostError::KeyTooLong => "the key is too long",
+            HostError::ValueTooLong => "the value is too long for its column",
+            HostError::WrongType => "the value is not of the column's kind",
+            HostError::Overflow => "the number would overflow",
+            HostError::TooManyCounters => "too many counters",
         })
     }
 }
 
 impl std::error::Error for HostError {}
+
+/// What a table column holds (its size, for `Str` and `Bytes`, is in [`ColumnDesc::max`]).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// A signed 64-bit integer.
+    I64,
+    /// An unsigned 64-bit integer.
+    U64,
+    /// A 64-bit float.
+    F64,
+    /// UTF-8 text of at most `max` bytes.
+    Str,
+    /// Bytes, at most `max`.
+    Bytes,
+}
+
+/// One column of a table.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct ColumnDesc {
+    /// Its name.
+    pub name: RString,
+    /// What it holds.
+    pub kind: ColumnKind,
+    /// The longest value in bytes (8 for numbers).
+    pub max: u32,
+}
+
+/// A table as the host describes it to a plugin.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct TableDesc {
+    /// The handle the other table calls take (stable for the server process's life).
+    pub id: u32,
+    /// Rows it can hold.
+    pub capacity: u64,
+    /// Longest key in bytes.
+    pub key_max: u32,
+    /// Its columns, in order.
+    pub columns: RVec<ColumnDesc>,
+}
+
+/// A value read from a table, in the column's kind.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub enum Value {
+    /// From an `I64` column.
+    I64(i64),
+    /// From a `U64` column.
+    U64(u64),
+    /// From an `F64` column.
+    F64(f64),
+    /// From a `Str` column.
+    Str(RString),
+    /// From a `Bytes` column.
+    Bytes(RVec<u8>),
+}
+
+/// A value to write into a table, borrowed for the call.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    /// A signed integer (also fits a `U64` column when not negative).
+    I64(i64),
+    /// An unsigned integer (also fits an `I64` column up to `i64::MAX`).
+    U64(u64),
+    /// A float.
+    F64(f64),
+    /// Text.
+    Str(RStr<'a>),
+    /// Bytes.
+    Bytes(RSlice<'a, u8>),
+}
+
+/// A column index and the value to write there.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct CellRef<'a> {
+    /// The column's index in [`TableDesc::columns`].
+    pub column: u32,
+    /// The value.
+    pub value: ValueRef<'a>,
+}
+
+/// One row of a scan.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ScanRow {
+    /// Its key.
+    pub key: RString,
+    /// Its values, in column order.
+    pub values: RVec<Value>,
+}
+
+/// A batch of a table scan.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct ScanBatch {
+    /// The rows.
+    pub rows: RVec<ScanRow>,
+    /// Where the next batch starts; `None` when the scan is done.
+    pub next: ROption<u64>,
+}
 
 /// WebSocket handler, as a trait object.
 #[sabi_trait]
@@ -488,12 +616,51 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
         tries: u32,
     ) -> RResult<u64, HostError>;
     /// Sends a message to every instance of a custom process; returns how many took it.
-    #[sabi(last_prefix_field)]
     fn send_to_process(
         &self,
         process: RStr<'_>,
         payload: RSlice<'_, u8>,
     ) -> RResult<u64, HostError>;
+    /// Describes a table declared in `server.ron`.
+    fn table_open(&self, name: RStr<'_>) -> RResult<TableDesc, HostError>;
+    /// A row's values in column order; `None` when the key has no row.
+    fn table_get(&self, table: u32, key: RStr<'_>) -> RResult<ROption<RVec<Value>>, HostError>;
+    /// Writes cells into a row, creating it (other columns zero or empty) when absent.
+    fn table_set(
+        &self,
+        table: u32,
+        key: RStr<'_>,
+        cells: RSlice<'_, CellRef<'_>>,
+    ) -> RResult<(), HostError>;
+    /// Deletes a row; false when there was none.
+    fn table_del(&self, table: u32, key: RStr<'_>) -> RResult<bool, HostError>;
+    /// Whether a key has a row.
+    fn table_exists(&self, table: u32, key: RStr<'_>) -> RResult<bool, HostError>;
+    /// Adds `by` to a number column (subtracts when `down`), creating the row at 0 when
+    /// absent; returns the new value.
+    fn table_incr(
+        &self,
+        table: u32,
+        key: RStr<'_>,
+        column: u32,
+        by: ValueRef<'_>,
+        down: bool,
+    ) -> RResult<Value, HostError>;
+    /// Rows in use.
+    fn table_count(&self, table: u32) -> u64;
+    /// Rows from `cursor` on (at least `max_rows` unless the scan ends), and where to go on.
+    fn table_scan(&self, table: u32, cursor: u64, max_rows: u32) -> RResult<ScanBatch, HostError>;
+    /// The handle of a counter, created at 0 on first use.
+    fn counter_open(&self, name: RStr<'_>) -> RResult<u32, HostError>;
+    /// Adds `by` (wrapping); returns the new value.
+    fn counter_add(&self, counter: u32, by: i64) -> i64;
+    /// The value.
+    fn counter_get(&self, counter: u32) -> i64;
+    /// Sets the value.
+    fn counter_set(&self, counter: u32, value: i64);
+    /// Sets `new` if the value is `current`: `Ok(current)`, else `Err(actual)`.
+    #[sabi(last_prefix_field)]
+    fn counter_compare_exchange(&self, counter: u32, current: i64, new: i64) -> RResult<i64, i64>;
 }
 
 /// The host handle as it crosses the boundary.

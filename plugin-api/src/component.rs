@@ -25,6 +25,7 @@ use crate::{
         WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
     http::{Flow, Request, Response},
+    table::{Counter, Table},
 };
 
 /// The error a factory or a config helper returns.
@@ -267,6 +268,18 @@ impl Host {
         self.ffi
             .send_to_process(name.into(), payload.into())
             .into_result()
+    }
+
+    /// The shared table `name` declared in `server.ron` (`Err(UnknownTable)` otherwise). Keep
+    /// the handle: it is cheap to clone, usable from any thread, and outlives hot reloads.
+    pub fn table(&self, name: &str) -> Result<Table, HostError> {
+        Table::open(&self.ffi, name)
+    }
+
+    /// The shared counter `name`, created at 0 on its first use by any plugin. Fails only on
+    /// a name over 256 bytes (`KeyTooLong`) or past 1024 counters (`TooManyCounters`).
+    pub fn counter(&self, name: &str) -> Result<Counter, HostError> {
+        Counter::open(&self.ffi, name)
     }
 }
 

@@ -8,7 +8,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! plughost-plugin-api = "0.1"
+//! plughost-plugin-api = "0.3"
 //! ```
 //!
 //! ```
@@ -59,16 +59,18 @@ pub mod component;
 #[doc(hidden)]
 pub mod export;
 pub mod http;
+pub mod table;
 
 pub use abi::{
-    ComponentKind, Handshake, HostError, Message, MessageKind, Propagation, Schedule, ThreadKind,
-    WorkerInfo, API_VERSION,
+    ColumnDesc, ColumnKind, ComponentKind, Handshake, HostError, Message, MessageKind, Propagation,
+    Schedule, ThreadKind, Value, ValueRef, WorkerInfo, API_VERSION,
 };
 pub use component::{
     Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
     Plugin, Process, ProcessContext, TaskHandler, WebSocketHandler,
 };
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
+pub use table::{Counter, Fields, Numeric, Row, Table};
 
 /// Re-exported for hosts and for the code `export_plugin!` generates.
 pub use abi_stable;
@@ -78,10 +80,10 @@ pub use log;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, CronJob, Error, EventListener, Flow, Handshake, Host,
-        HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware, Plugin, Process,
-        ProcessContext, Propagation, Request, Response, Schedule, TaskHandler, WebSocketHandler,
-        WorkerInfo,
+        export_plugin, log, Cleaner, Context, Counter, CronJob, Error, EventListener, Fields, Flow,
+        Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware,
+        Plugin, Process, ProcessContext, Propagation, Request, Response, Row, Schedule, Table,
+        TaskHandler, Value, WebSocketHandler, WorkerInfo,
     };
 }
 

@@ -1,6 +1,6 @@
 //! The host API plugins call: logging, the `-x` version string, env values, WebSocket
-//! pushes, tasks, events and process messages. One value shared by every instance; callable
-//! from any thread.
+//! pushes, tasks, events, process messages, shared tables and counters. One value shared by
+//! every instance; callable from any thread.
 
 use std::{
     collections::HashMap,
@@ -11,14 +11,18 @@ use std::{
     },
 };
 
-use crate::ws::registry::Connections;
+use crate::{
+    table::{Cell, Kind, Layout, Num, TableError, Tables, Value},
+    ws::registry::Connections,
+};
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
 };
 use plughost_plugin_api::abi::{
-    HostBox, HostError, HostFfi, HostFfi_TO, LogLevel, Message, WorkerInfo,
+    self, CellRef, ColumnDesc, ColumnKind, HostBox, HostError, HostFfi, HostFfi_TO, LogLevel,
+    Message, ScanBatch, ScanRow, TableDesc, ValueRef, WorkerInfo,
 };
 
 /// What the host offers plugins.
@@ -36,6 +40,8 @@ struct Shared {
     jobs: OnceLock<Arc<dyn JobsApi>>,
     /// Panics in plugin code outside a call (a `Drop`, a thread the plugin spawned).
     stray_panics: Arc<AtomicU64>,
+    /// The shared tables and counters, created before the workers.
+    tables: Arc<Tables>,
 }
 
 /// What the host API reaches of the jobs (task queue, events, custom processes): the jobs
@@ -63,8 +69,9 @@ pub trait JobsApi: Send + Sync + std::fmt::Debug {
 }
 
 impl Host {
-    /// A host with the `-x` version string and the values of an env file, if any.
-    pub fn new(app_version: String, env_file: Option<&Path>) -> Host {
+    /// A host with the `-x` version string, the values of an env file, if any, and the
+    /// shared tables.
+    pub fn new(app_version: String, env_file: Option<&Path>, tables: Arc<Tables>) -> Host {
         let env_file = env_file.map(read_env_file).unwrap_or_default();
         Host {
             inner: Arc::new(Shared {
@@ -73,8 +80,14 @@ impl Host {
                 connections: Arc::default(),
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
+                tables,
             }),
         }
+    }
+
+    /// The shared tables and counters.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.inner.tables
     }
 
     /// The WebSocket connections of every worker.
@@ -119,6 +132,101 @@ fn read_env_file(path: &Path) -> HashMap<String, String> {
             log::warn!("cannot read env file {}: {e}", path.display());
             HashMap::new()
         }
+    }
+}
+
+fn table_error(e: TableError) -> HostError {
+    match e {
+        TableError::UnknownTable => HostError::UnknownTable,
+        TableError::UnknownColumn => HostError::UnknownColumn,
+        TableError::Full => HostError::TableFull,
+        TableError::KeyTooLong => HostError::KeyTooLong,
+        TableError::ValueTooLong => HostError::ValueTooLong,
+        TableError::WrongType => HostError::WrongType,
+        TableError::Overflow => HostError::Overflow,
+    }
+}
+
+/// A plugin's cell as the table takes it: an integer of the other signedness fits when it
+/// converts without loss, text fits a `Bytes` column; anything else is the table's to refuse.
+fn cell<'a>(layout: &Layout, c: &CellRef<'a>) -> Result<(usize, Cell<'a>), HostError> {
+    let col = c.column as usize;
+    let kind = layout
+        .columns
+        .get(col)
+        .ok_or(HostError::UnknownColumn)?
+        .kind;
+    let cell = match (kind, c.value) {
+        (Kind::U64, ValueRef::I64(v)) => {
+            Cell::U64(u64::try_from(v).map_err(|_| HostError::WrongType)?)
+        }
+        (Kind::I64, ValueRef::U64(v)) => {
+            Cell::I64(i64::try_from(v).map_err(|_| HostError::WrongType)?)
+        }
+        (Kind::Bytes, ValueRef::Str(s)) => Cell::Bytes(s.as_str().as_bytes()),
+        (_, ValueRef::I64(v)) => Cell::I64(v),
+        (_, ValueRef::U64(v)) => Cell::U64(v),
+        (_, ValueRef::F64(v)) => Cell::F64(v),
+        (_, ValueRef::Str(s)) => Cell::Str(s.as_str()),
+        (_, ValueRef::Bytes(b)) => Cell::Bytes(b.as_slice()),
+    };
+    Ok((col, cell))
+}
+
+/// An `incr` step in the column's kind: a negative `i64` on a `U64` column steps the other way.
+fn step(kind: Kind, by: ValueRef<'_>, down: bool) -> Result<(Num, bool), HostError> {
+    Ok(match (kind, by) {
+        (Kind::I64, ValueRef::I64(v)) => (Num::I64(v), down),
+        (Kind::I64, ValueRef::U64(v)) => (
+            Num::I64(i64::try_from(v).map_err(|_| HostError::Overflow)?),
+            down,
+        ),
+        (Kind::U64, ValueRef::U64(v)) => (Num::U64(v), down),
+        (Kind::U64, ValueRef::I64(v)) => (Num::U64(v.unsigned_abs()), down != (v < 0)),
+        (Kind::F64, ValueRef::F64(v)) => (Num::F64(v), down),
+        _ => return Err(HostError::WrongType),
+    })
+}
+
+fn to_abi(v: Value) -> abi::Value {
+    match v {
+        Value::I64(v) => abi::Value::I64(v),
+        Value::U64(v) => abi::Value::U64(v),
+        Value::F64(v) => abi::Value::F64(v),
+        Value::Str(s) => abi::Value::Str(s.into()),
+        Value::Bytes(b) => abi::Value::Bytes(b.into()),
+    }
+}
+
+fn num_to_abi(n: Num) -> abi::Value {
+    match n {
+        Num::I64(v) => abi::Value::I64(v),
+        Num::U64(v) => abi::Value::U64(v),
+        Num::F64(v) => abi::Value::F64(v),
+    }
+}
+
+fn describe(id: u32, layout: &Layout, capacity: u64) -> TableDesc {
+    let columns = layout
+        .columns
+        .iter()
+        .map(|c| ColumnDesc {
+            name: c.name.as_str().into(),
+            kind: match c.kind {
+                Kind::I64 => ColumnKind::I64,
+                Kind::U64 => ColumnKind::U64,
+                Kind::F64 => ColumnKind::F64,
+                Kind::Str => ColumnKind::Str,
+                Kind::Bytes => ColumnKind::Bytes,
+            },
+            max: c.max as u32,
+        })
+        .collect();
+    TableDesc {
+        id,
+        capacity,
+        key_max: layout.key_max as u32,
+        columns,
     }
 }
 
@@ -226,6 +334,140 @@ impl HostFfi for Host {
         match self.inner.jobs.get() {
             Some(s) => s.send_to_process(process.as_str(), payload).into(),
             None => RResult::RErr(HostError::UnknownProcess),
+        }
+    }
+
+    fn table_open(&self, name: RStr<'_>) -> RResult<TableDesc, HostError> {
+        let tables = &self.inner.tables;
+        let Some(id) = tables.id(name.as_str()) else {
+            return RResult::RErr(HostError::UnknownTable);
+        };
+        tables
+            .get(id)
+            .map(|t| describe(id, t.layout(), t.capacity()))
+            .map_err(table_error)
+            .into()
+    }
+
+    fn table_get(
+        &self,
+        table: u32,
+        key: RStr<'_>,
+    ) -> RResult<ROption<RVec<abi::Value>>, HostError> {
+        let read = self.inner.tables.get(table).and_then(|t| {
+            t.read(key.as_str(), |row| {
+                row.values().into_iter().map(to_abi).collect::<RVec<_>>()
+            })
+        });
+        read.map(ROption::from).map_err(table_error).into()
+    }
+
+    fn table_set(
+        &self,
+        table: u32,
+        key: RStr<'_>,
+        cells: RSlice<'_, CellRef<'_>>,
+    ) -> RResult<(), HostError> {
+        let set = || -> Result<(), HostError> {
+            let t = self.inner.tables.get(table).map_err(table_error)?;
+            let cells = cells
+                .iter()
+                .map(|c| cell(t.layout(), c))
+                .collect::<Result<Vec<_>, _>>()?;
+            t.set(key.as_str(), &cells).map_err(table_error)
+        };
+        set().into()
+    }
+
+    fn table_del(&self, table: u32, key: RStr<'_>) -> RResult<bool, HostError> {
+        let tables = &self.inner.tables;
+        tables
+            .get(table)
+            .and_then(|t| t.del(key.as_str()))
+            .map_err(table_error)
+            .into()
+    }
+
+    fn table_exists(&self, table: u32, key: RStr<'_>) -> RResult<bool, HostError> {
+        let tables = &self.inner.tables;
+        tables
+            .get(table)
+            .and_then(|t| t.exists(key.as_str()))
+            .map_err(table_error)
+            .into()
+    }
+
+    fn table_incr(
+        &self,
+        table: u32,
+        key: RStr<'_>,
+        column: u32,
+        by: ValueRef<'_>,
+        down: bool,
+    ) -> RResult<abi::Value, HostError> {
+        let incr = || -> Result<abi::Value, HostError> {
+            let t = self.inner.tables.get(table).map_err(table_error)?;
+            let col = t.layout().columns.get(column as usize);
+            let kind = col.ok_or(HostError::UnknownColumn)?.kind;
+            let (by, down) = step(kind, by, down)?;
+            let new = t.incr(key.as_str(), column as usize, by, down);
+            new.map(num_to_abi).map_err(table_error)
+        };
+        incr().into()
+    }
+
+    fn table_count(&self, table: u32) -> u64 {
+        self.inner.tables.get(table).map_or(0, |t| t.count())
+    }
+
+    fn table_scan(&self, table: u32, cursor: u64, max_rows: u32) -> RResult<ScanBatch, HostError> {
+        let t = match self.inner.tables.get(table) {
+            Ok(t) => t,
+            Err(e) => return RResult::RErr(table_error(e)),
+        };
+        let mut scanned = Vec::new();
+        let next = t.scan(cursor, max_rows as usize, &mut scanned);
+        let rows = scanned
+            .into_iter()
+            .map(|r| ScanRow {
+                key: String::from_utf8_lossy(&r.key).into_owned().into(),
+                values: r.values.into_iter().map(to_abi).collect(),
+            })
+            .collect();
+        RResult::ROk(ScanBatch {
+            rows,
+            next: next.into(),
+        })
+    }
+
+    fn counter_open(&self, name: RStr<'_>) -> RResult<u32, HostError> {
+        let opened = self.inner.tables.counters.open(name.as_str());
+        opened
+            .map_err(|e| match e {
+                TableError::Full => HostError::TooManyCounters,
+                other => table_error(other),
+            })
+            .into()
+    }
+
+    fn counter_add(&self, counter: u32, by: i64) -> i64 {
+        self.inner.tables.counters.add(counter, by).unwrap_or(0)
+    }
+
+    fn counter_get(&self, counter: u32) -> i64 {
+        self.inner.tables.counters.get(counter).unwrap_or(0)
+    }
+
+    fn counter_set(&self, counter: u32, value: i64) {
+        let _ = self.inner.tables.counters.set(counter, value);
+    }
+
+    fn counter_compare_exchange(&self, counter: u32, current: i64, new: i64) -> RResult<i64, i64> {
+        let counters = &self.inner.tables.counters;
+        match counters.compare_exchange(counter, current, new) {
+            Ok(Ok(v)) => RResult::ROk(v),
+            Ok(Err(v)) => RResult::RErr(v),
+            Err(_) => RResult::RErr(0),
         }
     }
 }

@@ -147,6 +147,7 @@ fn info(state: &State) -> String {
         let _ = writeln!(s, "last reload: {last}");
     }
     jobs::info(&mut s, &stats.services);
+    state.tables.info(&mut s);
     let (count, bytes) = loader::held();
     let _ = writeln!(
         s,

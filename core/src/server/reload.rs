@@ -95,6 +95,15 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
         kept.push("env_file".to_owned());
         new.env_file = old.env_file.clone();
     }
+    let tables = crate::table::changes(&old.tables, &new.tables);
+    if !tables.is_empty() {
+        // The tables hold live data in memory allocated at start: the running ones stay.
+        log::warn!(
+            "config: refusing to change {}: a table's definition changes only with `plughost restart`; the running tables and their rows stay",
+            tables.join(", ")
+        );
+        new.tables = old.tables.clone();
+    }
     if !kept.is_empty() {
         log::warn!(
             "config: changing {} needs `plughost restart`; the running values stay until then",

@@ -29,6 +29,8 @@ pub struct State {
     pub supervisor: Option<String>,
     /// Every WebSocket connection, for `info`.
     pub connections: Arc<crate::ws::registry::Connections>,
+    /// The shared tables and counters, for `info`.
+    pub tables: Arc<crate::table::Tables>,
     /// How the last reload went, for `info`.
     pub last_reload: Mutex<Option<String>>,
 }

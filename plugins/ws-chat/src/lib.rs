@@ -1,5 +1,5 @@
 //! ws-chat: a chat room over WebSocket, with a page to try it in a browser and an HTTP route
-//! that pushes to any connection, whichever worker owns it.
+//! that pushes to any connection or user, whichever worker owns the connection.
 //!
 //! Enable it in `server.ron`:
 //!
@@ -10,30 +10,95 @@
 //!     (path: "/chat/push", handler: "ws-chat.push", methods: ["POST"]),
 //! ],
 //! websocket: (enable: true, routes: [(path: "/ws/chat", handler: "ws-chat.chat")]),
+//! // Optional: bind users to connections, LaravelS style (push by uid).
+//! tables: {
+//!     "chat_users": (size: 10000, columns: [(name: "conn", kind: U64), (name: "uid", kind: Str(64))]),
+//! },
 //! ```
 //!
 //! Try it: open `http://localhost:5200/chat` in two browser tabs, or
-//! `websocat 'ws://localhost:5200/ws/chat?token=secret'`. Every message is broadcast as
-//! `#ID: text`; `curl -d hi 'localhost:5200/chat/push?conn=ID'` pushes to one connection.
-//! `/whoami` answers the connection's id, `/instance` when the serving instance was made.
-//! Without the token the handshake is refused with 401.
+//! `websocat 'ws://localhost:5200/ws/chat?token=secret&uid=ada'`. Every message is broadcast
+//! as `#ID: text`; `curl -d hi 'localhost:5200/chat/push?conn=ID'` pushes to one connection,
+//! `curl -d hi 'localhost:5200/chat/push?uid=ada'` to the connection user `ada` opened with
+//! `?uid=ada`, whichever worker holds it: on open the chat binds `uid:ada -> conn` and
+//! `conn:ID -> uid` in the shared table `chat_users` (when `server.ron` declares it), and on
+//! close it unbinds them. `/whoami` answers the connection's id, `/instance` when the serving
+//! instance was made. Without the token the handshake is refused with 401.
 
 use plughost_plugin_api::prelude::*;
 use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default)]
 struct ChatConfig {
     /// When set, the upgrade needs `?token=...` or an `x-chat-token` header.
     token: Option<String>,
+    /// The shared table binding users to connections (a `U64` column `conn`, a `Str` column
+    /// `uid`); when `server.ron` does not declare it, `?uid=` is ignored.
+    users: String,
 }
 
-/// The chat room: one instance per worker, all sharing the host's connection registry.
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            token: None,
+            users: "chat_users".into(),
+        }
+    }
+}
+
+/// The users table, when the server has it.
+fn users_table(host: &Host, name: &str) -> Option<Table> {
+    match host.table(name) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            log::debug!("binding users to connections is off: table {name:?}: {e}");
+            None
+        }
+    }
+}
+
+/// The chat room: one instance per worker, all sharing the host's connection registry and
+/// the users table.
 struct Chat {
     host: Host,
     token: Option<String>,
+    users: Option<Table>,
     /// When this instance was made (nanoseconds since the epoch), for `/instance`.
     created: u128,
+}
+
+impl Chat {
+    /// `uid:UID -> conn` and `conn:CONN -> uid`, so any worker can find the user's connection.
+    fn bind(&self, conn: u64, uid: &str) {
+        let Some(users) = &self.users else { return };
+        let bound = users
+            .set(&format!("uid:{uid}"), &Fields::new().u64("conn", conn))
+            .and_then(|()| users.set(&format!("conn:{conn}"), &Fields::new().str("uid", uid)));
+        if let Err(e) = bound {
+            log::warn!("cannot bind user {uid:?} to #{conn}: {e}");
+            let _ = self
+                .host
+                .push_text(conn, &format!("not bound to {uid:?}: {e}"));
+        }
+    }
+
+    fn unbind(&self, conn: u64) {
+        let Some(users) = &self.users else { return };
+        let key = format!("conn:{conn}");
+        let uid = users.get(&key).ok().flatten();
+        let _ = users.del(&key);
+        let Some(uid) = uid.as_ref().and_then(|row| row.str("uid")) else {
+            return;
+        };
+        // Unless the user has reconnected since (the binding then names the newer connection).
+        let user = format!("uid:{uid}");
+        if let Ok(Some(row)) = users.get(&user) {
+            if row.u64("conn") == Some(conn) {
+                let _ = users.del(&user);
+            }
+        }
+    }
 }
 
 impl WebSocketHandler for Chat {
@@ -56,7 +121,10 @@ impl WebSocketHandler for Chat {
         Handshake::Accept
     }
 
-    fn on_open(&mut self, conn: u64, _req: &Request<'_>) {
+    fn on_open(&mut self, conn: u64, req: &Request<'_>) {
+        if let Some(uid) = req.query_param("uid").filter(|u| !u.is_empty()) {
+            self.bind(conn, uid);
+        }
         self.host
             .broadcast(Message::text(&format!("#{conn} joined")), "", 0);
     }
@@ -88,22 +156,56 @@ impl WebSocketHandler for Chat {
     }
 
     fn on_close(&mut self, conn: u64, code: u16, _reason: &str) {
+        self.unbind(conn);
         self.host
             .broadcast(Message::text(&format!("#{conn} left ({code})")), "", conn);
     }
 }
 
-/// `POST /chat/push?conn=ID` with a text body: pushes it to that connection.
+/// `POST /chat/push?conn=ID` or `?uid=UID` with a text body: pushes it to that connection,
+/// or to the connection the user is bound to.
 struct Push {
     host: Host,
+    users: Option<Table>,
+}
+
+impl Push {
+    /// The connection user `uid` is bound to, or the response that says why there is none.
+    fn conn_of(&self, uid: &str, resp: &mut Response) -> Option<u64> {
+        let Some(users) = &self.users else {
+            resp.text(
+                404,
+                "users are not bound: the server has no chat_users table\n",
+            );
+            return None;
+        };
+        match users.get(&format!("uid:{uid}")) {
+            Ok(Some(row)) => row.u64("conn"),
+            Ok(None) => {
+                resp.text(404, &format!("no connection for user {uid:?}\n"));
+                None
+            }
+            Err(e) => {
+                resp.text(400, &format!("uid {uid:?}: {e}\n"));
+                None
+            }
+        }
+    }
 }
 
 impl HttpHandler for Push {
     fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
-        let Some(conn) = req.query_param("conn").and_then(|c| c.parse::<u64>().ok()) else {
+        let conn = match req.query_param("uid") {
+            Some(uid) => match self.conn_of(uid, resp) {
+                Some(conn) => Some(conn),
+                None => return,
+            },
+            None => req.query_param("conn").and_then(|c| c.parse::<u64>().ok()),
+        };
+        let Some(conn) = conn else {
             resp.text(
                 400,
-                "usage: POST /chat/push?conn=ID with the message as the body\n",
+                "usage: POST /chat/push?conn=ID or ?uid=UID with the message as the body\n",
             );
             return;
         };
@@ -191,14 +293,17 @@ fn plugin() -> Plugin {
             Ok(Chat {
                 host: cx.host().clone(),
                 token: config.token,
+                users: users_table(cx.host(), &config.users),
                 created: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos()),
             })
         })
         .http("push", |cx| {
+            let config: ChatConfig = cx.config()?;
             Ok(Push {
                 host: cx.host().clone(),
+                users: users_table(cx.host(), &config.users),
             })
         })
         .http("connections", |cx| {
