@@ -14,3 +14,4 @@ mod tables;
 mod tasks;
 mod ws;
 mod ws_deflate;
+mod ws_push;

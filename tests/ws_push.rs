@@ -1,0 +1,153 @@
+//! How pushes reach a WebSocket connection: a handler's push to the connection it is serving
+//! is written directly, yet never overtakes what other threads queued first; a broadcast is
+//! framed once for all its receivers; a client that stops reading is still cut off.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use tungstenite::Message;
+
+use crate::common::{artifacts, run_plughost, Config, TestServer, IO_TIMEOUT};
+use crate::ws::ws_echo;
+
+/// The panicky fixture's `order` and `fanout` handlers, and ws-echo.
+fn config(ws_settings: &str) -> Config {
+    Config::hello()
+        .workers(2)
+        .plugin("panicky", &artifacts().panicky)
+        .plugin("ws-echo", &ws_echo())
+        .extra(&format!(
+            r#"websocket: (enable: true, routes: [
+                (path: "/ws/order", handler: "panicky.order"),
+                (path: "/ws/fanout", handler: "panicky.fanout"),
+                (path: "/ws/echo", handler: "ws-echo.echo"),
+            ]{ws_settings})"#
+        ))
+}
+
+fn connect(server: &TestServer, path: &str) -> tungstenite::WebSocket<TcpStream> {
+    let stream = TcpStream::connect(server.addr()).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (ws, resp) = tungstenite::client(format!("ws://{}{path}", server.addr()), stream)
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+fn websocket_connections(server: &TestServer) -> u64 {
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]).stdout;
+    info.lines()
+        .filter_map(|l| l.split_once(" websocket connections with "))
+        .filter_map(|(before, _)| before.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// For each message the handler pushes `a` directly, `b` from another thread (queued), then
+/// `c` and `d`, which must wait behind `b`. 300 rounds sent at once, so that rounds overlap
+/// with what is still queued from the round before: every round arrives as a, b, c, d, and
+/// the rounds in order.
+#[test]
+fn a_direct_push_never_overtakes_what_another_thread_queued() {
+    let server = TestServer::start(&config("").render());
+    let mut ws = connect(&server, "/ws/order");
+    for round in 0..300 {
+        ws.write(Message::text(round.to_string())).unwrap();
+    }
+    ws.flush().unwrap();
+    let mut got = Vec::new();
+    while got.len() < 1200 {
+        match ws.read().expect("the pushes arrive") {
+            Message::Text(t) => got.push(t.to_string()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let want: Vec<String> = (0..300)
+        .flat_map(|r| ["a", "b", "c", "d"].map(|x| format!("{r}.{x}")))
+        .collect();
+    if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        panic!(
+            "out of order at {i}: got {:?}, want {:?}",
+            &got[i..(i + 8).min(got.len())],
+            &want[i..(i + 8).min(want.len())]
+        );
+    }
+}
+
+/// One message broadcast to 1000 connections spread over both workers: every one of them
+/// receives it whole, and the server framed it once (each receiver copies the same frame).
+#[test]
+fn a_broadcast_reaches_1000_clients_intact() {
+    let server = TestServer::start(&config(", max_connections: 2000").render());
+    let mut clients: Vec<_> = (0..1000).map(|_| connect(&server, "/ws/fanout")).collect();
+    // Wait until the server has registered them all.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "1000 connections were not all registered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    clients[0].send(Message::binary(payload.clone())).unwrap();
+    for (i, ws) in clients.iter_mut().enumerate() {
+        match ws.read() {
+            Ok(Message::Binary(b)) => assert!(b[..] == payload[..], "client {i}: payload differs"),
+            other => panic!("client {i}: {other:?}"),
+        }
+    }
+}
+
+/// A client that sends to the echo handler and never reads: the echoes (direct pushes)
+/// fill the socket, the write stalls, and the send timeout cuts the connection; the server's
+/// memory stays bounded and it goes on serving.
+#[test]
+fn a_client_that_never_reads_its_echoes_is_cut_off() {
+    let server = TestServer::start(&config("").limit("send_timeout_ms", 1000).render());
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    stream
+        .write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = [0u8; 1];
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut head).unwrap();
+        seen.push(head[0]);
+    }
+    // 64 KiB binary frames, masked with a zero mask, until the server stops taking them.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(65536u64).to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend(std::iter::repeat_n(b'x', 65536));
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut sent = 0;
+    while sent < 2000 && stream.write_all(&frame).is_ok() {
+        sent += 1;
+    }
+    assert!(
+        sent < 2000,
+        "the server took 128 MiB without the client reading"
+    );
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection that never reads is still open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        server.server_rss_kb() < 100 << 10,
+        "{} kB",
+        server.server_rss_kb()
+    );
+    server.assert_serving();
+}
