@@ -10,6 +10,9 @@
 //! websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")]),
 //! ```
 //!
+//! A second handler, `ws-echo.fanout`, broadcasts every message to every connection on its
+//! route (`/ws/fanout`, or `config: { "fanout": (route: Some("/path")) }`).
+//!
 //! Try it: `websocat ws://localhost:5200/ws/echo`; every line comes back as it was sent. Or
 //! open `http://localhost:5200/echo` in a browser: the page sends a 64 KiB text message to
 //! `/ws/echo` (another path with `?ws=/path`) and shows whether it came back whole, and the
@@ -27,6 +30,28 @@ impl WebSocketHandler for Echo {
         // A full send queue closes the connection (1008) on the host's side; nothing to do here.
         let _ = self.host.push(conn, message);
     }
+}
+
+/// Broadcasts every message it receives to every connection on its route, the sender
+/// included: the fan-out the WebSocket benchmark measures. Its route is `fanout.route` in
+/// the plugin's config (default `/ws/fanout`).
+struct Fanout {
+    host: Host,
+    route: String,
+}
+
+impl WebSocketHandler for Fanout {
+    fn on_message(&mut self, _conn: u64, message: Message<'_>) {
+        self.host.broadcast(message, &self.route, 0);
+    }
+}
+
+/// `fanout`'s config.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct FanoutConfig {
+    /// The route it broadcasts to.
+    route: Option<String>,
 }
 
 /// The page that tries the echo from a browser.
@@ -66,6 +91,13 @@ fn plugin() -> Plugin {
         .websocket("echo", |cx| {
             Ok(Echo {
                 host: cx.host().clone(),
+            })
+        })
+        .websocket("fanout", |cx| {
+            let config: FanoutConfig = cx.config()?;
+            Ok(Fanout {
+                host: cx.host().clone(),
+                route: config.route.unwrap_or_else(|| "/ws/fanout".into()),
             })
         })
         .http("page", |_| Ok(Page))
