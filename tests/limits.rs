@@ -456,3 +456,31 @@ fn out_of_descriptors_the_oldest_idle_connections_make_room() {
         Duration::from_secs(10),
     );
 }
+
+/// The soft limit of open files is raised to the hard limit at start (every connection is a
+/// descriptor; the usual soft limit is 1024), and a hard limit below
+/// `websocket.max_connections` is warned about.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = crate::common::TestDir::new();
+    dir.write_config(&Config::hello().render());
+    let server = TestServer::start_wrapped(dir, &["prlimit", "--nofile=256:4096", "--"], &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.server_pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{line}"
+    );
+    assert!(
+        server
+            .logs()
+            .contains("the open files limit (4096) is below websocket.max_connections (10000)"),
+        "{}",
+        server.logs()
+    );
+    server.assert_serving();
+}

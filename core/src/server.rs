@@ -84,6 +84,38 @@ fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
     make().map_err(err)
 }
 
+/// Raises the soft limit of open files to the hard limit (as Go and nginx's
+/// `worker_rlimit_nofile` do): every connection is a descriptor, and the usual soft limit,
+/// 1024, is far below what a server holds. Warns when even the hard limit is below
+/// `websocket.max_connections`.
+fn raise_fd_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+            log::debug!("open files limit raised from {soft} to {}", limit.rlim_max);
+        } else {
+            limit.rlim_cur = soft;
+        }
+    }
+    if (limit.rlim_cur as u128) < max_connections as u128 + 64 {
+        log::warn!(
+            "the open files limit ({}) is below websocket.max_connections ({max_connections}): \
+             raise it (ulimit -n, or LimitNOFILE= under systemd)",
+            limit.rlim_cur
+        );
+    }
+}
+
 /// The HTTP worker threads: each one's control channel and thread.
 pub(crate) type Workers = Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>;
 
@@ -94,6 +126,7 @@ pub fn run(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), StartError> {
     let config = &loaded.config;
+    raise_fd_limit(config.websocket.max_connections);
     // The tables come first, with all their memory: every thread may use them.
     let tables = Arc::new(Tables::new(&config.tables).map_err(StartError::Table)?);
     let host = Host::new(

@@ -318,7 +318,13 @@ impl TestServer {
 
     /// Starts the server with the config already in `dir`.
     pub fn start_existing(dir: Arc<TestDir>, extra_args: &[&str]) -> TestServer {
-        let (mut child, stdout, stderr) = spawn_start(&dir, extra_args);
+        Self::start_wrapped(dir, &[], extra_args)
+    }
+
+    /// Starts the server with the config already in `dir`, through `wrapper` (a command that
+    /// execs the one after it, such as `prlimit --nofile=256:4096`).
+    pub fn start_wrapped(dir: Arc<TestDir>, wrapper: &[&str], extra_args: &[&str]) -> TestServer {
+        let (mut child, stdout, stderr) = spawn_start(&dir, wrapper, extra_args);
         let started = Instant::now();
         let ready = stderr.wait_until(START_TIMEOUT, |t| parse_listen_addr(t).is_some());
         if !ready {
@@ -503,9 +509,16 @@ impl Drop for TestServer {
     }
 }
 
-fn spawn_start(dir: &TestDir, extra_args: &[&str]) -> (Child, Capture, Capture) {
+fn spawn_start(dir: &TestDir, wrapper: &[&str], extra_args: &[&str]) -> (Child, Capture, Capture) {
     let a = artifacts();
-    let mut cmd = Command::new(&a.plughost);
+    let mut cmd = match wrapper {
+        [] => Command::new(&a.plughost),
+        [first, rest @ ..] => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(&a.plughost);
+            cmd
+        }
+    };
     cmd.arg("start")
         .arg("-c")
         .arg(dir.config_path())
@@ -533,7 +546,7 @@ pub fn start_expect_failure(config: &str) -> (ExitStatus, String) {
 
 /// Like [`start_expect_failure`] with the config already in `dir`.
 pub fn start_existing_expect_failure(dir: &TestDir, extra_args: &[&str]) -> (ExitStatus, String) {
-    let (mut child, stdout, stderr) = spawn_start(dir, extra_args);
+    let (mut child, stdout, stderr) = spawn_start(dir, &[], extra_args);
     let done = stderr.wait_until(START_TIMEOUT, |t| t.contains(READY_MARKER));
     if done && !stderr.is_eof() {
         let _ = child.kill();
