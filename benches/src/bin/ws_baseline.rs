@@ -1,7 +1,16 @@
-//! The baseline plughost's WebSocket echo is measured against: tokio-tungstenite on a tokio
-//! runtime with 2 worker threads. Every connection (any path) gets the handshake, then each
-//! text or binary message is sent straight back on the same connection (`send`, which
-//! flushes); pings are answered by tungstenite, a close ends the connection.
+//! The baseline plughost's WebSocket figures are measured against: tokio-tungstenite on a
+//! tokio runtime with 2 worker threads.
+//!
+//! - `/ws/fanout`: every text or binary message received is broadcast to every open
+//!   `/ws/fanout` connection, the sender included, through one `tokio::sync::broadcast`
+//!   channel (capacity 1024, plughost's `send_queue` in the benchmark): each connection task
+//!   waits on its socket and its receiver at once (`select!`), and writes what the channel
+//!   holds for it with one flush. A connection that falls 1024 messages behind (`Lagged`) is
+//!   closed with 1008, as plughost closes one whose send queue overflows.
+//! - any other path: echo, each text or binary message is sent straight back on the same
+//!   connection (`send`, which flushes).
+//!
+//! Pings are answered by tungstenite, a close ends the connection.
 //!
 //! Binds 127.0.0.1:0 (or the address given as the first argument) and prints
 //! `listening on http://ADDR` on stdout once it accepts. Stops on SIGTERM (default action).
@@ -9,20 +18,60 @@
 use std::{io::Write, net::SocketAddr};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::{accept_async_with_config, tungstenite::protocol::WebSocketConfig};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::broadcast,
+};
+use tokio_tungstenite::{
+    accept_hdr_async_with_config,
+    tungstenite::{
+        handshake::server::{Request, Response},
+        protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
+        Message,
+    },
+    WebSocketStream,
+};
 
 /// Same limit as the plughost config the benchmark writes.
 const MAX_MESSAGE_SIZE: usize = 1 << 20;
 
-async fn echo(stream: TcpStream) {
+/// The fan-out route, and how far behind one of its connections may fall.
+const FANOUT_PATH: &str = "/ws/fanout";
+const FANOUT_QUEUE: usize = 1024;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Handshake, keeping the request path.
+async fn accept(stream: TcpStream) -> Option<(Ws, String)> {
     let _ = stream.set_nodelay(true);
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_SIZE))
         .max_frame_size(Some(MAX_MESSAGE_SIZE));
-    let Ok(mut ws) = accept_async_with_config(stream, Some(config)).await else {
+    let mut path = String::new();
+    let keep_path = |req: &Request, resp: Response| {
+        path = req.uri().path().to_owned();
+        Ok(resp)
+    };
+    let ws = accept_hdr_async_with_config(stream, keep_path, Some(config))
+        .await
+        .ok()?;
+    Some((ws, path))
+}
+
+async fn serve(stream: TcpStream, fanout: broadcast::Sender<Message>) {
+    let Some((ws, path)) = accept(stream).await else {
         return;
     };
+    if path == FANOUT_PATH {
+        // Subscribed before the first message is read: it sees its own broadcasts.
+        let rx = fanout.subscribe();
+        serve_fanout(ws, fanout, rx).await;
+    } else {
+        echo(ws).await;
+    }
+}
+
+async fn echo(mut ws: Ws) {
     while let Some(Ok(message)) = ws.next().await {
         if message.is_close() {
             // tungstenite queued the close reply; flush it and stop.
@@ -33,6 +82,57 @@ async fn echo(stream: TcpStream) {
             return;
         }
     }
+}
+
+async fn serve_fanout(
+    mut ws: Ws,
+    tx: broadcast::Sender<Message>,
+    mut rx: broadcast::Receiver<Message>,
+) {
+    loop {
+        tokio::select! {
+            incoming = ws.next() => match incoming {
+                Some(Ok(message)) if message.is_close() => {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                Some(Ok(message)) if message.is_text() || message.is_binary() => {
+                    let _ = tx.send(message);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+            outgoing = rx.recv() => match outgoing {
+                Ok(message) => {
+                    if forward(&mut ws, &mut rx, message).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "send queue full: the client reads too slowly".into(),
+                    };
+                    let _ = ws.close(Some(frame)).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// Writes `first` and whatever else the channel already holds, then flushes once.
+async fn forward(
+    ws: &mut Ws,
+    rx: &mut broadcast::Receiver<Message>,
+    first: Message,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    ws.feed(first).await?;
+    while let Ok(message) = rx.try_recv() {
+        ws.feed(message).await?;
+    }
+    ws.flush().await
 }
 
 fn main() {
@@ -53,10 +153,11 @@ fn main() {
         let _ = writeln!(out, "listening on http://{local}");
         let _ = out.flush();
         drop(out);
+        let (fanout, _) = broadcast::channel(FANOUT_QUEUE);
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(echo(stream));
+                    tokio::spawn(serve(stream, fanout.clone()));
                 }
                 Err(e) => eprintln!("accept: {e}"),
             }
