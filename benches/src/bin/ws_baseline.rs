@@ -104,7 +104,7 @@ async fn serve_fanout(
             },
             outgoing = rx.recv() => match outgoing {
                 Ok(message) => {
-                    if forward(&mut ws, &mut rx, message).await.is_err() {
+                    if !forward(&mut ws, &mut rx, message).await {
                         return;
                     }
                 }
@@ -122,17 +122,18 @@ async fn serve_fanout(
     }
 }
 
-/// Writes `first` and whatever else the channel already holds, then flushes once.
-async fn forward(
-    ws: &mut Ws,
-    rx: &mut broadcast::Receiver<Message>,
-    first: Message,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    ws.feed(first).await?;
-    while let Ok(message) = rx.try_recv() {
-        ws.feed(message).await?;
+/// Writes `first` and whatever else the channel already holds, then flushes once. False if
+/// the connection failed.
+async fn forward(ws: &mut Ws, rx: &mut broadcast::Receiver<Message>, first: Message) -> bool {
+    if ws.feed(first).await.is_err() {
+        return false;
     }
-    ws.flush().await
+    while let Ok(message) = rx.try_recv() {
+        if ws.feed(message).await.is_err() {
+            return false;
+        }
+    }
+    ws.flush().await.is_ok()
 }
 
 fn main() {
