@@ -42,6 +42,8 @@ const FANOUT_QUEUE: usize = 1024;
 type Ws = WebSocketStream<TcpStream>;
 
 /// Handshake, keeping the request path.
+// The callback's `Result<Response, ErrorResponse>` is tungstenite's signature, not ours.
+#[allow(clippy::result_large_err)]
 async fn accept(stream: TcpStream) -> Option<(Ws, String)> {
     let _ = stream.set_nodelay(true);
     let config = WebSocketConfig::default()
