@@ -151,3 +151,73 @@ fn a_client_that_never_reads_its_echoes_is_cut_off() {
     );
     server.assert_serving();
 }
+
+/// The bytes a worker's WebSocket connections hold in their buffers, from `info`.
+fn websocket_buffered(server: &TestServer) -> u64 {
+    let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]).stdout;
+    let per_worker: Vec<u64> = info
+        .lines()
+        .filter_map(|l| l.split_once(" messages queued and "))
+        .filter_map(|(_, after)| after.split(' ').next()?.parse::<u64>().ok())
+        .collect();
+    assert_eq!(
+        per_worker.len(),
+        2,
+        "no buffered bytes per worker in info:\n{info}"
+    );
+    per_worker.iter().sum()
+}
+
+/// A message far larger than what an idle connection keeps comes back intact; the buffers
+/// it took (its assembly, the echo's output) are given back once it is through, so the
+/// connection, still open, holds little again.
+#[test]
+fn a_large_message_arrives_intact_and_its_buffers_are_given_back() {
+    let server = TestServer::start(&config(", max_message_size: 4194304").render());
+    let mut ws = connect(&server, "/ws/echo");
+    let idle = connect(&server, "/ws/echo");
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    ws.send(Message::binary(payload.clone())).unwrap();
+    match ws.read().unwrap() {
+        Message::Binary(b) => assert!(b[..] == payload[..], "the echo differs"),
+        other => panic!("{other:?}"),
+    }
+    // A small message after it: the connection goes idle again with small buffers.
+    ws.send(Message::text("small")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("small"));
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let held = websocket_buffered(&server);
+        if held < 16 << 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "2 idle connections still hold {held} bytes of buffers"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(idle);
+}
+
+/// The heartbeat closes idle connections at scale: 1000 silent connections are all closed
+/// after `heartbeat_idle_time`.
+#[test]
+fn the_heartbeat_closes_1000_idle_connections() {
+    let server = TestServer::start(
+        &config(", max_connections: 2000, heartbeat_idle_time: 1, heartbeat_check_interval: 1")
+            .render(),
+    );
+    let clients: Vec<_> = (0..1000).map(|_| connect(&server, "/ws/echo")).collect();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 1000 idle connections still open",
+            websocket_connections(&server)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(clients);
+    server.assert_serving();
+}

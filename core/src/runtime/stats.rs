@@ -31,6 +31,9 @@ pub struct WorkerStats {
     /// Whether it accepts connections (false once it stops), so a stopping worker waits
     /// for those its peers may still hand it.
     pub accepting: AtomicBool,
+    /// Bytes its WebSocket connections hold in their own buffers (undecoded input, a message
+    /// being assembled or inflated, output not yet written), as of their last idle moment.
+    pub ws_buffered: AtomicU64,
 }
 
 /// All counters.

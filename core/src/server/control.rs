@@ -113,14 +113,15 @@ fn info(state: &State) -> String {
     for (i, w) in stats.workers.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog, {} websocket connections with {} messages queued",
+            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog, {} websocket connections with {} messages queued and {} bytes in their buffers",
             w.requests.load(Ordering::Relaxed),
             w.connections.load(Ordering::Relaxed),
             w.panics.load(Ordering::Relaxed),
             w.taken_over.load(Ordering::Relaxed),
             w.from_backlog.load(Ordering::Relaxed),
             ws[i].0,
-            ws[i].1
+            ws[i].1,
+            w.ws_buffered.load(Ordering::Relaxed)
         );
     }
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));

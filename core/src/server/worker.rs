@@ -17,7 +17,7 @@ use std::{
     panic::AssertUnwindSafe,
     rc::Rc,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc,
     },
     thread,
@@ -377,6 +377,10 @@ impl ws::Site for Worker {
     /// The WebSocket registry shared by all workers.
     fn connections(&self) -> &Connections {
         &self.connections
+    }
+
+    fn ws_buffered(&self) -> &AtomicU64 {
+        &self.my_stats().ws_buffered
     }
 
     /// The WebSocket settings now in force.

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures_lite::{future, AsyncRead, AsyncWriteExt};
 use plughost_plugin_api::{HostError, Message, MessageKind};
 
@@ -38,6 +40,8 @@ pub trait Site {
     fn ws_settings(&self) -> WsSettings;
     /// Every worker's WebSocket connections.
     fn connections(&self) -> &Connections;
+    /// The bytes this worker's connections hold in their buffers, for `info`.
+    fn ws_buffered(&self) -> &AtomicU64;
     /// Delivers an event to the instance that serves `binding`; false when it panicked (or
     /// no instance could be had).
     fn ws_event(&self, binding: &Binding, event: WsEvent<'_, '_>) -> bool;
@@ -147,6 +151,8 @@ struct Wire<'a> {
     plain: Vec<u8>,
     max: usize,
     outbox: Outbox,
+    /// The buffer bytes last added to the worker's total.
+    reported: u64,
 }
 
 /// What goes out: encoded frames and the compression for them. A push from the handler to
@@ -265,6 +271,7 @@ impl<'a> Wire<'a> {
             decoder: Decoder::new(max, agreed.is_some()),
             plain: Vec::new(),
             max,
+            reported: 0,
             outbox: Outbox {
                 out: Vec::new(),
                 codec: agreed.map(|a| Codec::new(a, &settings.deflate)),
@@ -275,6 +282,28 @@ impl<'a> Wire<'a> {
                 cap: settings.send_queue.max(1),
             },
         }
+    }
+
+    /// The bytes this connection's buffers hold.
+    fn buffered(&self) -> u64 {
+        let o = &self.outbox;
+        (self.input.capacity()
+            + self.decoder.capacity()
+            + self.plain.capacity()
+            + o.out.capacity()
+            + o.packed.capacity()) as u64
+    }
+
+    /// Brings the worker's total up to date with this connection's buffers (`gone`: with
+    /// none, as it closes).
+    fn report(&mut self, total: &AtomicU64, gone: bool) {
+        let now = if gone { 0 } else { self.buffered() };
+        if now > self.reported {
+            total.fetch_add(now - self.reported, Ordering::Relaxed);
+        } else if now < self.reported {
+            total.fetch_sub(self.reported - now, Ordering::Relaxed);
+        }
+        self.reported = now;
     }
 
     /// Decodes from what is buffered.
@@ -390,6 +419,7 @@ pub async fn serve<S: Site>(
     if ending.send {
         send_close(&mut wire, &ending).await;
     }
+    wire.report(site.ws_buffered(), true);
     session.ending = (ending.code, ending.reason);
     // Dropping the session runs `on_close`.
 }
@@ -449,6 +479,7 @@ async fn run<S: Site>(
                 return ending;
             }
         } else if !burst {
+            wire.report(site.ws_buffered(), false);
             if let Some(ending) = wait(wire, queues).await {
                 return ending;
             }

@@ -150,6 +150,11 @@ impl Decoder {
         &self.control
     }
 
+    /// The bytes its buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.message.capacity() + self.control.capacity()
+    }
+
     /// Sets a new size limit (a reload), for the messages that start from now on.
     pub fn set_max(&mut self, max: usize) {
         self.max = max;
