@@ -42,7 +42,7 @@ use plughost_benches::{
 use crate::{
     client::{Clients, EchoOpts},
     fanout::{FanoutOpts, Shared},
-    report::{fmt_num, Report, Run},
+    report::{fmt_num, fmt_us, Report, Run},
 };
 
 /// The WebSocket routes both servers serve.
@@ -523,8 +523,13 @@ fn run_mode(o: &Opts, mode: Mode, servers: &[Server; 2]) -> Result<[Vec<Run>; 2]
         for i in order {
             let s = &servers[i];
             let r = load(o, mode, s, o.duration as f64)?;
+            let latency = if mode == Mode::Fanout {
+                format!("  p50 {}  p99 {}", fmt_us(r.p50_us), fmt_us(r.p99_us))
+            } else {
+                String::new()
+            };
             log(format!(
-                "{} round {}/{} {:<8} {:>9} msg/s  {:>6.2} µs CPU/msg  server {:.2} cores  client {:.2} cores  p50 {:.0} µs  p99 {:.0} µs  rss {} kB  errors {}",
+                "{} round {}/{} {:<8} {:>9} msg/s  {:>6.2} µs CPU/msg  server {:.2} cores  client {:.2} cores{latency}  rss {} kB  errors {}",
                 mode.name(),
                 round + 1,
                 o.rounds,
@@ -533,8 +538,6 @@ fn run_mode(o: &Opts, mode: Mode, servers: &[Server; 2]) -> Result<[Vec<Run>; 2]
                 r.us_per_msg(),
                 r.cpu_s / r.secs,
                 r.client_cpu_s / r.secs,
-                r.p50_us,
-                r.p99_us,
                 r.rss_max_kb,
                 r.errors
             ));

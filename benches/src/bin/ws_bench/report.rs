@@ -49,6 +49,17 @@ fn rustc_version() -> String {
         .unwrap_or_default()
 }
 
+/// A latency in µs: µs below 10 ms, else ms.
+pub fn fmt_us(x: f64) -> String {
+    if !x.is_finite() {
+        "n/a".into()
+    } else if x < 10_000.0 {
+        format!("{x:.0} µs")
+    } else {
+        format!("{:.1} ms", x / 1e3)
+    }
+}
+
 pub fn fmt_num(x: f64) -> String {
     if !x.is_finite() {
         return "n/a".into();
@@ -238,7 +249,7 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "| round | server | messages/s | messages | {}seconds | server CPU s | CPU µs/msg | client CPU s | max RSS | errors |",
-            if fan { "broadcasts | p50 µs | p99 µs | " } else { "" }
+            if fan { "broadcasts | p50 | p99 | " } else { "" }
         );
         let _ = writeln!(
             s,
