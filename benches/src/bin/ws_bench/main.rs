@@ -36,7 +36,7 @@ use std::{
 };
 
 use plughost_benches::{
-    cargo, clock_ticks, cpu_ticks, load_average, root, rss_kb, thread_ticks, Server,
+    cargo, clock_ticks, cpu_ticks, io_syscalls, load_average, root, rss_kb, thread_ticks, Server,
 };
 
 use crate::{
@@ -238,10 +238,11 @@ fn check_fd_limit(o: &Opts) -> Result<()> {
         return Ok(());
     }
     if lim.rlim_max >= need {
-        lim.rlim_cur = need;
+        // Room for the servers too, which inherit it.
+        lim.rlim_cur = lim.rlim_max.min(need * 4);
         // SAFETY: setrlimit reads one rlimit struct.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-            log(format!("raised the open files limit to {need}"));
+            log(format!("raised the open files limit to {}", lim.rlim_cur));
             return Ok(());
         }
     }
@@ -381,6 +382,8 @@ struct Snapshot {
     sent: u64,
     cpu: u64,
     own: u64,
+    /// The server's read-type and write-type system calls.
+    io: (u64, u64),
     threads: std::collections::BTreeMap<String, u64>,
 }
 
@@ -390,6 +393,7 @@ fn snapshot(clients: &Clients, shared: Option<&Arc<Shared>>, pid: u32) -> Snapsh
         sent: shared.map_or(0, |s| s.sent()),
         cpu: cpu_ticks(pid),
         own: cpu_ticks(std::process::id()),
+        io: io_syscalls(pid),
         threads: thread_ticks(pid),
     }
 }
@@ -439,6 +443,8 @@ fn load(o: &Opts, mode: Mode, server: &Server, secs: f64) -> Result<Run> {
         cpu_s: s1.cpu.saturating_sub(s0.cpu) as f64 / clock_ticks(),
         client_cpu_s: s1.own.saturating_sub(s0.own) as f64 / clock_ticks(),
         rss_max_kb: rss_max,
+        reads: s1.io.0.saturating_sub(s0.io.0),
+        writes: s1.io.1.saturating_sub(s0.io.1),
         p50_us: latencies
             .as_ref()
             .map_or(f64::NAN, |h| h.quantile(0.5) / 1e3),
