@@ -300,16 +300,3 @@ pub fn cargo(args: &[&str]) -> Result<(), String> {
     }
     Ok(())
 }
-
-/// Read-type and write-type system calls so far (`syscr`, `syscw` of /proc/PID/io: read,
-/// recvfrom, ... and write, writev, sendmsg, ...), all threads of the process.
-pub fn io_syscalls(pid: u32) -> (u64, u64) {
-    let text = fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("syscr:"), field("syscw:"))
-}

@@ -36,7 +36,7 @@ use std::{
 };
 
 use plughost_benches::{
-    cargo, clock_ticks, cpu_ticks, io_syscalls, load_average, root, rss_kb, thread_ticks, Server,
+    cargo, clock_ticks, cpu_ticks, load_average, root, rss_kb, thread_ticks, Server,
 };
 
 use crate::{
@@ -382,8 +382,6 @@ struct Snapshot {
     sent: u64,
     cpu: u64,
     own: u64,
-    /// The server's read-type and write-type system calls.
-    io: (u64, u64),
     threads: std::collections::BTreeMap<String, u64>,
 }
 
@@ -393,7 +391,6 @@ fn snapshot(clients: &Clients, shared: Option<&Arc<Shared>>, pid: u32) -> Snapsh
         sent: shared.map_or(0, |s| s.sent()),
         cpu: cpu_ticks(pid),
         own: cpu_ticks(std::process::id()),
-        io: io_syscalls(pid),
         threads: thread_ticks(pid),
     }
 }
@@ -443,8 +440,6 @@ fn load(o: &Opts, mode: Mode, server: &Server, secs: f64) -> Result<Run> {
         cpu_s: s1.cpu.saturating_sub(s0.cpu) as f64 / clock_ticks(),
         client_cpu_s: s1.own.saturating_sub(s0.own) as f64 / clock_ticks(),
         rss_max_kb: rss_max,
-        reads: s1.io.0.saturating_sub(s0.io.0),
-        writes: s1.io.1.saturating_sub(s0.io.1),
         p50_us: latencies
             .as_ref()
             .map_or(f64::NAN, |h| h.quantile(0.5) / 1e3),

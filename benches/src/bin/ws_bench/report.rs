@@ -21,9 +21,6 @@ pub struct Run {
     pub cpu_s: f64,
     pub client_cpu_s: f64,
     pub rss_max_kb: u64,
-    /// The server's read-type and write-type system calls over the window.
-    pub reads: u64,
-    pub writes: u64,
     /// Fan-out delivery latency (NaN for the echo modes).
     pub p50_us: f64,
     pub p99_us: f64,
@@ -165,7 +162,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             s,
-            "Server CPU = utime+stime delta of the server process from /proc/PID/stat over the measured window; read and write calls = `syscr` and `syscw` of /proc/PID/io (read, recv*, ... and write, writev, send*, ...; not epoll or futex) over the same window. The client runs on the same 2 cores, so messages/s is shared-machine throughput; CPU per message is the efficiency figure. Nothing is asserted.\n"
+            "Server CPU = utime+stime delta of the server process from /proc/PID/stat over the measured window. The client runs on the same 2 cores, so messages/s is shared-machine throughput; CPU per message is the efficiency figure. Nothing is asserted.\n"
         );
     }
 
@@ -221,22 +218,6 @@ impl Report<'_> {
         }
         let per_msg = |x: f64| format!("{x:.2} µs");
         row(s, runs, "server CPU per message", Run::us_per_msg, per_msg);
-        let per = |n: fn(&Run) -> u64| move |r: &Run| n(r) as f64 / r.msgs.max(1) as f64;
-        let calls = |x: f64| format!("{x:.3}");
-        row(
-            s,
-            runs,
-            "server read calls per message",
-            per(|r| r.reads),
-            calls,
-        );
-        row(
-            s,
-            runs,
-            "server write calls per message",
-            per(|r| r.writes),
-            calls,
-        );
         let cores = |x: f64| format!("{x:.2}");
         row(
             s,
