@@ -106,6 +106,7 @@ impl Report<'_> {
     pub fn render(&self) -> String {
         let mut s = String::new();
         self.header(&mut s);
+        self.summary(&mut s);
         for (mode, runs) in &self.modes {
             self.mode_section(&mut s, *mode, runs);
         }
@@ -166,6 +167,29 @@ impl Report<'_> {
         );
     }
 
+    /// Messages/s and server CPU per message of every mode, from the tables below.
+    fn summary(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "| mode | messages/s plughost | baseline | ratio | server CPU/msg plughost | baseline | ratio |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        for (mode, runs) in &self.modes {
+            let (p, b) = (med(runs, 0, Run::rate), med(runs, 1, Run::rate));
+            let (pc, bc) = (med(runs, 0, Run::us_per_msg), med(runs, 1, Run::us_per_msg));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2}x | {pc:.2} µs | {bc:.2} µs | {:.2}x |",
+                mode.name(),
+                fmt_num(p),
+                fmt_num(b),
+                p / b,
+                pc / bc
+            );
+        }
+        let _ = writeln!(s);
+    }
+
     fn describe(&self, mode: Mode) -> String {
         let o = self.o;
         match mode {
@@ -178,8 +202,14 @@ impl Report<'_> {
                 o.pingpong_conns
             ),
             Mode::Fanout => format!(
-                "{} connections to `/ws/fanout`; one of them sends, every message is broadcast by the server to all {} (the sender included). Message k+1 is sent once every connection has received message k-{} (a window over the whole fan-out). Messages = deliveries, summed over the receivers; latency = receive time minus the send time the message carries (both read by the client, same clock), over every delivery in the measured window, from a log-linear histogram (3 % buckets).",
-                o.fanout_conns, o.fanout_conns, o.fanout_window
+                "{} connections to `/ws/fanout`; one of them sends, every message is broadcast by the server to all {} (the sender included). Message k+1 is sent once every connection has received message k-{} (a window over the whole fan-out). Messages = deliveries, summed over the receivers; latency = receive time minus the send time the message carries (both read by the client, same clock), over every delivery in the measured window, from a log-linear histogram (3 % buckets). With up to {} messages in flight to each of {} connections, the latency is mostly queueing (by Little's law, mean latency ≤ {} × {} / delivered messages/s).",
+                o.fanout_conns,
+                o.fanout_conns,
+                o.fanout_window,
+                o.fanout_window + 1,
+                o.fanout_conns,
+                o.fanout_window + 1,
+                o.fanout_conns
             ),
         }
     }
