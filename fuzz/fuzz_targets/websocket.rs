@@ -77,7 +77,7 @@ fn check(kind: Kind, compressed: bool, payload: &[u8]) {
     };
     let back = to_ws(&message).expect("a received message converts back");
     assert_eq!(back.kind, kind);
-    assert_eq!(&back.data[..], payload);
+    assert_eq!(back.payload(), payload);
     let mut out = Vec::new();
     frame::message(&mut out, kind, false, payload);
     assert!(out.ends_with(payload));
