@@ -324,6 +324,10 @@ impl Live {
                 }
             },
         };
+        // `host.env` answers the file as it is now, on every thread, new instances included.
+        if let Some(n) = self.host.reread_env() {
+            log::debug!("env file re-read: {n} values");
+        }
         let prepared = match prepare(
             &self.config,
             &self.registry,
