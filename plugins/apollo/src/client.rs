@@ -218,6 +218,12 @@ impl Client {
                 )));
             }
             match stream.read(&mut chunk) {
+                Ok(0) if buf.is_empty() => {
+                    return Err(Error::Unreachable(format!(
+                        "{}: the connection closed without a response",
+                        self.authority
+                    )))
+                }
                 Ok(0) => {
                     return complete(&buf, true)?.ok_or_else(|| {
                         Error::Malformed("the connection closed before the response ended".into())

@@ -11,8 +11,9 @@
 //! GREETING="hello, world"
 //! ```
 //!
-//! Keys are sorted within a namespace; a key already given by an earlier namespace is left
-//! out (the first namespace listed wins, as in Apollo's Java client). Keys must match
+//! Keys are sorted within a namespace; a key already given by an earlier namespace is written
+//! as a `# shadowed: KEY=value` comment (the first namespace listed wins, as in Apollo's Java
+//! client; the comment keeps the namespace whole for the next change). Keys must match
 //! `[A-Za-z_][A-Za-z0-9_.-]*`; others are left out and reported. A value is written bare when
 //! it is made only of `[A-Za-z0-9_./:@%+,=-]`, else in double quotes with `\\ \" \n \r \t \$`
 //! escaped (plughost's `host.env` reads it back exactly).
@@ -125,7 +126,7 @@ pub fn unquote(v: &str) -> String {
     out
 }
 
-/// The file's text, and what was left out (invalid or shadowed keys), for the log.
+/// The file's text, and the keys left out (not valid), for the log.
 pub fn render(snapshot: &Snapshot, app: &str, cluster: &str) -> (String, Vec<String>) {
     let mut text = format!(
         "# Written by plughost's Apollo plugin (app {app}, cluster {cluster}): edits are overwritten.\n"
@@ -144,10 +145,7 @@ pub fn render(snapshot: &Snapshot, app: &str, cluster: &str) -> (String, Vec<Str
             if !valid_key(key) {
                 left_out.push(format!("{key:?} in {} (not a valid key)", ns.name));
             } else if !seen.insert(key.as_str()) {
-                left_out.push(format!(
-                    "{key} in {} (an earlier namespace has it)",
-                    ns.name
-                ));
+                text += &format!("{SHADOWED}{key}={}\n", quote(value));
             } else {
                 text += &format!("{key}={}\n", quote(value));
             }
@@ -155,6 +153,9 @@ pub fn render(snapshot: &Snapshot, app: &str, cluster: &str) -> (String, Vec<Str
     }
     (text, left_out)
 }
+
+/// The comment that keeps a key an earlier namespace gives.
+const SHADOWED: &str = "# shadowed: ";
 
 /// Reads back a file [`render`] wrote. Lines before the first `# namespace:` and foreign
 /// lines are ignored: a hand-written file gives an empty snapshot.
@@ -169,8 +170,11 @@ pub fn parse(text: &str) -> Snapshot {
                 ..Namespace::default()
             });
         } else if let Some(ns) = snapshot.namespaces.last_mut() {
+            let shadowed = line.strip_prefix(SHADOWED).and_then(|l| l.split_once('='));
             if let Some(key) = line.strip_prefix("# release: ") {
                 ns.release_key = key.to_owned();
+            } else if let Some((k, v)) = shadowed {
+                ns.values.insert(k.trim().to_owned(), unquote(v.trim()));
             } else if let (false, Some((k, v))) = (line.starts_with('#'), line.split_once('=')) {
                 ns.values.insert(k.trim().to_owned(), unquote(v.trim()));
             }
@@ -284,10 +288,10 @@ mod tests {
         let expected = "# Written by plughost's Apollo plugin (app app, cluster default): edits are overwritten.\n\
             # changed: Tue, 15 Nov 1994 08:12:31 GMT\n\
             \n# namespace: application\n# release: r1\nALPHA=\"a b\"\nZED=z\n\
-            \n# namespace: db\nDB_HOST=db.internal\n";
+            \n# namespace: db\n# shadowed: ALPHA=shadowed\nDB_HOST=db.internal\n";
         assert_eq!(text, expected);
-        assert_eq!(left_out.len(), 2, "{left_out:?}");
-        assert!(left_out[0].contains("bad key") && left_out[1].contains("ALPHA in db"));
+        assert_eq!(left_out.len(), 1, "{left_out:?}");
+        assert!(left_out[0].contains("bad key"));
     }
 
     #[test]
@@ -296,7 +300,7 @@ mod tests {
             changed: Some("Tue, 15 Nov 1994 08:12:31 GMT".into()),
             namespaces: vec![
                 ns("application", "r1", &[("A", "1"), ("Q", "say \"hi\"\n$x")]),
-                ns("db.yml", "r2", &[("HOST", "h")]),
+                ns("db.yml", "r2", &[("HOST", "h"), ("A", "shadowed value")]),
             ],
         };
         let (text, _) = render(&snapshot, "app", "default");
