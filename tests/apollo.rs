@@ -481,7 +481,7 @@ fn start_pulls_every_namespace_and_writes_the_env_file() {
     let text = std::fs::read_to_string(env_path(&dir)).unwrap();
     assert!(text.contains("# namespace: application\n# release: application-1\nDB_HOST=db.internal\nGREETING=\"hello, apollo\"\n"), "{text}");
     assert!(
-        text.contains("# namespace: db\n# release: db-1\nPOOL=5\n"),
+        text.contains("# namespace: db\n# release: db-1\n# shadowed: DB_HOST=shadowed\nPOOL=5\n"),
         "{text}"
     );
     // The first namespace wins a key; the other's stays as a comment for later changes.
