@@ -691,3 +691,21 @@ fn the_access_key_signature_is_checked_by_apollo() {
     assert!(!status.success());
     assert!(stderr.contains("status 401"), "{stderr}");
 }
+
+/// The host side alone: `plughost reload` re-reads `env_file` for every worker (it was read
+/// once at start before).
+#[test]
+fn plughost_reload_rereads_the_env_file_on_every_worker() {
+    let dir = TestDir::new();
+    std::fs::write(env_path(&dir), "GREETING=before\n").unwrap();
+    let config = Config::hello()
+        .route_methods("/env/{key}", "hello.env", &["GET"])
+        .extra("env_file: Some(\"@DIR@/.env\")");
+    let server = TestServer::start_in(dir.clone(), &config.render(), &[]);
+    assert_eq!(env_on_each_worker(&server, "GREETING"), ["before\n"; 2]);
+    std::fs::write(env_path(&dir), "GREETING=\"after \\\"the\\\" reload\"\n").unwrap();
+    let out =
+        crate::common::run_plughost(["reload", "-c", &server.config_path().to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for_env(&server, "GREETING", "after \"the\" reload", PROPAGATION);
+}

@@ -157,14 +157,7 @@ pub fn run(
     // The server hooks prepare what the workers need (the env file) before they serve.
     let mut hooks = ServerHooks::create(&plan, &host)?;
     hooks.prepare(&host)?;
-    let workers = start_workers(listeners, &plan, &host, &stats)?;
-    let services = match jobs::start(&plan, &host, &stats, finish_to(&workers)) {
-        Ok(s) => s,
-        Err(e) => {
-            stop_workers(workers, Shutdown::Fast);
-            return Err(e);
-        }
-    };
+    let (workers, services) = start_serving(listeners, &plan, &host, &stats)?;
     hooks.each("on_server_start", |h| h.on_server_start());
 
     let state = Arc::new(State {
@@ -186,11 +179,7 @@ pub fn run(
         socket.display()
     )))?;
     let (events_tx, events) = mpsc::channel();
-    let requests = Mutex::new(events_tx.clone());
-    host.set_reload_requester(ReloadRequester(Box::new(move |r| {
-        let tx = requests.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(Event::Requested(r)).is_ok()
-    })));
+    host.set_reload_requester(reload_requests_to(events_tx.clone()));
     forward_signals(signals, events_tx.clone(), Event::Signal)
         .map_err(StartError::io("cannot start the signal thread"))?;
     let mut live = Live::new(&loaded, registry, plan, host, services);
@@ -212,6 +201,23 @@ pub fn run(
     drop(hooks);
     control.remove();
     Ok(())
+}
+
+/// The workers, then the jobs (which hand task results back to the workers).
+fn start_serving(
+    listeners: Vec<TcpListener>,
+    plan: &Arc<Plan>,
+    host: &Host,
+    stats: &Arc<Stats>,
+) -> Result<(Workers, jobs::Services), StartError> {
+    let workers = start_workers(listeners, plan, host, stats)?;
+    match jobs::start(plan, host, stats, finish_to(&workers)) {
+        Ok(services) => Ok((workers, services)),
+        Err(e) => {
+            stop_workers(workers, Shutdown::Fast);
+            Err(e)
+        }
+    }
 }
 
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
@@ -333,6 +339,15 @@ impl ServerHooks {
             }
         }
     }
+}
+
+/// Where plugins' `host.request_reload` goes: the main thread's events.
+fn reload_requests_to(tx: mpsc::Sender<Event>) -> ReloadRequester {
+    let tx = Mutex::new(tx);
+    ReloadRequester(Box::new(move |r| {
+        let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(Event::Requested(r)).is_ok()
+    }))
 }
 
 /// Sends each signal `signals` catches to `tx` (as `wrap(signal)`), from a thread of its own,
