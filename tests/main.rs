@@ -2,6 +2,7 @@
 //! input, plugin failures, config errors, shared tables and the `info` command. The tests that send signals
 //! or use pid files are in `signals.rs`.
 
+mod apollo;
 mod cli;
 mod common;
 mod config;

@@ -150,6 +150,14 @@ pub enum StartError {
     /// A shared table could not be created (its memory could not be allocated).
     #[error("tables: {0}")]
     Table(String),
+    /// A server hook's `on_server_prepare` failed.
+    #[error("{component}: on_server_prepare failed: {reason}")]
+    Prepare {
+        /// The lifecycle component (`plugin.component`).
+        component: String,
+        /// Its error.
+        reason: String,
+    },
     /// A worker could not start.
     #[error("worker {id} could not start: {reason}")]
     Worker {

@@ -34,7 +34,10 @@ use crate::{
     error::StartError,
     jobs::{self, Finish},
     plan::Plan,
-    plugin::{host::Host, Registry},
+    plugin::{
+        host::{Host, ReloadRequest, ReloadRequester},
+        Registry,
+    },
     runtime::{stats::Stats, Shutdown},
     table::Tables,
 };
@@ -151,18 +154,10 @@ pub fn run(
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
         .map_err(StartError::io("cannot install signal handlers"))?;
     let stats = Arc::new(Stats::new(n));
-    let workers = start_workers(listeners, &plan, &host, &stats)?;
-    let started = ServerHooks::create(&plan, &host).and_then(|hooks| {
-        let finish = finish_to(&workers);
-        Ok((hooks, jobs::start(&plan, &host, &stats, finish)?))
-    });
-    let (mut hooks, services) = match started {
-        Ok(s) => s,
-        Err(e) => {
-            stop_workers(workers, Shutdown::Fast);
-            return Err(e);
-        }
-    };
+    // The server hooks prepare what the workers need (the env file) before they serve.
+    let mut hooks = ServerHooks::create(&plan, &host)?;
+    hooks.prepare(&host)?;
+    let (workers, services) = start_serving(listeners, &plan, &host, &stats)?;
     hooks.each("on_server_start", |h| h.on_server_start());
 
     let state = Arc::new(State {
@@ -184,6 +179,7 @@ pub fn run(
         socket.display()
     )))?;
     let (events_tx, events) = mpsc::channel();
+    host.set_reload_requester(reload_requests_to(events_tx.clone()));
     forward_signals(signals, events_tx.clone(), Event::Signal)
         .map_err(StartError::io("cannot start the signal thread"))?;
     let mut live = Live::new(&loaded, registry, plan, host, services);
@@ -205,6 +201,23 @@ pub fn run(
     drop(hooks);
     control.remove();
     Ok(())
+}
+
+/// The workers, then the jobs (which hand task results back to the workers).
+fn start_serving(
+    listeners: Vec<TcpListener>,
+    plan: &Arc<Plan>,
+    host: &Host,
+    stats: &Arc<Stats>,
+) -> Result<(Workers, jobs::Services), StartError> {
+    let workers = start_workers(listeners, plan, host, stats)?;
+    match jobs::start(plan, host, stats, finish_to(&workers)) {
+        Ok(services) => Ok((workers, services)),
+        Err(e) => {
+            stop_workers(workers, Shutdown::Fast);
+            Err(e)
+        }
+    }
 }
 
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
@@ -294,6 +307,27 @@ impl ServerHooks {
         Ok(ServerHooks(hooks))
     }
 
+    /// `on_server_prepare` of each, in order; the first failure stops the start. Then the env
+    /// file, which a hook may have written, is read again.
+    fn prepare(&mut self, host: &Host) -> Result<(), StartError> {
+        for (r, h) in self.0.iter_mut() {
+            match h.on_server_prepare() {
+                RResult::ROk(()) => {}
+                RResult::RErr(plughost_plugin_api::abi::PluginError::Failed(reason)) => {
+                    return Err(StartError::Prepare {
+                        component: r.to_string(),
+                        reason: reason.into(),
+                    })
+                }
+                RResult::RErr(e) => log::error!("hook on_server_prepare of {r} failed: {e}"),
+            }
+        }
+        if !self.0.is_empty() {
+            host.reread_env();
+        }
+        Ok(())
+    }
+
     fn each(
         &mut self,
         what: &str,
@@ -305,6 +339,15 @@ impl ServerHooks {
             }
         }
     }
+}
+
+/// Where plugins' `host.request_reload` goes: the main thread's events.
+fn reload_requests_to(tx: mpsc::Sender<Event>) -> ReloadRequester {
+    let tx = Mutex::new(tx);
+    ReloadRequester(Box::new(move |r| {
+        let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(Event::Requested(r)).is_ok()
+    }))
 }
 
 /// Sends each signal `signals` catches to `tx` (as `wrap(signal)`), from a thread of its own,
@@ -331,6 +374,8 @@ pub(crate) fn forward_signals<E: Send + 'static>(
 pub(crate) enum Event {
     Signal(i32),
     Changed(PathBuf),
+    /// A plugin's `host.request_reload`.
+    Requested(ReloadRequest),
 }
 
 /// Serves (reloading on SIGUSR1 and on watched changes) until a stop signal; returns it.
@@ -356,6 +401,14 @@ fn serve_until_stopped(
                 return signal
             }
             Event::Signal(_) => {}
+            Event::Requested(r) => {
+                log::info!(
+                    "reload requested by plugin {}: {}; re-reading the config and the env file, reloading every plugin",
+                    r.plugin,
+                    r.reason
+                );
+                live.apply(&reload::Trigger::All, workers, state);
+            }
             Event::Changed(first) => {
                 let (changed, next) = debounce(events, first, live.debounce());
                 pending = next;

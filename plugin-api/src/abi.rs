@@ -192,8 +192,10 @@ pub trait LifecycleFfi {
     /// On each worker before its instances are dropped.
     fn on_worker_stop(&mut self, worker: WorkerInfo) -> PluginResult<()>;
     /// On a worker after plugin code on it failed.
-    #[sabi(last_prefix_field)]
     fn on_worker_error(&mut self, worker: WorkerInfo, error: RStr<'_>) -> PluginResult<()>;
+    /// Once, on the main thread, before the workers serve; `Failed` stops the start.
+    #[sabi(last_prefix_field)]
+    fn on_server_prepare(&mut self) -> PluginResult<()>;
 }
 
 /// Whether a WebSocket message is text or binary.
@@ -659,8 +661,13 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// Sets the value.
     fn counter_set(&self, counter: u32, value: i64);
     /// Sets `new` if the value is `current`: `Ok(current)`, else `Err(actual)`.
-    #[sabi(last_prefix_field)]
     fn counter_compare_exchange(&self, counter: u32, current: i64, new: i64) -> RResult<i64, i64>;
+    /// Asks for a reload as `plughost reload` does (the env file re-read, every plugin
+    /// reloaded); `plugin` and `reason` go to the log. Returns before the reload runs.
+    fn request_reload(&self, plugin: RStr<'_>, reason: RStr<'_>) -> RResult<(), HostError>;
+    /// The path of the server's `env_file` (absolute), if the config names one.
+    #[sabi(last_prefix_field)]
+    fn env_file(&self) -> ROption<RString>;
 }
 
 /// The host handle as it crosses the boundary.

@@ -58,6 +58,11 @@ pub trait Cleaner: 'static {
 
 /// Lifecycle hooks. Server hooks run once on the main thread; worker hooks on each worker.
 pub trait Lifecycle: 'static {
+    /// Before the workers serve (the listening sockets are bound, connections wait): the place
+    /// to fetch what the workers need, such as the env file. An `Err` stops the start.
+    fn on_server_prepare(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
     /// The server has started and is accepting.
     fn on_server_start(&mut self) {}
     /// The server is stopping.
@@ -167,12 +172,15 @@ impl ProcessContext {
 pub struct Host {
     ffi: HostBox,
     worker: WorkerInfo,
+    /// The plugin's name, for what the host logs on its behalf.
+    plugin: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
             .field("worker", &self.worker)
+            .field("plugin", &self.plugin)
             .finish()
     }
 }
@@ -280,6 +288,25 @@ impl Host {
     /// a name over 256 bytes (`KeyTooLong`) or past 1024 counters (`TooManyCounters`).
     pub fn counter(&self, name: &str) -> Result<Counter, HostError> {
         Counter::open(&self.ffi, name)
+    }
+
+    /// Asks the server to reload as `plughost reload` does: it re-reads the env file (so
+    /// [`Host::env`] answers the new values on every thread) and reloads every plugin. The
+    /// server logs the plugin's name and `reason`. Returns at once; the reload runs on the
+    /// main thread (`NotEnabled` before the server is ready to take requests for one).
+    pub fn request_reload(&self, reason: &str) -> Result<(), HostError> {
+        let plugin: &str = &self.plugin;
+        self.ffi
+            .request_reload(plugin.into(), reason.into())
+            .into_result()
+    }
+
+    /// The server's `env_file` (absolute), if its config names one.
+    pub fn env_file(&self) -> Option<std::path::PathBuf> {
+        self.ffi
+            .env_file()
+            .into_option()
+            .map(|p| std::path::PathBuf::from(p.as_str()))
     }
 }
 
@@ -580,7 +607,11 @@ impl Plugin {
                 format!("{kind} {:?} in plugin {}", name.as_str(), self.name).into(),
             ));
         };
-        let host = Host { ffi: host, worker };
+        let host = Host {
+            ffi: host,
+            worker,
+            plugin: self.name.as_str().into(),
+        };
         let cx = Context {
             name: name.as_str(),
             config: config.as_str(),
@@ -651,6 +682,18 @@ impl<T: Lifecycle> LifecycleFfi for Guarded<T> {
     }
     fn on_worker_error(&mut self, worker: WorkerInfo, error: RStr<'_>) -> PluginResult<()> {
         guard(|| self.0.on_worker_error(worker, error.as_str()))
+    }
+    fn on_server_prepare(&mut self) -> PluginResult<()> {
+        // The error's `Display` is plugin code too: inside the guard.
+        match guard(|| {
+            self.0
+                .on_server_prepare()
+                .map_err(|e| RString::from(e.to_string()))
+        }) {
+            RResult::ROk(Ok(())) => RResult::ROk(()),
+            RResult::ROk(Err(e)) => RResult::RErr(PluginError::Failed(e)),
+            RResult::RErr(panic) => RResult::RErr(panic),
+        }
     }
 }
 

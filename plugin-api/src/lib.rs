@@ -8,7 +8,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! plughost-plugin-api = "0.3"
+//! plughost-plugin-api = "0.4"
 //! ```
 //!
 //! ```

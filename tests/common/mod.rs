@@ -47,6 +47,8 @@ pub struct Artifacts {
     pub panicky: PathBuf,
     /// `target/debug/libfixture_failing.so`.
     pub failing: PathBuf,
+    /// `target/debug/libapollo.so`.
+    pub apollo: PathBuf,
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
@@ -85,6 +87,8 @@ fn build_artifacts() -> Result<Artifacts, String> {
             "fixture-panicky",
             "-p",
             "fixture-failing",
+            "-p",
+            "apollo",
         ])
         .stdin(Stdio::null())
         .output()
@@ -103,6 +107,7 @@ fn build_artifacts() -> Result<Artifacts, String> {
         timing: debug.join("libtiming.so"),
         panicky: debug.join("libfixture_panicky.so"),
         failing: debug.join("libfixture_failing.so"),
+        apollo: debug.join("libapollo.so"),
         root,
     };
     for path in [
@@ -111,6 +116,7 @@ fn build_artifacts() -> Result<Artifacts, String> {
         &artifacts.timing,
         &artifacts.panicky,
         &artifacts.failing,
+        &artifacts.apollo,
     ] {
         if !path.is_file() {
             return Err(format!(

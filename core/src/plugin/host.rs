@@ -4,10 +4,10 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, OnceLock,
+        Arc, OnceLock, PoisonError, RwLock,
     },
 };
 
@@ -34,7 +34,12 @@ pub struct Host {
 #[derive(Debug)]
 struct Shared {
     app_version: String,
-    env_file: HashMap<String, String>,
+    /// `env_file` from the config (fixed for the server process's life).
+    env_path: Option<PathBuf>,
+    /// Its values, read at start and again at each reload.
+    env_file: RwLock<Arc<HashMap<String, String>>>,
+    /// Where `request_reload` goes, once the main thread listens.
+    reload: OnceLock<ReloadRequester>,
     connections: Arc<Connections>,
     /// The task queue and the custom processes, once they are started.
     jobs: OnceLock<Arc<dyn JobsApi>>,
@@ -42,6 +47,24 @@ struct Shared {
     stray_panics: Arc<AtomicU64>,
     /// The shared tables and counters, created before the workers.
     tables: Arc<Tables>,
+}
+
+/// A plugin's request for a reload (`host.request_reload(reason)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadRequest {
+    /// The plugin that asked.
+    pub plugin: String,
+    /// Why, in its words.
+    pub reason: String,
+}
+
+/// Hands a [`ReloadRequest`] to the main thread; false when it no longer listens.
+pub struct ReloadRequester(pub Box<dyn Fn(ReloadRequest) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for ReloadRequester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadRequester")
+    }
 }
 
 /// What the host API reaches of the jobs (task queue, events, custom processes): the jobs
@@ -72,11 +95,13 @@ impl Host {
     /// A host with the `-x` version string, the values of an env file, if any, and the
     /// shared tables.
     pub fn new(app_version: String, env_file: Option<&Path>, tables: Arc<Tables>) -> Host {
-        let env_file = env_file.map(read_env_file).unwrap_or_default();
+        let values = env_file.map(read_env_file).unwrap_or_default();
         Host {
             inner: Arc::new(Shared {
                 app_version,
-                env_file,
+                env_path: env_file.map(Path::to_path_buf),
+                env_file: RwLock::new(Arc::new(values)),
+                reload: OnceLock::new(),
                 connections: Arc::default(),
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
@@ -100,6 +125,34 @@ impl Host {
         let _ = self.inner.jobs.set(jobs);
     }
 
+    /// Connects `request_reload` to the main thread (once).
+    pub fn set_reload_requester(&self, requester: ReloadRequester) {
+        let _ = self.inner.reload.set(requester);
+    }
+
+    /// Reads the env file again: every thread's `host.env` answers from it from now on.
+    /// Returns how many values it holds (`None` without an env file).
+    pub fn reread_env(&self) -> Option<usize> {
+        let path = self.inner.env_path.as_deref()?;
+        let values = read_env_file(path);
+        let n = values.len();
+        *self
+            .inner
+            .env_file
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(values);
+        Some(n)
+    }
+
+    fn env_value(&self, key: &str) -> Option<String> {
+        let values = self
+            .inner
+            .env_file
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        values.get(key).cloned()
+    }
+
     /// Panics in plugin code outside a call, which plugins log with target `*::plughost::panic`.
     pub fn stray_panics(&self) -> Arc<AtomicU64> {
         self.inner.stray_panics.clone()
@@ -111,28 +164,52 @@ impl Host {
     }
 }
 
-/// Reads `KEY=value` lines; `#` comments and blank lines are skipped, quotes are stripped.
+/// Reads `KEY=value` lines; `#` comments and blank lines are skipped; a later line wins.
 fn read_env_file(path: &Path) -> HashMap<String, String> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| {
-                let v = v.trim();
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(v);
-                (k.trim().to_owned(), v.to_owned())
-            })
-            .collect(),
+        Ok(text) => parse_env(&text),
         Err(e) => {
             log::warn!("cannot read env file {}: {e}", path.display());
             HashMap::new()
         }
     }
+}
+
+/// The values of an env file's text (see [`unquote`] for the values).
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim())))
+        .collect()
+}
+
+/// A value as written: bare, `'single-quoted'` (taken as is), or `"double-quoted"` with the
+/// escapes `\\ \" \n \r \t \$` (what the Apollo plugin writes).
+fn unquote(v: &str) -> String {
+    if let Some(inner) = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        return inner.to_owned();
+    }
+    let Some(inner) = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) else {
+        return v.to_owned();
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 fn table_error(e: TableError) -> HostError {
@@ -265,7 +342,7 @@ impl HostFfi for Host {
     fn env(&self, key: RStr<'_>) -> ROption<RString> {
         std::env::var(key.as_str())
             .ok()
-            .or_else(|| self.inner.env_file.get(key.as_str()).cloned())
+            .or_else(|| self.env_value(key.as_str()))
             .map(RString::from)
             .into()
     }
@@ -469,5 +546,37 @@ impl HostFfi for Host {
             Ok(Err(v)) => RResult::RErr(v),
             Err(_) => RResult::RErr(0),
         }
+    }
+
+    fn request_reload(&self, plugin: RStr<'_>, reason: RStr<'_>) -> RResult<(), HostError> {
+        let request = ReloadRequest {
+            plugin: plugin.as_str().to_owned(),
+            reason: reason.as_str().to_owned(),
+        };
+        match self.inner.reload.get() {
+            Some(r) if (r.0)(request) => RResult::ROk(()),
+            _ => RResult::RErr(HostError::NotEnabled),
+        }
+    }
+
+    fn env_file(&self) -> ROption<RString> {
+        let path = self.inner.env_path.as_deref();
+        path.map(|p| RString::from(p.to_string_lossy().as_ref()))
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_env, unquote};
+
+    #[test]
+    fn values_are_unquoted_and_unescaped() {
+        assert_eq!(unquote("plain"), "plain");
+        assert_eq!(unquote("'a \\n b'"), "a \\n b");
+        assert_eq!(unquote(r#""a \"b\" \\ \$x\nend""#), "a \"b\" \\ $x\nend");
+        let env = parse_env("# c\nA=1\nB=\"two words\"\n\nA=3\n");
+        assert_eq!(env.get("A").map(String::as_str), Some("3"));
+        assert_eq!(env.get("B").map(String::as_str), Some("two words"));
     }
 }

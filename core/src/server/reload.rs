@@ -324,6 +324,10 @@ impl Live {
                 }
             },
         };
+        // `host.env` answers the file as it is now, on every thread, new instances included.
+        if let Some(n) = self.host.reread_env() {
+            log::debug!("env file re-read: {n} values");
+        }
         let prepared = match prepare(
             &self.config,
             &self.registry,
@@ -344,35 +348,39 @@ impl Live {
             *r = self.registry.clone();
         }
         self.watch_all();
-        let (held, bytes) = loader::held();
-        let what = if prepared.loaded.is_empty() {
-            "config".to_owned()
-        } else {
-            format!("plugin {}", prepared.loaded.join(", "))
-        };
-        let n = workers.len();
-        let summary = format!(
-            "reloaded {what} on {}/{n} workers in {} ms",
-            n - failures.len(),
-            started.elapsed().as_millis()
+        report(&prepared.loaded, workers.len(), &failures, started, state);
+    }
+}
+
+/// Logs how a reload went and records it for `info`.
+fn report(loaded: &[String], n: usize, failures: &[String], started: Instant, state: &State) {
+    let (held, bytes) = loader::held();
+    let what = if loaded.is_empty() {
+        "config".to_owned()
+    } else {
+        format!("plugin {}", loaded.join(", "))
+    };
+    let summary = format!(
+        "reloaded {what} on {}/{n} workers in {} ms",
+        n - failures.len(),
+        started.elapsed().as_millis()
+    );
+    if failures.is_empty() {
+        state.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "{summary}; library versions held: {held} ({} kB)",
+            bytes / 1024
         );
-        if failures.is_empty() {
-            state.stats.reloads.fetch_add(1, Ordering::Relaxed);
-            log::info!(
-                "{summary}; library versions held: {held} ({} kB)",
-                bytes / 1024
-            );
-            state.set_last_reload(format!("ok: {summary}"));
-        } else {
-            // The workers that failed keep serving their old instances.
-            state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
-            let why = failures.join("; ");
-            log::error!(
-                "reload failed on {}/{n} workers: {summary}; {why}",
-                failures.len()
-            );
-            state.set_last_reload(format!("failed: {summary}; {why}"));
-        }
+        state.set_last_reload(format!("ok: {summary}"));
+    } else {
+        // The workers that failed keep serving their old instances.
+        state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+        let why = failures.join("; ");
+        log::error!(
+            "reload failed on {}/{n} workers: {summary}; {why}",
+            failures.len()
+        );
+        state.set_last_reload(format!("failed: {summary}; {why}"));
     }
 }
 

@@ -14,6 +14,11 @@
 //! Try it: `curl localhost:5200/hello` and `curl localhost:5200/hello/ada`. The
 //! `x-worker` and `x-served` headers say which worker answered and how many requests that
 //! worker's instance has served.
+//!
+//! The `env` component answers `host.env(KEY)` (the process environment, then the server's
+//! `env_file`): route it with `(path: "/env/{key}", handler: "hello.env")` and
+//! `curl localhost:5200/env/GREETING`. With the Apollo plugin (`config/apollo.ron`) the value
+//! changes live when the configuration is published.
 
 use std::io::Write;
 
@@ -82,15 +87,37 @@ impl Digits {
     }
 }
 
+/// Answers `host.env(key)`: 200 with the value, 404 when it has none.
+struct Env {
+    host: Host,
+}
+
+impl HttpHandler for Env {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
+        resp.header("x-worker", itoa(req.worker_id as u64).as_str());
+        let key = req.param("key").unwrap_or("");
+        match self.host.env(key) {
+            Some(value) => resp.text(200, &format!("{value}\n")),
+            None => resp.text(404, &format!("{key} is not set\n")),
+        };
+    }
+}
+
 fn plugin() -> Plugin {
-    Plugin::new("hello", env!("CARGO_PKG_VERSION")).http("hello", |cx| {
-        let config: Config = cx.config()?;
-        log::debug!("hello instance created on worker {}", cx.worker_id());
-        Ok(Hello {
-            greeting: config.greeting,
-            served: 0,
+    Plugin::new("hello", env!("CARGO_PKG_VERSION"))
+        .http("hello", |cx| {
+            let config: Config = cx.config()?;
+            log::debug!("hello instance created on worker {}", cx.worker_id());
+            Ok(Hello {
+                greeting: config.greeting,
+                served: 0,
+            })
         })
-    })
+        .http("env", |cx| {
+            Ok(Env {
+                host: cx.host().clone(),
+            })
+        })
 }
 
 export_plugin!(plugin);
