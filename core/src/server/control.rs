@@ -15,7 +15,11 @@ use std::{
 };
 
 use super::state::State;
-use crate::{jobs, plugin::loader, runtime::alloc};
+use crate::{
+    jobs,
+    plugin::{loader, registry::Registry},
+    runtime::alloc,
+};
 
 /// The socket's path in a runtime folder.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
@@ -109,21 +113,7 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "uptime: {}s", stats.started.elapsed().as_secs());
     let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
-    let ws = state.connections.per_worker(stats.workers.len());
-    for (i, w) in stats.workers.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog, {} websocket connections with {} messages queued and {} bytes in their buffers",
-            w.requests.load(Ordering::Relaxed),
-            w.connections.load(Ordering::Relaxed),
-            w.panics.load(Ordering::Relaxed),
-            w.taken_over.load(Ordering::Relaxed),
-            w.from_backlog.load(Ordering::Relaxed),
-            ws[i].0,
-            ws[i].1,
-            w.ws_buffered.load(Ordering::Relaxed)
-        );
-    }
+    workers_info(&mut s, state);
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
     let _ = writeln!(
         s,
@@ -158,6 +148,32 @@ fn info(state: &State) -> String {
     if let Some(n) = alloc::count() {
         let _ = writeln!(s, "allocations: {n}");
     }
+    plugins_info(&mut s, registry);
+    s
+}
+
+/// Each worker's line.
+fn workers_info(s: &mut String, state: &State) {
+    let stats = &state.stats;
+    let ws = state.connections.per_worker(stats.workers.len());
+    for (i, w) in stats.workers.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  worker {i}: {} requests, {} connections, {} panics, {} connections taken over, {} accepted from a stalled worker's backlog, {} websocket connections with {} messages queued and {} bytes in their buffers",
+            w.requests.load(Ordering::Relaxed),
+            w.connections.load(Ordering::Relaxed),
+            w.panics.load(Ordering::Relaxed),
+            w.taken_over.load(Ordering::Relaxed),
+            w.from_backlog.load(Ordering::Relaxed),
+            ws[i].0,
+            ws[i].1,
+            w.ws_buffered.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// The loaded plugins and their components.
+fn plugins_info(s: &mut String, registry: Option<Arc<Registry>>) {
     if let Some(registry) = registry {
         let _ = writeln!(s, "plugins:");
         for (name, lib) in &registry.libraries {
@@ -173,5 +189,4 @@ fn info(state: &State) -> String {
             }
         }
     }
-    s
 }
