@@ -231,20 +231,8 @@ impl Report<'_> {
         if mode == Mode::Fanout {
             let sent = |r: &Run| r.sent as f64 / r.secs;
             row(s, runs, "broadcasts/s (sent)", sent, fmt_num);
-            row(
-                s,
-                runs,
-                "delivery latency p50",
-                |r| r.p50_us,
-                |x| format!("{x:.0} µs"),
-            );
-            row(
-                s,
-                runs,
-                "delivery latency p99",
-                |r| r.p99_us,
-                |x| format!("{x:.0} µs"),
-            );
+            row(s, runs, "delivery latency p50", |r| r.p50_us, fmt_us);
+            row(s, runs, "delivery latency p99", |r| r.p99_us, fmt_us);
         }
         let per_msg = |x: f64| format!("{x:.2} µs");
         row(s, runs, "server CPU per message", Run::us_per_msg, per_msg);
@@ -293,10 +281,10 @@ impl Report<'_> {
                 };
                 let fan_cols = if fan {
                     format!(
-                        "{} | {:.0} | {:.0} | ",
+                        "{} | {} | {} | ",
                         fmt_num(r.sent as f64),
-                        r.p50_us,
-                        r.p99_us
+                        fmt_us(r.p50_us),
+                        fmt_us(r.p99_us)
                     )
                 } else {
                     String::new()
