@@ -8,6 +8,7 @@ mod config;
 mod http;
 mod limits;
 mod plugins;
+mod prometheus;
 mod reload;
 mod supervisor;
 mod tables;

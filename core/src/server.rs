@@ -7,6 +7,7 @@ pub mod control;
 pub mod logging;
 pub mod pidfile;
 pub mod reload;
+pub mod snapshot;
 pub mod state;
 pub mod supervisor;
 pub mod watcher;
@@ -16,7 +17,7 @@ use std::{
     collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{mpsc, Arc, Mutex, RwLock},
+    sync::{atomic::Ordering, mpsc, Arc, Mutex, RwLock},
     thread,
     time::{Duration, Instant},
 };
@@ -35,7 +36,10 @@ use crate::{
     jobs::{self, Finish},
     plan::Plan,
     plugin::{host::Host, Registry},
-    runtime::{stats::Stats, Shutdown},
+    runtime::{
+        stats::{phase, Stats},
+        Shutdown,
+    },
     table::Tables,
 };
 use reload::Live;
@@ -186,6 +190,7 @@ pub fn run(
     let (events_tx, events) = mpsc::channel();
     forward_signals(signals, events_tx.clone(), Event::Signal)
         .map_err(StartError::io("cannot start the signal thread"))?;
+    serving(&host, &state);
     let mut live = Live::new(&loaded, registry, plan, host, services);
     live.start_watcher(events_tx, Event::Changed);
 
@@ -205,6 +210,12 @@ pub fn run(
     drop(hooks);
     control.remove();
     Ok(())
+}
+
+/// Every worker started: plugins see it in `Host::stats` from now on (readiness).
+fn serving(host: &Host, state: &Arc<State>) {
+    host.set_stats(Arc::new(snapshot::Snapshots(state.clone())));
+    state.stats.phase.store(phase::SERVING, Ordering::Relaxed);
 }
 
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
@@ -405,6 +416,7 @@ fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, 
         max_wait.as_secs()
     );
     let started = Instant::now();
+    stats.phase.store(phase::STOPPING, Ordering::Relaxed);
     live.services.begin_stop();
     stop_workers(workers, how);
     live.services.finish_stop(started, max_wait);

@@ -15,7 +15,10 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::http::{Flow, Request, Response};
+use crate::{
+    http::{Flow, Request, Response},
+    stats::ServerStats,
+};
 
 /// The kinds of component a plugin can provide.
 #[repr(u8)]
@@ -661,6 +664,9 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// Sets `new` if the value is `current`: `Ok(current)`, else `Err(actual)`.
     #[sabi(last_prefix_field)]
     fn counter_compare_exchange(&self, counter: u32, current: i64, new: i64) -> RResult<i64, i64>;
+    /// A snapshot of the server's counters (workers, tasks, cron, processes, reloads, the
+    /// process, tables). Cheap: atomic loads and a few `/proc` reads.
+    fn stats(&self) -> ServerStats;
 }
 
 /// The host handle as it crosses the boundary.

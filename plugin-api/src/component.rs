@@ -25,6 +25,7 @@ use crate::{
         WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
     http::{Flow, Request, Response},
+    stats::ServerStats,
     table::{Counter, Table},
 };
 
@@ -280,6 +281,13 @@ impl Host {
     /// a name over 256 bytes (`KeyTooLong`) or past 1024 counters (`TooManyCounters`).
     pub fn counter(&self, name: &str) -> Result<Counter, HostError> {
         Counter::open(&self.ffi, name)
+    }
+
+    /// A snapshot of the server's counters: per worker, tasks, events, cron jobs, custom
+    /// processes, reloads, the process (CPU, memory, descriptors), tables, and whether the
+    /// server is starting, serving or stopping. Cheap enough for every scrape.
+    pub fn stats(&self) -> ServerStats {
+        self.ffi.stats()
     }
 }
 

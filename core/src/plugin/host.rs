@@ -24,6 +24,7 @@ use plughost_plugin_api::abi::{
     self, CellRef, ColumnDesc, ColumnKind, HostBox, HostError, HostFfi, HostFfi_TO, LogLevel,
     Message, ScanBatch, ScanRow, TableDesc, ValueRef, WorkerInfo,
 };
+use plughost_plugin_api::stats::ServerStats;
 
 /// What the host offers plugins.
 #[derive(Debug, Clone)]
@@ -42,6 +43,15 @@ struct Shared {
     stray_panics: Arc<AtomicU64>,
     /// The shared tables and counters, created before the workers.
     tables: Arc<Tables>,
+    /// Where `stats` snapshots come from, once the server is up.
+    stats: OnceLock<Arc<dyn StatsApi>>,
+}
+
+/// What takes the server's stats snapshot for `Host::stats`: the server implements it, so
+/// the host does not depend on it.
+pub trait StatsApi: Send + Sync + std::fmt::Debug {
+    /// A snapshot of every counter.
+    fn snapshot(&self) -> ServerStats;
 }
 
 /// What the host API reaches of the jobs (task queue, events, custom processes): the jobs
@@ -81,6 +91,7 @@ impl Host {
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
                 tables,
+                stats: OnceLock::new(),
             }),
         }
     }
@@ -98,6 +109,12 @@ impl Host {
     /// Connects `deliver`, `fire` and `send_to_process` to the running jobs (once).
     pub fn set_jobs(&self, jobs: Arc<dyn JobsApi>) {
         let _ = self.inner.jobs.set(jobs);
+    }
+
+    /// Connects `stats` to the running server (once); before, snapshots are empty and say
+    /// the server is starting.
+    pub fn set_stats(&self, stats: Arc<dyn StatsApi>) {
+        let _ = self.inner.stats.set(stats);
     }
 
     /// Panics in plugin code outside a call, which plugins log with target `*::plughost::panic`.
@@ -469,5 +486,13 @@ impl HostFfi for Host {
             Ok(Err(v)) => RResult::RErr(v),
             Err(_) => RResult::RErr(0),
         }
+    }
+
+    fn stats(&self) -> ServerStats {
+        self.inner
+            .stats
+            .get()
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
     }
 }
