@@ -401,6 +401,8 @@ fn debounce(
 /// A graceful stop: jobs stop taking work, workers drain within `max_wait_time`, then the
 /// jobs are joined and the server hooks say goodbye.
 fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, stats: &Stats) {
+    // Before the log line says so: readiness probes answer 503 from here on.
+    stats.phase.store(phase::STOPPING, Ordering::Relaxed);
     let max_wait = live.max_wait();
     let (name, how) = match signal {
         SIGINT => ("SIGINT", Shutdown::Graceful(max_wait)),
@@ -416,7 +418,6 @@ fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, 
         max_wait.as_secs()
     );
     let started = Instant::now();
-    stats.phase.store(phase::STOPPING, Ordering::Relaxed);
     live.services.begin_stop();
     stop_workers(workers, how);
     live.services.finish_stop(started, max_wait);
