@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the plughost load benchmark (benches/src/bin/bench.rs) and writes benches/RESULTS.md.
 # Usage: bash benches/run.sh [--duration SECS] [--rounds N] [--quick] [--no-build] [--no-strace]
+#        bash benches/run.sh prometheus [--duration SECS] [--rounds N] [--no-build]
+#          (hello with and without the Prometheus middleware; benches/PROMETHEUS_RESULTS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,4 +17,8 @@ install wrk
 install strace   # optional: syscalls per request
 
 export PLUGHOST_BENCH_CMD="bash benches/run.sh${*:+ $*}"
+if [ "${1:-}" = prometheus ]; then
+    shift
+    exec python3 benches/prometheus.py "$@"
+fi
 exec cargo run --release -p plughost-benches --bin bench -- "$@"

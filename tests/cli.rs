@@ -61,6 +61,7 @@ fn info_lists_plugins_components_workers_and_requests() {
 fn the_demo_config_serves_what_the_readme_shows() {
     let a = crate::common::artifacts();
     crate::ws::ws_chat();
+    crate::common::prom_artifacts();
     let debug = a.hello.parent().unwrap().to_string_lossy().into_owned();
     let text = std::fs::read_to_string(a.root.join("config/server.ron")).unwrap();
     assert!(
@@ -82,6 +83,18 @@ fn the_demo_config_serves_what_the_readme_shows() {
     let chat = server.get("/chat");
     assert_eq!(chat.status, 200);
     assert!(chat.text().contains("new WebSocket("));
+    // The README's "Prometheus metrics": the middleware first, the metrics and the probes.
+    let metrics = server.get("/actuator/prometheus");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.text().contains(
+            r#"plughost_http_requests_total{method="GET",route="/hello/{name}",status="200"} 1"#
+        ),
+        "{}",
+        metrics.text()
+    );
+    assert_eq!(server.get("/health").status, 200);
+    assert_eq!(server.get("/ready").status, 200);
 }
 
 /// Keep-alive connections are evened out over the workers, whatever the kernel's hash did:

@@ -9,6 +9,7 @@ mod config;
 mod http;
 mod limits;
 mod plugins;
+mod prometheus;
 mod reload;
 mod supervisor;
 mod tables;

@@ -163,8 +163,8 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
     std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
     edit(
         &api.join("src/http.rs"),
-        "    /// The id of the worker thread serving this request.\n    pub worker_id: u32,\n}",
-        "    /// The id of the worker thread serving this request.\n    pub worker_id: u32,\n    /// Not in the server's ABI.\n    pub extra: u64,\n}",
+        "    pub route: RStr<'a>,\n}",
+        "    pub route: RStr<'a>,\n    /// Not in the server's ABI.\n    pub extra: u64,\n}",
     );
 
     let good = copy_hello(work.path(), "hello-reload-abi", &root.join("plugin-api"));

@@ -137,6 +137,7 @@ fn with_request<R>(f: impl FnOnce(&Request<'_>) -> R) -> R {
         peer: "127.0.0.1:40000".into(),
         conn_id: 1,
         worker_id: 0,
+        route: "/hello".into(),
     };
     f(&req)
 }

@@ -9,7 +9,7 @@ pub mod task;
 pub mod timer;
 
 use std::{
-    sync::{mpsc, Arc},
+    sync::{atomic::Ordering::Relaxed, mpsc, Arc},
     thread,
     time::{Duration, Instant},
 };
@@ -187,6 +187,11 @@ impl Services {
     fn spawn_all(&mut self, plan: &Arc<Plan>, ready: &Ready) -> Result<usize, StartError> {
         let sp = &plan.services;
         let mut expected = 0;
+        let workers = &self.env.stats.services.task_workers;
+        workers.store(
+            sp.task_workers as u64 * self.queue.is_some() as u64,
+            Relaxed,
+        );
         if let Some(q) = &self.queue {
             for id in 0..sp.task_workers {
                 let h = task::spawn(id as u32, q.clone(), self.env.clone(), ready.clone())
@@ -318,7 +323,7 @@ pub(crate) fn join_until(
 
 /// The services' lines of `plughost info`.
 pub fn info(s: &mut String, st: &ServiceStats) {
-    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    use std::fmt::Write as _;
     let _ = writeln!(
         s,
         "tasks: {} accepted, {} ok, {} failed, {} retried, {} refused, {} dropped at stop",
@@ -339,14 +344,14 @@ pub fn info(s: &mut String, st: &ServiceStats) {
     let _ = writeln!(
         s,
         "cron: {} runs, {} panicked, {} ticks skipped",
-        st.cron_runs.load(Relaxed),
-        st.cron_panics.load(Relaxed),
-        st.cron_skipped.load(Relaxed)
+        st.cron.sum(|c| &c.runs),
+        st.cron.sum(|c| &c.panics),
+        st.cron.sum(|c| &c.skipped)
     );
     let _ = writeln!(
         s,
         "processes: {} restarts, {} panicked",
-        st.process_restarts.load(Relaxed),
-        st.process_panics.load(Relaxed)
+        st.processes.sum(|p| &p.restarts),
+        st.processes.sum(|p| &p.panics)
     );
 }

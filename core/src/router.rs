@@ -13,6 +13,8 @@ enum Segment {
 
 #[derive(Debug, Clone)]
 struct Route {
+    /// The pattern as configured (`/hello/{name}`).
+    pattern: String,
     segments: Vec<Segment>,
     /// `/prefix/*`: anything below the segments matches.
     prefix: bool,
@@ -109,6 +111,7 @@ impl Router {
         let is_exact = !prefix && segments.iter().all(|s| matches!(s, Segment::Literal(_)));
         let index = self.routes.len();
         self.routes.push(Route {
+            pattern: path.to_owned(),
             segments,
             prefix,
             methods: methods.to_vec(),
@@ -137,6 +140,16 @@ impl Router {
 
     /// Finds the route for `method` and `path`; parameters go to `params` (cleared first).
     pub fn find(&self, method: &str, path: &str, params: &mut Vec<ParamPos>) -> Match {
+        self.find_route(method, path, params).0
+    }
+
+    /// As [`find`](Self::find), with the pattern of the route found (empty when none).
+    pub fn find_route(
+        &self,
+        method: &str,
+        path: &str,
+        params: &mut Vec<ParamPos>,
+    ) -> (Match, &str) {
         params.clear();
         let mut allowed: Vec<&str> = Vec::new();
         let mut path_matched = false;
@@ -144,7 +157,10 @@ impl Router {
             for &i in list {
                 path_matched = true;
                 if self.method_ok(i, method, &mut allowed) {
-                    return Match::Found(self.routes[i].handler);
+                    return (
+                        Match::Found(self.routes[i].handler),
+                        &self.routes[i].pattern,
+                    );
                 }
             }
         }
@@ -152,16 +168,20 @@ impl Router {
             if self.match_pattern(i, path, params) {
                 path_matched = true;
                 if self.method_ok(i, method, &mut allowed) {
-                    return Match::Found(self.routes[i].handler);
+                    return (
+                        Match::Found(self.routes[i].handler),
+                        &self.routes[i].pattern,
+                    );
                 }
             }
             params.clear();
         }
-        if path_matched {
+        let found = if path_matched {
             Match::MethodNotAllowed(allowed.join(", "))
         } else {
             Match::NotFound
-        }
+        };
+        (found, "")
     }
 
     fn method_ok<'a>(&'a self, i: usize, method: &str, allowed: &mut Vec<&'a str>) -> bool {
@@ -245,6 +265,23 @@ mod tests {
             })
             .collect();
         (m, named)
+    }
+
+    #[test]
+    fn find_route_names_the_pattern() {
+        let r = router();
+        let mut params = Vec::new();
+        assert_eq!(
+            r.find_route("GET", "/hello/ada", &mut params).1,
+            "/hello/{name}"
+        );
+        assert_eq!(
+            r.find_route("GET", "/static/a/b", &mut params).1,
+            "/static/*"
+        );
+        assert_eq!(r.find_route("GET", "/hello", &mut params).1, "/hello");
+        assert_eq!(r.find_route("GET", "/nope", &mut params).1, "");
+        assert_eq!(r.find_route("GET", "/only-post", &mut params).1, "");
     }
 
     #[test]

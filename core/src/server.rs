@@ -7,6 +7,7 @@ pub mod control;
 pub mod logging;
 pub mod pidfile;
 pub mod reload;
+pub mod snapshot;
 pub mod state;
 pub mod supervisor;
 pub mod watcher;
@@ -16,7 +17,7 @@ use std::{
     collections::BTreeSet,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{mpsc, Arc, Mutex, RwLock},
+    sync::{atomic::Ordering, mpsc, Arc, Mutex, RwLock},
     thread,
     time::{Duration, Instant},
 };
@@ -38,7 +39,10 @@ use crate::{
         host::{Host, ReloadRequest, ReloadRequester},
         Registry,
     },
-    runtime::{stats::Stats, Shutdown},
+    runtime::{
+        stats::{phase, Stats},
+        Shutdown,
+    },
     table::Tables,
 };
 use reload::Live;
@@ -182,6 +186,7 @@ pub fn run(
     host.set_reload_requester(reload_requests_to(events_tx.clone()));
     forward_signals(signals, events_tx.clone(), Event::Signal)
         .map_err(StartError::io("cannot start the signal thread"))?;
+    serving(&host, &state);
     let mut live = Live::new(&loaded, registry, plan, host, services);
     live.start_watcher(events_tx, Event::Changed);
 
@@ -218,6 +223,12 @@ fn start_serving(
             Err(e)
         }
     }
+}
+
+/// Every worker started: plugins see it in `Host::stats` from now on (readiness).
+fn serving(host: &Host, state: &Arc<State>) {
+    host.set_stats(Arc::new(snapshot::Snapshots(state.clone())));
+    state.stats.phase.store(phase::SERVING, Ordering::Relaxed);
 }
 
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
@@ -443,6 +454,8 @@ fn debounce(
 /// A graceful stop: jobs stop taking work, workers drain within `max_wait_time`, then the
 /// jobs are joined and the server hooks say goodbye.
 fn stop(signal: i32, mut live: Live, workers: Workers, hooks: &mut ServerHooks, stats: &Stats) {
+    // Before the log line says so: readiness probes answer 503 from here on.
+    stats.phase.store(phase::STOPPING, Ordering::Relaxed);
     let max_wait = live.max_wait();
     let (name, how) = match signal {
         SIGINT => ("SIGINT", Shutdown::Graceful(max_wait)),

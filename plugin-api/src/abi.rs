@@ -15,7 +15,10 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::http::{Flow, Request, Response};
+use crate::{
+    http::{Flow, Request, Response},
+    stats::ServerStats,
+};
 
 /// The kinds of component a plugin can provide.
 #[repr(u8)]
@@ -666,8 +669,11 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// reloaded); `plugin` and `reason` go to the log. Returns before the reload runs.
     fn request_reload(&self, plugin: RStr<'_>, reason: RStr<'_>) -> RResult<(), HostError>;
     /// The path of the server's `env_file` (absolute), if the config names one.
-    #[sabi(last_prefix_field)]
     fn env_file(&self) -> ROption<RString>;
+    /// A snapshot of the server's counters (workers, tasks, cron, processes, reloads, the
+    /// process, tables). Cheap: atomic loads and a few `/proc` reads.
+    #[sabi(last_prefix_field)]
+    fn stats(&self) -> ServerStats;
 }
 
 /// The host handle as it crosses the boundary.

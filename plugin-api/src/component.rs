@@ -25,6 +25,7 @@ use crate::{
         WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
     http::{Flow, Request, Response},
+    stats::ServerStats,
     table::{Counter, Table},
 };
 
@@ -307,6 +308,13 @@ impl Host {
             .env_file()
             .into_option()
             .map(|p| std::path::PathBuf::from(p.as_str()))
+    }
+
+    /// A snapshot of the server's counters: per worker, tasks, events, cron jobs, custom
+    /// processes, reloads, the process (CPU, memory, descriptors), tables, and whether the
+    /// server is starting, serving or stopping. Cheap enough for every scrape.
+    pub fn stats(&self) -> ServerStats {
+        self.ffi.stats()
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Request<'a> {
     pub conn_id: u64,
     /// The id of the worker thread serving this request.
     pub worker_id: u32,
+    /// The route pattern the request matched, as written in `server.ron` (`/hello/{name}`),
+    /// empty when no route matched: a bounded label for metrics, unlike the path.
+    pub route: RStr<'a>,
 }
 
 impl<'a> Request<'a> {
@@ -330,6 +333,7 @@ mod tests {
             peer: "127.0.0.1:1".into(),
             conn_id: 1,
             worker_id: 0,
+            route: "".into(),
         };
         assert_eq!(req.query_param("b"), Some("x%20y"));
         assert_eq!(req.query_param("flag"), Some(""));

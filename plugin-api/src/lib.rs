@@ -59,6 +59,7 @@ pub mod component;
 #[doc(hidden)]
 pub mod export;
 pub mod http;
+pub mod stats;
 pub mod table;
 
 pub use abi::{
@@ -70,6 +71,7 @@ pub use component::{
     Plugin, Process, ProcessContext, TaskHandler, WebSocketHandler,
 };
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
+pub use stats::{ServerPhase, ServerStats};
 pub use table::{Counter, Fields, Numeric, Row, Table};
 
 /// Re-exported for hosts and for the code `export_plugin!` generates.

@@ -1264,3 +1264,58 @@ pub fn job_artifacts() -> &'static JobArtifacts {
         Err(e) => panic!("{e}"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The Prometheus component (tests/prometheus.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// The plugins of tests/prometheus.rs, built once.
+#[derive(Debug)]
+pub struct PromArtifacts {
+    /// `target/debug/libprometheus.so`.
+    pub prometheus: PathBuf,
+    /// `target/debug/libws_echo.so`.
+    pub ws_echo: PathBuf,
+}
+
+static PROM_ARTIFACTS: OnceLock<Result<PromArtifacts, String>> = OnceLock::new();
+
+/// Builds the server, the job plugins (see [`job_artifacts`]), `prometheus` and `ws-echo`.
+pub fn prom_artifacts() -> &'static PromArtifacts {
+    let a = artifacts();
+    job_artifacts();
+    let built = PROM_ARTIFACTS.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(&cargo)
+            .current_dir(&a.root)
+            .args(["build", "-p", "prometheus", "-p", "ws-echo"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building prometheus and ws-echo failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let debug = a.plughost.parent().expect("target/debug").to_path_buf();
+        let built = PromArtifacts {
+            prometheus: debug.join("libprometheus.so"),
+            ws_echo: debug.join("libws_echo.so"),
+        };
+        for p in [&built.prometheus, &built.ws_echo] {
+            if !p.is_file() {
+                return Err(format!(
+                    "the build succeeded but {} is missing",
+                    p.display()
+                ));
+            }
+        }
+        Ok(built)
+    });
+    match built {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -370,7 +370,11 @@ fn respond<'a, S: Site>(
             text(buf, head.path)
         };
         let method = text(buf, head.method);
-        let route = router.find(method, path, &mut b.params);
+        let (route, pattern) = router.find_route(method, path, &mut b.params);
+        let ws = head.upgrade.then(|| site.ws_route(path)).flatten();
+        // An upgrade's route is its WebSocket route (rare: a copy does no harm).
+        let ws_route = ws.as_ref().map(|ws| ws.route.clone());
+        let pattern = ws_route.as_deref().unwrap_or(pattern);
         decode_params(path, &b.params, &mut b.param_text, &mut b.param_ranges);
         let mut headers: Vec<Header<'_>> = recycle(std::mem::take(&mut b.headers));
         headers.extend(b.header_pos.iter().map(|h| Header {
@@ -400,8 +404,9 @@ fn respond<'a, S: Site>(
             peer: RStr::from_str(peer),
             conn_id: conn.id,
             worker_id: site.id(),
+            route: RStr::from_str(pattern),
         };
-        let next = match head.upgrade.then(|| site.ws_route(path)).flatten() {
+        let next = match ws {
             Some(ws) => upgrade(site, conn, head, buf, &req, ws, &mut b.resp, &mut b.out),
             None => run_plugins(site, &req, &route, head, &mut b.resp, &mut b.out),
         };

@@ -429,7 +429,7 @@ fn run(args: Args) {
         control,
         mut ready,
     } = args;
-    let stats = &env.stats.services;
+    let stats = env.stats.services.processes.get(&slot.name);
     let report = |ready: &mut Option<Ready>, r: Result<(), String>| {
         if let Some(tx) = ready.take() {
             let _ = tx.send((label.clone(), r));
@@ -481,7 +481,7 @@ fn run(args: Args) {
                 );
             }
             RResult::RErr(e) => {
-                stats.process_panics.fetch_add(1, Ordering::Relaxed);
+                stats.panics.fetch_add(1, Ordering::Relaxed);
                 report_failure(hooks.as_mut(), info, ComponentKind::Process, &slot.slot, &e);
                 instance = None;
                 if control.reason() != Reason::Run {
@@ -493,7 +493,7 @@ fn run(args: Args) {
                 );
             }
         }
-        stats.process_restarts.fetch_add(1, Ordering::Relaxed);
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
         control.sleep(slot.restart_interval);
     }
     if let Some(p) = instance.take() {

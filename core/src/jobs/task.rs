@@ -236,6 +236,7 @@ impl Queue {
             job,
             Instant::now() + Duration::from_millis(delay_ms),
         );
+        self.gauge(&st);
         drop(st);
         self.wake.notify_one();
         Ok(id)
@@ -253,6 +254,7 @@ impl Queue {
             return;
         }
         push(&mut st, job, Instant::now() + delay);
+        self.gauge(&st);
         drop(st);
         self.wake.notify_one();
     }
@@ -276,6 +278,7 @@ impl Queue {
             match st.heap.peek().map(|Reverse(e)| e.due) {
                 Some(due) if due <= now => {
                     let Reverse(entry) = st.heap.pop().expect("peeked");
+                    self.gauge(&st);
                     if st.heap.peek().is_some_and(|Reverse(e)| e.due <= now) {
                         self.wake.notify_one();
                     }
@@ -315,6 +318,7 @@ impl Queue {
         st.closed = true;
         let dropped = st.heap.len();
         st.heap.clear();
+        self.gauge(&st);
         st.pending -= dropped;
         drop(st);
         self.stats
@@ -323,6 +327,12 @@ impl Queue {
             .fetch_add(dropped as u64, Ordering::Relaxed);
         self.wake.notify_all();
         dropped
+    }
+
+    /// Publishes the queue's length (under its lock) for the stats.
+    fn gauge(&self, st: &State) {
+        let queued = &self.stats.services.queued;
+        queued.store(st.heap.len() as u64, Ordering::Relaxed);
     }
 
     /// Accepted tasks and events not done yet.
@@ -440,10 +450,17 @@ impl TaskWorker {
     }
 
     fn run(&mut self, job: Job) {
+        let running = &self.env.stats.services.running;
+        running.fetch_add(1, Ordering::Relaxed);
         match job.work {
             Work::Task { .. } => self.run_task(job),
             Work::Event { .. } => self.run_event(job),
         }
+        self.env
+            .stats
+            .services
+            .running
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     fn run_task(&mut self, job: Job) {

@@ -28,7 +28,7 @@ use crate::{
         bank::{report_failure, Hooks, Unwrap},
         Slot,
     },
-    runtime::calls,
+    runtime::{calls, stats::CronCounters},
 };
 
 const INFO: WorkerInfo = WorkerInfo {
@@ -116,11 +116,14 @@ struct Cron {
     job: Option<CronJobBox>,
     /// The job ended its own schedule.
     stopped: bool,
+    /// Its counters, kept across reloads by its name.
+    counters: Arc<CronCounters>,
 }
 
 impl Cron {
-    fn new(c: &CronSlot, job: CronJobBox, start: Instant) -> Cron {
+    fn new(c: &CronSlot, job: CronJobBox, start: Instant, env: &Env) -> Cron {
         Cron {
+            counters: env.stats.services.cron.get(&c.slot.reference.to_string()),
             slot: c.slot.clone(),
             interval: c.interval,
             immediate: c.immediate,
@@ -161,7 +164,7 @@ fn create(crons: &[CronSlot], env: &Env, start: Instant) -> Result<Vec<Cron>, St
                 .instantiate(&env.host, INFO)
                 .map_err(|e| e.to_string())?;
             let job = CronJobBox::unwrap(job).ok_or("not a cron job")?;
-            Ok(Cron::new(c, job, start))
+            Ok(Cron::new(c, job, start, env))
         })
         .collect()
 }
@@ -232,8 +235,8 @@ fn run(mut plan: Arc<Plan>, env: Env, rx: mpsc::Receiver<TimerMsg>, ready: Optio
 
 /// Runs one tick of `cron` and schedules its next.
 fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
-    let stats = &env.stats.services;
-    stats.cron_runs.fetch_add(1, Ordering::Relaxed);
+    let stats = cron.counters.clone();
+    stats.runs.fetch_add(1, Ordering::Relaxed);
     if cron.job.is_none() {
         cron.job = cron
             .slot
@@ -243,9 +246,11 @@ fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
             .and_then(CronJobBox::unwrap);
     }
     if let Some(job) = cron.job.as_mut() {
-        let inside = calls::enter(cron.slot.call);
+        let (inside, began) = (calls::enter(cron.slot.call), Instant::now());
         let ran = job.run();
         drop(inside);
+        let took = began.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        stats.last_nanos.store(took, Ordering::Relaxed);
         match ran {
             RResult::ROk(Schedule::Continue) => {}
             RResult::ROk(Schedule::Stop) => {
@@ -253,7 +258,7 @@ fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
                 log::info!("cron job {} ended its schedule", cron.slot.reference);
             }
             RResult::RErr(e) => {
-                stats.cron_panics.fetch_add(1, Ordering::Relaxed);
+                stats.panics.fetch_add(1, Ordering::Relaxed);
                 report_failure(hooks.as_mut(), INFO, ComponentKind::CronJob, &cron.slot, &e);
                 // A fresh instance for the next tick; a panic may have left this one broken.
                 cron.job = None;
@@ -262,7 +267,7 @@ fn tick(cron: &mut Cron, env: &Env, hooks: &mut Option<Hooks>) {
     }
     let (next, missed) = next_tick(cron.next, cron.interval, Instant::now());
     if missed > 0 {
-        stats.cron_skipped.fetch_add(missed, Ordering::Relaxed);
+        stats.skipped.fetch_add(missed, Ordering::Relaxed);
         log::debug!(
             "cron job {}: overran, skipped {missed} tick(s)",
             cron.slot.reference

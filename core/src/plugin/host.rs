@@ -24,6 +24,7 @@ use plughost_plugin_api::abi::{
     self, CellRef, ColumnDesc, ColumnKind, HostBox, HostError, HostFfi, HostFfi_TO, LogLevel,
     Message, ScanBatch, ScanRow, TableDesc, ValueRef, WorkerInfo,
 };
+use plughost_plugin_api::stats::ServerStats;
 
 /// What the host offers plugins.
 #[derive(Debug, Clone)]
@@ -47,6 +48,15 @@ struct Shared {
     stray_panics: Arc<AtomicU64>,
     /// The shared tables and counters, created before the workers.
     tables: Arc<Tables>,
+    /// Where `stats` snapshots come from, once the server is up.
+    stats: OnceLock<Arc<dyn StatsApi>>,
+}
+
+/// What takes the server's stats snapshot for `Host::stats`: the server implements it, so
+/// the host does not depend on it.
+pub trait StatsApi: Send + Sync + std::fmt::Debug {
+    /// A snapshot of every counter.
+    fn snapshot(&self) -> ServerStats;
 }
 
 /// A plugin's request for a reload (`host.request_reload(reason)`).
@@ -106,6 +116,7 @@ impl Host {
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
                 tables,
+                stats: OnceLock::new(),
             }),
         }
     }
@@ -151,6 +162,12 @@ impl Host {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         values.get(key).cloned()
+    }
+
+    /// Connects `stats` to the running server (once); before, snapshots are empty and say
+    /// the server is starting.
+    pub fn set_stats(&self, stats: Arc<dyn StatsApi>) {
+        let _ = self.inner.stats.set(stats);
     }
 
     /// Panics in plugin code outside a call, which plugins log with target `*::plughost::panic`.
@@ -563,6 +580,14 @@ impl HostFfi for Host {
         let path = self.inner.env_path.as_deref();
         path.map(|p| RString::from(p.to_string_lossy().as_ref()))
             .into()
+    }
+
+    fn stats(&self) -> ServerStats {
+        self.inner
+            .stats
+            .get()
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
     }
 }
 

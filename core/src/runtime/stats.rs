@@ -3,10 +3,10 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 /// One worker's counters.
@@ -34,6 +34,50 @@ pub struct WorkerStats {
     /// Bytes its WebSocket connections hold in their own buffers (undecoded input, a message
     /// being assembled or inflated, output not yet written), as of their last idle moment.
     pub ws_buffered: AtomicU64,
+    /// The CPU-time clock of the worker's thread (`pthread_getcpuclockid`), `NO_CLOCK` until
+    /// the thread set it, so any thread can read the worker's CPU time.
+    pub cpu_clock: AtomicI64,
+}
+
+/// [`WorkerStats::cpu_clock`] before the worker set it.
+pub const NO_CLOCK: i64 = i64::MIN;
+
+impl WorkerStats {
+    /// Records the calling thread's CPU-time clock as this worker's.
+    pub fn set_cpu_clock_to_current_thread(&self) {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: pthread_self is the calling thread; the call writes only `clock`.
+        if unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0 {
+            self.cpu_clock.store(clock as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// CPU time the worker's thread used, in seconds (0 before it started or after it ended).
+    pub fn cpu_seconds(&self) -> f64 {
+        let clock = self.cpu_clock.load(Ordering::Relaxed);
+        if clock == NO_CLOCK {
+            return 0.0;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes only `ts`; a clock of a thread that ended gives EINVAL, not UB.
+        if unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) } != 0 {
+            return 0.0;
+        }
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+}
+
+/// Where the server is in its life, as [`Stats::phase`] holds it.
+pub mod phase {
+    /// Workers are starting.
+    pub const STARTING: u8 = 0;
+    /// Every worker started.
+    pub const SERVING: u8 = 1;
+    /// A stop began.
+    pub const STOPPING: u8 = 2;
 }
 
 /// All counters.
@@ -41,6 +85,10 @@ pub struct WorkerStats {
 pub struct Stats {
     /// When the server started.
     pub started: Instant,
+    /// The same moment on the wall clock.
+    pub started_at: SystemTime,
+    /// Starting, serving or stopping ([`phase`]).
+    pub phase: AtomicU8,
     /// Per worker.
     pub workers: Vec<WorkerStats>,
     /// Reloads applied.
@@ -77,16 +125,73 @@ pub struct ServiceStats {
     pub events_ok: AtomicU64,
     /// Events given up on after a listener failed every try.
     pub events_failed: AtomicU64,
-    /// Cron job runs.
-    pub cron_runs: AtomicU64,
-    /// Cron job runs that panicked.
-    pub cron_panics: AtomicU64,
-    /// Cron ticks skipped because a run overran.
-    pub cron_skipped: AtomicU64,
-    /// Custom process runs that returned early or panicked and were started again.
-    pub process_restarts: AtomicU64,
-    /// Custom process panics.
-    pub process_panics: AtomicU64,
+    /// Tasks and events in the queue now (delayed and waiting retries included).
+    pub queued: AtomicU64,
+    /// Tasks and events running on a task worker now.
+    pub running: AtomicU64,
+    /// Task worker threads.
+    pub task_workers: AtomicU64,
+    /// Per cron job (`plugin.component`).
+    pub cron: Keyed<CronCounters>,
+    /// Per custom process (its name).
+    pub processes: Keyed<ProcessCounters>,
+}
+
+/// Counters by name, created on first use; the holder keeps its `Arc` and counts with
+/// atomics, so the lock is taken only to register and to read the list.
+#[derive(Debug)]
+pub struct Keyed<T>(Mutex<Vec<(String, Arc<T>)>>);
+
+impl<T> Default for Keyed<T> {
+    fn default() -> Self {
+        Keyed(Mutex::new(Vec::new()))
+    }
+}
+
+impl<T: Default> Keyed<T> {
+    /// The counters of `name`, created at zero on first use.
+    pub fn get(&self, name: &str) -> Arc<T> {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = list.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let c = Arc::new(T::default());
+        list.push((name.to_owned(), c.clone()));
+        c
+    }
+
+    /// Every name and its counters, in the order they were first used.
+    pub fn list(&self) -> Vec<(String, Arc<T>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sum of one counter over every name.
+    pub fn sum(&self, f: impl Fn(&T) -> &AtomicU64) -> u64 {
+        let list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter().map(|(_, c)| f(c).load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// One cron job's counters.
+#[derive(Debug, Default)]
+pub struct CronCounters {
+    /// Runs.
+    pub runs: AtomicU64,
+    /// Runs that panicked.
+    pub panics: AtomicU64,
+    /// Ticks skipped because a run overran.
+    pub skipped: AtomicU64,
+    /// How long the last run took, in nanoseconds.
+    pub last_nanos: AtomicU64,
+}
+
+/// One custom process's counters.
+#[derive(Debug, Default)]
+pub struct ProcessCounters {
+    /// Runs that returned early or panicked and were started again.
+    pub restarts: AtomicU64,
+    /// Panics.
+    pub panics: AtomicU64,
 }
 
 impl Stats {
@@ -94,7 +199,14 @@ impl Stats {
     pub fn new(workers: usize) -> Stats {
         Stats {
             started: Instant::now(),
-            workers: (0..workers).map(|_| WorkerStats::default()).collect(),
+            started_at: SystemTime::now(),
+            phase: AtomicU8::new(phase::STARTING),
+            workers: (0..workers)
+                .map(|_| WorkerStats {
+                    cpu_clock: AtomicI64::new(NO_CLOCK),
+                    ..WorkerStats::default()
+                })
+                .collect(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             services: ServiceStats::default(),

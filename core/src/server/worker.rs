@@ -576,6 +576,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
         .name(format!("worker-{id}"))
         .spawn(move || {
             calls::thread(&format!("worker-{id}"));
+            stats.workers[id as usize].set_cpu_clock_to_current_thread();
             let info = WorkerInfo {
                 kind: ThreadKind::Worker,
                 id,
