@@ -296,8 +296,8 @@ impl Live {
         let started = Instant::now();
         let fail = |why: String| {
             state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
-            log::error!("reload refused, the running version keeps serving: {why}");
             state.set_last_reload(format!("refused: {why}"));
+            log::error!("reload refused, the running version keeps serving: {why}");
         };
         if let Trigger::Plugins(names) = trigger {
             for (name, p) in self.config.enabled_plugins() {
@@ -365,22 +365,24 @@ fn report(loaded: &[String], n: usize, failures: &[String], started: Instant, st
         n - failures.len(),
         started.elapsed().as_millis()
     );
+    // `info` says how it went before the log does, so whoever reads the log line and then
+    // asks `info` sees the same reload.
     if failures.is_empty() {
         state.stats.reloads.fetch_add(1, Ordering::Relaxed);
+        state.set_last_reload(format!("ok: {summary}"));
         log::info!(
             "{summary}; library versions held: {held} ({} kB)",
             bytes / 1024
         );
-        state.set_last_reload(format!("ok: {summary}"));
     } else {
         // The workers that failed keep serving their old instances.
         state.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
         let why = failures.join("; ");
+        state.set_last_reload(format!("failed: {summary}; {why}"));
         log::error!(
             "reload failed on {}/{n} workers: {summary}; {why}",
             failures.len()
         );
-        state.set_last_reload(format!("failed: {summary}; {why}"));
     }
 }
 
