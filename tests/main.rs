@@ -10,6 +10,7 @@ mod http;
 mod limits;
 mod plugins;
 mod reload;
+mod sockets;
 mod supervisor;
 mod tables;
 mod tasks;

@@ -149,6 +149,7 @@ pub fn run(
     let listen = listeners[0]
         .local_addr()
         .map_err(StartError::io("cannot read the bound address"))?;
+    let socket_listeners = bind_sockets(&plan, n)?;
 
     // Signals first, so a stop during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
@@ -157,7 +158,7 @@ pub fn run(
     // The server hooks prepare what the workers need (the env file) before they serve.
     let mut hooks = ServerHooks::create(&plan, &host)?;
     hooks.prepare(&host)?;
-    let (workers, services) = start_serving(listeners, &plan, &host, &stats)?;
+    let (workers, services) = start_serving(listeners, socket_listeners, &plan, &host, &stats)?;
     hooks.each("on_server_start", |h| h.on_server_start());
 
     let state = Arc::new(State {
@@ -203,14 +204,36 @@ pub fn run(
     Ok(())
 }
 
+/// Binds `n` listeners (one per worker) for each socket of the plan, and logs each bound
+/// address. Returns each worker's listeners, in `sockets` order.
+fn bind_sockets(plan: &Plan, n: usize) -> Result<Vec<Vec<TcpListener>>, StartError> {
+    let mut per_worker: Vec<Vec<TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, s) in plan.sockets.iter().enumerate() {
+        let addr: SocketAddr = s.listen.parse().expect("validated");
+        let bound = bind(addr, n)?;
+        let actual = bound[0]
+            .local_addr()
+            .map_err(StartError::io("cannot read the bound address"))?;
+        log::info!(
+            "socket {i} ({}) listening on tcp://{actual}",
+            plan.socket_handlers[s.handler].reference
+        );
+        for (w, l) in bound.into_iter().enumerate() {
+            per_worker[w].push(l);
+        }
+    }
+    Ok(per_worker)
+}
+
 /// The workers, then the jobs (which hand task results back to the workers).
 fn start_serving(
     listeners: Vec<TcpListener>,
+    socket_listeners: Vec<Vec<TcpListener>>,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,
 ) -> Result<(Workers, jobs::Services), StartError> {
-    let workers = start_workers(listeners, plan, host, stats)?;
+    let workers = start_workers(listeners, socket_listeners, plan, host, stats)?;
     match jobs::start(plan, host, stats, finish_to(&workers)) {
         Ok(services) => Ok((workers, services)),
         Err(e) => {
@@ -223,6 +246,7 @@ fn start_serving(
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
 fn start_workers(
     listeners: Vec<TcpListener>,
+    socket_listeners: Vec<Vec<TcpListener>>,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,
@@ -240,7 +264,8 @@ fn start_workers(
             .collect::<Vec<_>>(),
     );
     let lobbies = Arc::new((0..n).map(|_| Arc::default()).collect::<Vec<_>>());
-    for (id, (listener, (tx, rx))) in listeners.into_iter().zip(channels).enumerate() {
+    let each = listeners.into_iter().zip(socket_listeners).zip(channels);
+    for (id, ((listener, socket_listeners), (tx, rx))) in each.enumerate() {
         let handle = worker::spawn(worker::Setup {
             id: id as u32,
             listener,
@@ -250,6 +275,7 @@ fn start_workers(
             control: rx,
             peers: peers.clone(),
             lobbies: lobbies.clone(),
+            socket_listeners,
             ready: ready_tx.clone(),
         });
         match handle {

@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    socket::registry::{Close, Sockets},
     table::{Cell, Kind, Layout, Num, TableError, Tables, Value},
     ws::registry::Connections,
 };
@@ -41,6 +42,8 @@ struct Shared {
     /// Where `request_reload` goes, once the main thread listens.
     reload: OnceLock<ReloadRequester>,
     connections: Arc<Connections>,
+    /// The socket connections of every worker.
+    sockets: Arc<Sockets>,
     /// The task queue and the custom processes, once they are started.
     jobs: OnceLock<Arc<dyn JobsApi>>,
     /// Panics in plugin code outside a call (a `Drop`, a thread the plugin spawned).
@@ -103,6 +106,7 @@ impl Host {
                 env_file: RwLock::new(Arc::new(values)),
                 reload: OnceLock::new(),
                 connections: Arc::default(),
+                sockets: Arc::default(),
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
                 tables,
@@ -118,6 +122,11 @@ impl Host {
     /// The WebSocket connections of every worker.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.inner.connections
+    }
+
+    /// The socket connections of every worker.
+    pub fn sockets(&self) -> &Arc<Sockets> {
+        &self.inner.sockets
     }
 
     /// Connects `deliver`, `fire` and `send_to_process` to the running jobs (once).
@@ -563,6 +572,19 @@ impl HostFfi for Host {
         let path = self.inner.env_path.as_deref();
         path.map(|p| RString::from(p.to_string_lossy().as_ref()))
             .into()
+    }
+
+    fn socket_send(&self, conn: u64, data: RSlice<'_, u8>) -> RResult<(), HostError> {
+        self.inner.sockets.send(conn, data.as_slice()).into()
+    }
+
+    fn socket_close(&self, conn: u64) -> RResult<(), HostError> {
+        self.inner.sockets.close(conn, Close::Asked).into()
+    }
+
+    fn socket_send_to(&self, _peer: u64, _data: RSlice<'_, u8>) -> RResult<(), HostError> {
+        // No UDP sockets yet.
+        RResult::RErr(HostError::NotEnabled)
     }
 }
 

@@ -95,6 +95,11 @@ fn keep_restart_only(old: &Config, new: &mut Config) {
         kept.push("env_file".to_owned());
         new.env_file = old.env_file.clone();
     }
+    if new.sockets != old.sockets {
+        // Their listeners are bound at start.
+        kept.push("sockets".to_owned());
+        new.sockets = old.sockets.clone();
+    }
     let tables = crate::table::changes(&old.tables, &new.tables);
     if !tables.is_empty() {
         // The tables hold live data in memory allocated at start: the running ones stay.

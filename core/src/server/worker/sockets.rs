@@ -1,0 +1,144 @@
+//! A worker's side of `sockets`: one accept loop per socket on the worker's own
+//! `SO_REUSEPORT` listener, a task per connection (`socket::serve`), and the handler calls.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    panic::AssertUnwindSafe,
+    rc::Rc,
+    time::Duration,
+};
+
+use async_executor::{LocalExecutor, Task};
+use futures_lite::FutureExt;
+
+use super::{InCall, Worker};
+use crate::{
+    http::Site as _,
+    runtime::reactor::{Async, Timer},
+    socket::{
+        self,
+        conn::Settings,
+        registry::{Close, Sockets},
+        SocketEvent,
+    },
+};
+
+impl socket::Site for Worker {
+    fn sockets(&self) -> &Sockets {
+        &self.sockets
+    }
+
+    fn socket_event(&self, socket: usize, event: SocketEvent<'_>) -> bool {
+        let stats = self.my_stats();
+        let _in_call = InCall::enter(stats);
+        let mut slot = self.instances.borrow_mut();
+        if slot.is_none() {
+            *slot = self.create_instances();
+        }
+        match slot.as_mut() {
+            Some(inst) => inst.socket_event(socket, stats, event),
+            None => false,
+        }
+    }
+}
+
+/// Starts an accept loop for each of this worker's socket listeners (in `sockets` order);
+/// dropping the tasks stops accepting.
+pub(super) fn start(
+    ex: &Rc<LocalExecutor<'static>>,
+    worker: &Rc<Worker>,
+    listeners: Vec<TcpListener>,
+) -> Result<Vec<Task<()>>, String> {
+    let mut tasks = Vec::new();
+    for (socket, listener) in listeners.into_iter().enumerate() {
+        let listener = Async::new(listener)
+            .map_err(|e| format!("cannot register the listener of socket {socket}: {e}"))?;
+        tasks.push(ex.spawn(accept_loop(ex.clone(), worker.clone(), socket, listener)));
+    }
+    Ok(tasks)
+}
+
+async fn accept_loop(
+    ex: Rc<LocalExecutor<'static>>,
+    worker: Rc<Worker>,
+    socket: usize,
+    listener: Async<TcpListener>,
+) {
+    loop {
+        match listener.accept_std().await {
+            Ok((stream, peer)) => adopt(&ex, &worker, socket, stream, peer.to_string()),
+            Err(e) => {
+                log::error!(
+                    "worker {}: socket {socket}: accept failed: {e}",
+                    worker.id()
+                );
+                Timer::after(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Counts a socket connection on its worker for as long as its task lives.
+struct Counted(Rc<Worker>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let n = &self.0.socket_conns;
+        n.set(n.get() - 1);
+    }
+}
+
+fn adopt(
+    ex: &Rc<LocalExecutor<'static>>,
+    worker: &Rc<Worker>,
+    socket: usize,
+    stream: TcpStream,
+    peer: String,
+) {
+    let settings = {
+        let plan = worker.plan.borrow();
+        let Some(s) = plan.sockets.get(socket) else {
+            return;
+        };
+        Settings {
+            socket,
+            framing: s.framing.clone(),
+            max_package_bytes: s.max_package_bytes,
+            send_queue: SEND_QUEUE,
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let stream = match Async::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("worker {}: cannot register a connection: {e}", worker.id());
+            return;
+        }
+    };
+    let id = worker.next_id();
+    worker.socket_conns.set(worker.socket_conns.get() + 1);
+    let counted = Counted(worker.clone());
+    ex.spawn(async move {
+        let w = &counted.0;
+        let served = AssertUnwindSafe(socket::serve(&**w, &settings, id, &stream, &peer))
+            .catch_unwind()
+            .await;
+        if served.is_err() {
+            log::error!(
+                "worker {}: socket connection {id} ended by a panic in the server (a bug: please report it)",
+                w.id()
+            );
+        }
+    })
+    .detach();
+}
+
+/// Asks every socket connection of this worker to close (the server stops).
+pub(super) fn close_all(worker: &Worker) {
+    for id in worker.sockets.of_worker(worker.id()) {
+        let _ = worker.sockets.close(id, Close::Stopping);
+    }
+}
+
+/// Writes queued to one socket connection before it counts as a slow reader and is closed.
+const SEND_QUEUE: usize = 1024;
