@@ -193,7 +193,7 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
     let echo = echo_artifact();
     let root = &crate::common::artifacts().root;
     let text = std::fs::read_to_string(root.join("config/sockets.ron")).unwrap();
-    for port in ["5200", "5291", "5295"] {
+    for port in ["5200", "5291", "5292", "5295"] {
         assert!(
             text.contains(&format!("\"127.0.0.1:{port}\"")),
             "port {port}"
@@ -204,6 +204,7 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
         .replace("../target/release", &debug)
         .replace("127.0.0.1:5200", "127.0.0.1:0")
         .replace("127.0.0.1:5291", "127.0.0.1:0")
+        .replace("127.0.0.1:5292", "127.0.0.1:0")
         .replace("127.0.0.1:5295", "127.0.0.1:0")
         .replace("runtime_dir: \"../run\"", "runtime_dir: \"@DIR@/run\"");
     let server = TestServer::start(&text);
@@ -215,11 +216,27 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
     );
     assert_eq!(Conn::connect(server.addr()).request(raw).status, 200);
     assert_eq!(c.line(), "hi\r\n");
-    let mut framed = Client::connect(socket_addr(&server, 1));
+    let mut framed = Client::connect(socket_addr(&server, 2));
     framed.send(&[0, 0, 0, 1, b'x']);
     let mut got = [0; 15];
     framed.reader.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"\0\0\0\x0bplughost: x");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    udp.send_to(b"dgram", udp_addr(&server, 1)).unwrap();
+    let mut buf = [0; 32];
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"plughost: dgram");
+}
+
+fn udp_addr(server: &TestServer, index: usize) -> SocketAddr {
+    let text = server.logs();
+    let prefix = format!("socket {index} (");
+    text.lines()
+        .filter(|l| l.contains(&prefix))
+        .find_map(|l| l.split("listening on udp://").nth(1))
+        .and_then(|a| a.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no udp address logged for socket {index}:\n{text}"))
 }
 
 /// A stop closes the socket connections (the handler sees `on_close`) and the server exits.
@@ -238,4 +255,36 @@ fn a_stop_closes_socket_connections() {
         server.logs()
     );
     assert!(!server.logs().contains("still busy"), "{}", server.logs());
+}
+
+const UDP_SOCKET: &str = r#"(listen: "127.0.0.1:0", protocol: Udp, handler: "echo.udp")"#;
+
+/// UDP: each datagram is answered from the same address with `plughost: <datagram>`, on
+/// whichever worker the kernel hands it to.
+#[test]
+fn udp_datagrams_are_answered() {
+    let server = echo_server(&[EOF_SOCKET, UDP_SOCKET], 2);
+    let addr = udp_addr(&server, 1);
+    for n in 0..4 {
+        // Each client from its own port, so the datagrams spread over the workers.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        client
+            .send_to(format!("ping {n}").as_bytes(), addr)
+            .unwrap();
+        let mut buf = [0; 64];
+        let (len, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(from, addr);
+        assert_eq!(&buf[..len], format!("plughost: ping {n}").as_bytes());
+    }
+}
+
+#[test]
+fn a_udp_socket_with_framing_is_refused() {
+    let (status, stderr) = Config::empty()
+        .plugin("echo", echo_artifact())
+        .extra(r#"sockets: [(listen: "127.0.0.1:0", protocol: Udp, framing: Raw, handler: "echo.udp")]"#)
+        .start_expect_failure();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("sockets[0].framing"), "{stderr}");
 }

@@ -106,6 +106,8 @@ fn max_package_bytes() -> usize {
 pub enum SocketProtocol {
     /// A byte stream, cut into frames by `framing`.
     Tcp,
+    /// Datagrams, each one a packet for `on_packet` (no framing).
+    Udp,
 }
 
 /// How a byte stream is cut into frames.
@@ -956,6 +958,10 @@ impl Config {
                     );
                     return Err(at("framing", why));
                 }
+                (SocketProtocol::Udp, Some(_)) => {
+                    let why = "a UDP socket takes no framing: each datagram is one packet";
+                    return Err(at("framing", why.into()));
+                }
                 (_, Some(Framing::Eof(eof))) if eof.is_empty() => {
                     return Err(at("framing", "Eof needs at least one byte".into()));
                 }
@@ -1342,6 +1348,7 @@ mod tests {
                 (listen: "127.0.0.1:0", protocol: Tcp, framing: Eof("\r\n"), handler: "hello.tcp"),
                 (listen: "127.0.0.1:0", protocol: Tcp, framing: Length(header: U32Be, offset: 0, adjust: 0), handler: "hello.tcp", max_package_bytes: 16),
                 (listen: "127.0.0.1:0", protocol: Tcp, framing: Raw, handler: "hello.tcp"),
+                (listen: "127.0.0.1:0", protocol: Udp, handler: "hello.udp"),
             ])"#
         );
         let c = parse(&text).unwrap();
@@ -1356,6 +1363,10 @@ mod tests {
             })
         );
         assert_eq!(c.sockets[2].framing, Some(Framing::Raw));
+        assert_eq!(
+            (c.sockets[3].protocol, &c.sockets[3].framing),
+            (SocketProtocol::Udp, &None)
+        );
     }
 
     #[test]

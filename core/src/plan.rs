@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use plughost_plugin_api::abi::ComponentKind;
 
 use crate::{
-    config::{ComponentRef, Config, Framing, Limits, WebSocketConfig},
+    config::{ComponentRef, Config, Framing, Limits, SocketProtocol, WebSocketConfig},
     error::PluginError,
     plugin::{Registry, Slot},
     router::Router,
@@ -52,6 +52,8 @@ pub struct Plan {
 pub struct SocketPlan {
     /// The address as configured.
     pub listen: String,
+    /// TCP or UDP.
+    pub protocol: SocketProtocol,
     /// How its input is cut into frames.
     pub framing: Framing,
     /// Largest frame.
@@ -135,6 +137,7 @@ impl Plan {
             };
             sockets.push(SocketPlan {
                 listen: s.listen.clone(),
+                protocol: s.protocol,
                 framing: s.framing.clone().unwrap_or(Framing::Raw),
                 max_package_bytes: s.max_package_bytes,
                 handler,

@@ -5,8 +5,20 @@
 pub mod conn;
 pub mod framing;
 pub mod registry;
+pub mod udp;
 
 pub use conn::{serve, Site};
+
+use std::net::{TcpListener, UdpSocket};
+
+/// One worker's bound socket of `sockets`.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A UDP socket.
+    Udp(UdpSocket),
+}
 
 /// Something that happened on a socket connection, for its handler.
 #[derive(Debug, Clone, Copy)]
@@ -17,4 +29,6 @@ pub enum SocketEvent<'a> {
     Receive(u64, &'a [u8]),
     /// Closed.
     Close(u64),
+    /// A UDP datagram from a peer: its token for `send_to`, its address, the datagram.
+    Packet(u64, &'a str, &'a [u8]),
 }

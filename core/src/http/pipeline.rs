@@ -365,6 +365,9 @@ impl Instances {
             SocketEvent::Connect(conn, peer) => h.on_connect(conn, peer.into()),
             SocketEvent::Receive(conn, frame) => h.on_receive(conn, frame.into()),
             SocketEvent::Close(conn) => h.on_close(conn),
+            SocketEvent::Packet(peer, addr, datagram) => {
+                h.on_packet(peer, addr.into(), datagram.into())
+            }
         };
         drop(inside);
         let RResult::RErr(e) = result else {

@@ -582,9 +582,8 @@ impl HostFfi for Host {
         self.inner.sockets.close(conn, Close::Asked).into()
     }
 
-    fn socket_send_to(&self, _peer: u64, _data: RSlice<'_, u8>) -> RResult<(), HostError> {
-        // No UDP sockets yet.
-        RResult::RErr(HostError::NotEnabled)
+    fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError> {
+        self.inner.sockets.udp.send_to(peer, data.as_slice()).into()
     }
 }
 

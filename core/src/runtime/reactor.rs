@@ -17,7 +17,7 @@ use std::{
     future::Future,
     io::{self, Read, Write},
     mem::ManuallyDrop,
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsFd, AsRawFd, RawFd},
     pin::{pin, Pin},
     rc::Rc,
@@ -464,6 +464,13 @@ impl Async<TcpListener> {
     /// Accepts a connection without registering it (it may be handed to another thread).
     pub async fn accept_std(&self) -> io::Result<(TcpStream, SocketAddr)> {
         std::future::poll_fn(|cx| self.poll_read_with(cx, |l| l.accept())).await
+    }
+}
+
+impl Async<UdpSocket> {
+    /// Receives a datagram.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_read_with(cx, |s| s.recv_from(buf))).await
     }
 }
 

@@ -582,7 +582,7 @@ pub struct Setup {
     /// Every worker's lobby, by id.
     pub lobbies: Arc<Vec<Arc<Lobby>>>,
     /// Its own listener of each socket of `sockets`, in order.
-    pub socket_listeners: Vec<TcpListener>,
+    pub socket_listeners: Vec<crate::socket::Listener>,
     /// Where to say it is serving, or why not.
     pub ready: mpsc::Sender<(u32, Result<(), String>)>,
 }
@@ -670,7 +670,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
 async fn run(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    (listener, socket_listeners): (TcpListener, Vec<TcpListener>),
+    (listener, socket_listeners): (TcpListener, Vec<crate::socket::Listener>),
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<(u32, Result<(), String>)>,
 ) {

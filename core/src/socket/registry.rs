@@ -53,16 +53,19 @@ const SHARDS: usize = 64;
 #[repr(align(64))]
 struct Shard(RwLock<HashMap<u64, Handle>>);
 
-/// Every open socket connection.
+/// Every open socket connection, and the UDP sockets.
 #[derive(Debug)]
 pub struct Sockets {
     shards: Box<[Shard]>,
+    /// The UDP sockets' senders and peers.
+    pub udp: super::udp::Udp,
 }
 
 impl Default for Sockets {
     fn default() -> Self {
         Sockets {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            udp: Default::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //!   each line, `plughost: conn <id>\r\n` to `whoami`, and closes after `quit`.
 //! - `echo.frames`, for `Length` or `Raw` framing: answers each frame with `plughost: <frame>`
 //!   (a `Length` socket puts the header in front).
+//! - `echo.udp`, for a UDP socket: answers each datagram with `plughost: <datagram>`.
 //! - `echo.push`, an HTTP handler: `POST /echo/push/{conn}` sends the request body to socket
 //!   connection `conn`, whichever worker holds it.
 //!
@@ -17,7 +18,7 @@
 //! ],
 //! ```
 //!
-//! Try it: `nc -C 127.0.0.1 5291`, type a line, then `quit`.
+//! Try it: `nc -C 127.0.0.1 5291`, type a line, then `quit`; `nc -u 127.0.0.1 5292` for UDP.
 
 use plughost_plugin_api::prelude::*;
 
@@ -54,6 +55,19 @@ impl SocketHandler for Frames {
     }
 }
 
+/// Datagram echo, for UDP sockets.
+struct Datagrams {
+    host: Host,
+}
+
+impl SocketHandler for Datagrams {
+    fn on_packet(&mut self, peer: u64, _addr: &str, datagram: &[u8]) {
+        let mut answer = b"plughost: ".to_vec();
+        answer.extend_from_slice(datagram);
+        let _ = self.host.send_to(peer, &answer);
+    }
+}
+
 /// `POST /echo/push/{conn}`: the body, sent to socket connection `conn`.
 struct Push {
     host: Host,
@@ -86,6 +100,11 @@ fn plugin() -> Plugin {
         })
         .socket("frames", |cx| {
             Ok(Frames {
+                host: cx.host().clone(),
+            })
+        })
+        .socket("udp", |cx| {
+            Ok(Datagrams {
                 host: cx.host().clone(),
             })
         })

@@ -2,7 +2,7 @@
 //! `SO_REUSEPORT` listener, a task per connection (`socket::serve`), and the handler calls.
 
 use std::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     panic::AssertUnwindSafe,
     rc::Rc,
     time::Duration,
@@ -19,7 +19,7 @@ use crate::{
         self,
         conn::Settings,
         registry::{Close, Sockets},
-        SocketEvent,
+        Listener, SocketEvent,
     },
 };
 
@@ -42,20 +42,66 @@ impl socket::Site for Worker {
     }
 }
 
-/// Starts an accept loop for each of this worker's socket listeners (in `sockets` order);
-/// dropping the tasks stops accepting.
+/// Starts an accept loop (TCP) or a receive loop (UDP) for each of this worker's sockets (in
+/// `sockets` order); dropping the tasks stops them.
 pub(super) fn start(
     ex: &Rc<LocalExecutor<'static>>,
     worker: &Rc<Worker>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
 ) -> Result<Vec<Task<()>>, String> {
     let mut tasks = Vec::new();
+    let fail = |socket: usize| {
+        move |e: std::io::Error| format!("cannot register the listener of socket {socket}: {e}")
+    };
     for (socket, listener) in listeners.into_iter().enumerate() {
-        let listener = Async::new(listener)
-            .map_err(|e| format!("cannot register the listener of socket {socket}: {e}"))?;
-        tasks.push(ex.spawn(accept_loop(ex.clone(), worker.clone(), socket, listener)));
+        let task = match listener {
+            Listener::Tcp(l) => {
+                let l = Async::new(l).map_err(fail(socket))?;
+                ex.spawn(accept_loop(ex.clone(), worker.clone(), socket, l))
+            }
+            Listener::Udp(s) => {
+                let s = Async::new(s).map_err(fail(socket))?;
+                ex.spawn(receive_loop(worker.clone(), socket, s))
+            }
+        };
+        tasks.push(task);
     }
     Ok(tasks)
+}
+
+/// Hands each datagram to the socket's handler on this worker.
+async fn receive_loop(worker: Rc<Worker>, socket: usize, udp: Async<UdpSocket>) {
+    let mut buf = vec![0; 65_536];
+    loop {
+        match udp.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let max = worker
+                    .plan
+                    .borrow()
+                    .sockets
+                    .get(socket)
+                    .map(|s| s.max_package_bytes);
+                if n > max.unwrap_or(0) {
+                    log::debug!("socket {socket}: a datagram of {n} bytes from {from} is over max_package_bytes; dropped");
+                    continue;
+                }
+                let peer = worker.sockets.udp.peer(socket, from);
+                let addr = from.to_string();
+                socket::Site::socket_event(
+                    &*worker,
+                    socket,
+                    SocketEvent::Packet(peer, &addr, &buf[..n]),
+                );
+            }
+            Err(e) => {
+                log::error!(
+                    "worker {}: socket {socket}: receive failed: {e}",
+                    worker.id()
+                );
+                Timer::after(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 async fn accept_loop(
