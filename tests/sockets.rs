@@ -206,8 +206,16 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
         .replace("127.0.0.1:5291", "127.0.0.1:0")
         .replace("127.0.0.1:5292", "127.0.0.1:0")
         .replace("127.0.0.1:5295", "127.0.0.1:0")
-        .replace("runtime_dir: \"../run\"", "runtime_dir: \"@DIR@/run\"");
+        .replace("runtime_dir: \"../run\"", "runtime_dir: \"@DIR@/run\"")
+        .replace("unix:../run/echo.sock", "unix:@DIR@/echo.sock");
     let server = TestServer::start(&text);
+    let path = server.dir().path().join("echo.sock");
+    let unix = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    unix.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&unix).write_all(b"over unix\r\nquit\r\n").unwrap();
+    let mut answer = String::new();
+    (&unix).read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "plughost: over unix\r\nplughost: quit\r\n");
     let mut c = Client::connect(socket_addr(&server, 0));
     c.send(b"whoami\r\n");
     let conn = c.line().trim_end().rsplit(' ').next().unwrap().to_owned();
@@ -216,7 +224,7 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
     );
     assert_eq!(Conn::connect(server.addr()).request(raw).status, 200);
     assert_eq!(c.line(), "hi\r\n");
-    let mut framed = Client::connect(socket_addr(&server, 2));
+    let mut framed = Client::connect(socket_addr(&server, 3));
     framed.send(&[0, 0, 0, 1, b'x']);
     let mut got = [0; 15];
     framed.reader.read_exact(&mut got).unwrap();
@@ -287,4 +295,54 @@ fn a_udp_socket_with_framing_is_refused() {
         .start_expect_failure();
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("sockets[0].framing"), "{stderr}");
+}
+
+/// A unix stream socket: a stale file from a crashed run is replaced, the new one is 0660,
+/// it serves like TCP, and a stop removes it.
+#[test]
+fn a_unix_socket_replaces_a_stale_file_serves_and_is_removed_at_stop() {
+    use std::os::unix::{fs::PermissionsExt, net::UnixStream};
+    let dir = crate::common::TestDir::new();
+    let path = dir.path().join("echo.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "the stale socket file");
+    let config = Config::empty()
+        .plugin("echo", echo_artifact())
+        .extra(r#"sockets: [(listen: "unix:echo.sock", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp")]"#)
+        .render();
+    let mut server = TestServer::start_in(dir, &config, &[]);
+    let logged = format!("listening on unix:{}", path.display());
+    assert!(server.logs().contains(&logged), "{}", server.logs());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "mode {mode:o}");
+    let stream = UnixStream::connect(&path).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&stream).write_all(b"hi\r\nquit\r\n").unwrap();
+    let mut answer = String::new();
+    (&stream).read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "plughost: hi\r\nplughost: quit\r\n");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(IO_TIMEOUT).is_some(), "{}", server.logs());
+    assert!(!path.exists(), "the socket file outlived the server");
+}
+
+#[test]
+fn a_unix_socket_that_is_not_a_stale_socket_is_kept() {
+    let dir = crate::common::TestDir::new();
+    std::fs::write(dir.path().join("echo.sock"), "not a socket").unwrap();
+    let config = Config::empty()
+        .plugin("echo", echo_artifact())
+        .extra(r#"sockets: [(listen: "unix:echo.sock", protocol: Tcp, framing: Raw, handler: "echo.frames")]"#)
+        .render();
+    dir.write_config(&config);
+    let (status, stderr) = crate::common::start_existing_expect_failure(&dir, &[]);
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("echo.sock") && stderr.contains("not a socket"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("echo.sock")).unwrap(),
+        "not a socket"
+    );
 }

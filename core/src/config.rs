@@ -90,6 +90,11 @@ pub struct SocketConfig {
     pub max_package_bytes: usize,
 }
 
+/// The path of a `unix:PATH` listen address.
+pub fn unix_path(listen: &str) -> Option<&Path> {
+    listen.strip_prefix("unix:").map(Path::new)
+}
+
 /// An optional key written without `Some(..)`.
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
@@ -938,12 +943,26 @@ impl Config {
         for (i, s) in self.sockets.iter().enumerate() {
             let at =
                 |key: &str, why: String| invalid(format!("sockets[{i}].{key}"), &s.listen, why);
-            if s.listen.parse::<SocketAddr>().is_err() {
-                let why = format!(
-                    "{:?} is not an address such as \"127.0.0.1:5291\"",
-                    s.listen
-                );
-                return Err(at("listen", why));
+            match unix_path(&s.listen) {
+                Some(p) if p.as_os_str().is_empty() => {
+                    return Err(at(
+                        "listen",
+                        "a unix socket needs a path: \"unix:run/echo.sock\"".into(),
+                    ));
+                }
+                Some(_) if s.protocol == SocketProtocol::Udp => {
+                    let why = "unix sockets are stream sockets here: use protocol: Tcp";
+                    return Err(at("protocol", why.into()));
+                }
+                Some(_) => {}
+                None if s.listen.parse::<SocketAddr>().is_err() => {
+                    let why = format!(
+                        "{:?} is not an address such as \"127.0.0.1:5291\" or \"unix:run/echo.sock\"",
+                        s.listen
+                    );
+                    return Err(at("listen", why));
+                }
+                None => {}
             }
             check_ref(format!("sockets[{i}].handler"), &s.handler)?;
             if s.max_package_bytes == 0 {
@@ -994,6 +1013,11 @@ impl Config {
         }
         for w in self.reload.watch.iter_mut() {
             *w = abs(w);
+        }
+        for s in self.sockets.iter_mut() {
+            if let Some(p) = unix_path(&s.listen) {
+                s.listen = format!("unix:{}", abs(p).display());
+            }
         }
         self
     }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod logging;
 pub mod pidfile;
 pub mod reload;
+pub mod sockets;
 pub mod state;
 pub mod supervisor;
 pub mod watcher;
@@ -14,7 +15,7 @@ pub mod worker;
 
 use std::{
     collections::BTreeSet,
-    net::{SocketAddr, TcpListener, UdpSocket},
+    net::{SocketAddr, TcpListener},
     path::PathBuf,
     sync::{mpsc, Arc, Mutex, RwLock},
     thread,
@@ -30,7 +31,7 @@ use signal_hook::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    config::{ComponentRef, Loaded, SocketProtocol},
+    config::{ComponentRef, Loaded},
     error::StartError,
     jobs::{self, Finish},
     plan::Plan,
@@ -150,7 +151,8 @@ pub fn run(
     let listen = listeners[0]
         .local_addr()
         .map_err(StartError::io("cannot read the bound address"))?;
-    let socket_listeners = bind_sockets(&plan, n, &host)?;
+    // The unix socket files are removed when this goes, however `run` ends.
+    let (socket_listeners, _socket_files) = sockets::bind(&plan, n, &host)?;
 
     // Signals first, so a stop during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
@@ -203,71 +205,6 @@ pub fn run(
     drop(hooks);
     control.remove();
     Ok(())
-}
-
-/// Binds `n` listeners (one per worker) for each socket of the plan, and logs each bound
-/// address. Returns each worker's listeners, in `sockets` order.
-fn bind_sockets(plan: &Plan, n: usize, host: &Host) -> Result<Vec<Vec<Listener>>, StartError> {
-    let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
-    for (i, s) in plan.sockets.iter().enumerate() {
-        let addr: SocketAddr = s.listen.parse().expect("validated");
-        let (bound, actual, scheme) = match s.protocol {
-            SocketProtocol::Tcp => {
-                let bound = bind(addr, n)?;
-                let actual = bound[0].local_addr();
-                (
-                    bound.into_iter().map(Listener::Tcp).collect(),
-                    actual,
-                    "tcp",
-                )
-            }
-            SocketProtocol::Udp => {
-                let bound = bind_udp(addr, n)?;
-                let sender = bound[0].try_clone();
-                let sender = sender.map_err(StartError::io("cannot clone a UDP socket"))?;
-                host.sockets().udp.set_sender(i, sender);
-                let actual = bound[0].local_addr();
-                (
-                    bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
-                    actual,
-                    "udp",
-                )
-            }
-        };
-        let actual = actual.map_err(StartError::io("cannot read the bound address"))?;
-        let handler = &plan.socket_handlers[s.handler].reference;
-        log::info!("socket {i} ({handler}) listening on {scheme}://{actual}");
-        for (w, l) in bound.into_iter().enumerate() {
-            per_worker[w].push(l);
-        }
-    }
-    Ok(per_worker)
-}
-
-/// Binds `n` UDP sockets to `addr` with `SO_REUSEPORT` (port 0: the first picks the port);
-/// the kernel spreads datagrams over them by source address.
-fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
-    let make = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_reuse_port(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        Ok(s.into())
-    };
-    if addr.port() != 0 {
-        // SO_REUSEPORT would let us share a port with another server; refuse that instead.
-        UdpSocket::bind(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
-    }
-    let first = make(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
-    let actual = first
-        .local_addr()
-        .map_err(StartError::io("cannot read the bound address"))?;
-    let mut all = vec![first];
-    for _ in 1..n {
-        let next = make(actual).map_err(StartError::io(format!("cannot listen on udp {actual}")));
-        all.push(next?);
-    }
-    Ok(all)
 }
 
 /// The workers, then the jobs (which hand task results back to the workers).

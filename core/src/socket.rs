@@ -9,7 +9,10 @@ pub mod udp;
 
 pub use conn::{serve, Site};
 
-use std::net::{TcpListener, UdpSocket};
+use std::{
+    net::{TcpListener, UdpSocket},
+    os::unix::net::UnixListener,
+};
 
 /// One worker's bound socket of `sockets`.
 #[derive(Debug)]
@@ -18,6 +21,8 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A UDP socket.
     Udp(UdpSocket),
+    /// A unix stream listener (every worker accepts on the same one).
+    Unix(UnixListener),
 }
 
 /// Something that happened on a socket connection, for its handler.

@@ -1,9 +1,9 @@
 //! One socket connection's task: reads and cuts frames for its handler, writes what any
 //! thread queued to it, and closes when either side or the server says so.
 
-use std::{io, net::TcpStream};
+use std::{io, os::fd::AsFd};
 
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     framing::{Decoder, Overflow},
@@ -49,15 +49,17 @@ enum Step {
     Close(Close),
 }
 
-/// Serves connection `id` from `peer` until it closes; its handler sees `on_connect`, each
-/// frame, and `on_close`.
-pub async fn serve(
+/// Serves connection `id` (TCP or unix stream) from `peer` until it closes; its handler sees
+/// `on_connect`, each frame, and `on_close`.
+pub async fn serve<S: AsFd>(
     site: &impl Site,
     settings: &Settings,
     id: u64,
-    stream: &Async<TcpStream>,
+    stream: &Async<S>,
     peer: &str,
-) {
+) where
+    for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
+{
     let queues = site
         .sockets()
         .open(id, &settings.framing, settings.send_queue);
@@ -69,22 +71,27 @@ pub async fn serve(
         }
     }
     drop(registered);
-    let _ = stream.get_ref().shutdown(std::net::Shutdown::Both);
+    let _ = socket2::SockRef::from(stream.get_ref()).shutdown(std::net::Shutdown::Both);
     site.socket_event(s, SocketEvent::Close(id));
 }
 
 /// The loop; returns why it closed when that is worth a warning.
-async fn run(
+async fn run<S: AsFd>(
     site: &impl Site,
     settings: &Settings,
     id: u64,
-    stream: &Async<TcpStream>,
+    stream: &Async<S>,
     queues: &Queues,
-) -> Option<String> {
+) -> Option<String>
+where
+    for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
+{
     let mut decoder = Decoder::new(settings.framing.clone(), settings.max_package_bytes);
+    let mut stream = stream;
     let mut buf = vec![0; decoder.chunk()];
     loop {
-        let read = async { Step::Read((&*stream).read(&mut buf).await) };
+        let mut reader = stream;
+        let read = async { Step::Read(reader.read(&mut buf).await) };
         let send = async {
             match queues.data.recv().await {
                 Ok(bytes) => Step::Send(bytes),
@@ -114,14 +121,14 @@ async fn run(
                 }
             }
             Step::Send(bytes) => {
-                if (&*stream).write_all(&bytes).await.is_err() {
+                if stream.write_all(&bytes).await.is_err() {
                     return None;
                 }
             }
             Step::Close(why) => {
                 // What was queued before the close request goes out first.
                 while let Ok(bytes) = queues.data.try_recv() {
-                    if (&*stream).write_all(&bytes).await.is_err() {
+                    if stream.write_all(&bytes).await.is_err() {
                         return None;
                     }
                 }

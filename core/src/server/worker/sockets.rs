@@ -2,14 +2,15 @@
 //! `SO_REUSEPORT` listener, a task per connection (`socket::serve`), and the handler calls.
 
 use std::{
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, UdpSocket},
+    os::{fd::AsFd, unix::net::UnixListener},
     panic::AssertUnwindSafe,
     rc::Rc,
     time::Duration,
 };
 
 use async_executor::{LocalExecutor, Task};
-use futures_lite::FutureExt;
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
 
 use super::{InCall, Worker};
 use crate::{
@@ -58,6 +59,10 @@ pub(super) fn start(
             Listener::Tcp(l) => {
                 let l = Async::new(l).map_err(fail(socket))?;
                 ex.spawn(accept_loop(ex.clone(), worker.clone(), socket, l))
+            }
+            Listener::Unix(l) => {
+                let l = Async::new(l).map_err(fail(socket))?;
+                ex.spawn(accept_unix(ex.clone(), worker.clone(), socket, l))
             }
             Listener::Udp(s) => {
                 let s = Async::new(s).map_err(fail(socket))?;
@@ -124,6 +129,27 @@ async fn accept_loop(
     }
 }
 
+async fn accept_unix(
+    ex: Rc<LocalExecutor<'static>>,
+    worker: Rc<Worker>,
+    socket: usize,
+    listener: Async<UnixListener>,
+) {
+    loop {
+        match listener.accept_std().await {
+            Ok((stream, _)) => adopt(&ex, &worker, socket, stream, "unix".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::error!(
+                    "worker {}: socket {socket}: accept failed: {e}",
+                    worker.id()
+                );
+                Timer::after(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Counts a socket connection on its worker for as long as its task lives.
 struct Counted(Rc<Worker>);
 
@@ -134,13 +160,15 @@ impl Drop for Counted {
     }
 }
 
-fn adopt(
+fn adopt<S: AsFd + 'static>(
     ex: &Rc<LocalExecutor<'static>>,
     worker: &Rc<Worker>,
     socket: usize,
-    stream: TcpStream,
+    stream: S,
     peer: String,
-) {
+) where
+    for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
+{
     let settings = {
         let plan = worker.plan.borrow();
         let Some(s) = plan.sockets.get(socket) else {
@@ -153,7 +181,7 @@ fn adopt(
             send_queue: SEND_QUEUE,
         }
     };
-    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_nodelay(true);
     let stream = match Async::new(stream) {
         Ok(s) => s,
         Err(e) => {

@@ -1,0 +1,147 @@
+//! Binding the listeners of `sockets`: TCP and UDP with one `SO_REUSEPORT` socket per
+//! worker, unix stream sockets as one file shared by the workers (created 0660, a stale one
+//! from a crashed run replaced, removed at stop).
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::bind as bind_tcp;
+use crate::{
+    config::{unix_path, SocketProtocol},
+    error::StartError,
+    plan::Plan,
+    plugin::host::Host,
+    socket::Listener,
+};
+
+/// A unix socket file, removed when this is dropped.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds `n` listeners (one per worker) for each socket of the plan, and logs each bound
+/// address. Returns each worker's listeners, in `sockets` order, and the unix socket files.
+pub fn bind(
+    plan: &Plan,
+    n: usize,
+    host: &Host,
+) -> Result<(Vec<Vec<Listener>>, Vec<SocketFile>), StartError> {
+    let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
+    let mut files = Vec::new();
+    for (i, s) in plan.sockets.iter().enumerate() {
+        let handler = &plan.socket_handlers[s.handler].reference;
+        if let Some(path) = unix_path(&s.listen) {
+            let listener = bind_unix(path)?;
+            files.push(SocketFile(path.to_path_buf()));
+            log::info!(
+                "socket {i} ({handler}) listening on unix:{}",
+                path.display()
+            );
+            for l in per_worker.iter_mut() {
+                let dup = listener.try_clone();
+                l.push(Listener::Unix(
+                    dup.map_err(StartError::io("cannot clone a unix socket"))?,
+                ));
+            }
+            continue;
+        }
+        let addr: SocketAddr = s.listen.parse().expect("validated");
+        let (bound, actual, scheme) = match s.protocol {
+            SocketProtocol::Tcp => {
+                let bound = bind_tcp(addr, n)?;
+                let actual = bound[0].local_addr();
+                (
+                    bound.into_iter().map(Listener::Tcp).collect(),
+                    actual,
+                    "tcp",
+                )
+            }
+            SocketProtocol::Udp => {
+                let bound = bind_udp(addr, n)?;
+                let sender = bound[0].try_clone();
+                let sender = sender.map_err(StartError::io("cannot clone a UDP socket"))?;
+                host.sockets().udp.set_sender(i, sender);
+                let actual = bound[0].local_addr();
+                (
+                    bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
+                    actual,
+                    "udp",
+                )
+            }
+        };
+        let actual = actual.map_err(StartError::io("cannot read the bound address"))?;
+        log::info!("socket {i} ({handler}) listening on {scheme}://{actual}");
+        for (w, l) in bound.into_iter().enumerate() {
+            per_worker[w].push(l);
+        }
+    }
+    Ok((per_worker, files))
+}
+
+/// Binds `n` UDP sockets to `addr` with `SO_REUSEPORT` (port 0: the first picks the port);
+/// the kernel spreads datagrams over them by source address.
+fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
+    let make = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    };
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let us share a port with another server; refuse that instead.
+        UdpSocket::bind(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
+    }
+    let first = make(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
+    let actual = first
+        .local_addr()
+        .map_err(StartError::io("cannot read the bound address"))?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        let next = make(actual).map_err(StartError::io(format!("cannot listen on udp {actual}")));
+        all.push(next?);
+    }
+    Ok(all)
+}
+
+/// Binds a unix stream socket at `path`, 0660. A socket file nobody listens on (left by a
+/// crashed run) is replaced; one in use, or a file that is not a socket, is refused.
+fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+    let err = StartError::io(format!("cannot listen on unix:{}", path.display()));
+    let bind = || -> io::Result<UnixListener> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::other("another server listens on it"));
+                }
+                std::fs::remove_file(path)?;
+                log::info!("replaced the stale socket file {}", path.display());
+            }
+            Ok(_) => return Err(io::Error::other("the file exists and is not a socket")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    bind().map_err(err)
+}
