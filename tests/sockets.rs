@@ -346,3 +346,42 @@ fn a_unix_socket_that_is_not_a_stale_socket_is_kept() {
         "not a socket"
     );
 }
+
+/// The main HTTP `listen` on a unix socket (as an nginx upstream would use it): a stale
+/// file is replaced, the new one is 0660, it serves HTTP, and a stop removes it.
+#[test]
+fn the_http_listener_on_a_unix_socket() {
+    use std::os::unix::{fs::PermissionsExt, net::UnixStream};
+    let dir = crate::common::TestDir::new();
+    let path = dir.path().join("http.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let mut config = Config::hello();
+    config.listen = "unix:http.sock".into();
+    dir.write_config(&config.render());
+    let (mut child, _stdout, stderr) = crate::common::spawn_start(&dir, &[], &[]);
+    let logged = format!("listening on unix:{}", path.display());
+    let ready = stderr.wait_until(crate::common::START_TIMEOUT, |t| {
+        t.contains(&logged) || t.contains("plughost: ")
+    });
+    assert!(
+        ready && stderr.text().contains(&logged),
+        "{}",
+        stderr.text()
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "mode {mode:o}");
+    let stream = UnixStream::connect(&path).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&stream)
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    (&stream).read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(crate::common::HELLO_BODY), "{answer}");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = crate::common::wait_child(&mut child, IO_TIMEOUT);
+    assert!(status.is_some(), "{}", stderr.text());
+    assert!(!path.exists(), "the socket file outlived the server");
+}

@@ -752,12 +752,13 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.listen.parse::<SocketAddr>().is_err() {
+        let unix = unix_path(&self.listen).is_some_and(|p| !p.as_os_str().is_empty());
+        if !unix && self.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "listen".into(),
                 &self.listen,
                 format!(
-                    "{:?} is not an address such as \"127.0.0.1:5200\"",
+                    "{:?} is not an address such as \"127.0.0.1:5200\" or \"unix:run/http.sock\"",
                     self.listen
                 ),
             ));
@@ -1013,6 +1014,9 @@ impl Config {
         }
         for w in self.reload.watch.iter_mut() {
             *w = abs(w);
+        }
+        if let Some(p) = unix_path(&self.listen) {
+            self.listen = format!("unix:{}", abs(p).display());
         }
         for s in self.sockets.iter_mut() {
             if let Some(p) = unix_path(&s.listen) {

@@ -31,7 +31,7 @@ use signal_hook::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    config::{ComponentRef, Loaded},
+    config::{unix_path, ComponentRef, Loaded},
     error::StartError,
     jobs::{self, Finish},
     plan::Plan,
@@ -73,6 +73,37 @@ pub fn bind(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, StartError> 
         all.push(reuseport_listener(actual)?);
     }
     Ok(all)
+}
+
+/// Binds the HTTP listener `listen`: `n` TCP listeners (see [`bind`]), or one unix socket
+/// (`unix:PATH`, see `sockets::bind_unix`) shared by the `n` workers, with its file's guard.
+pub fn bind_listen(
+    listen: &str,
+    n: usize,
+) -> Result<(Vec<TcpListener>, Option<sockets::SocketFile>), StartError> {
+    let Some(path) = unix_path(listen) else {
+        return Ok((bind(listen.parse().expect("validated"), n)?, None));
+    };
+    let unix = sockets::bind_unix(path)?;
+    let file = sockets::SocketFile::new(path);
+    let mut all = Vec::new();
+    for _ in 0..n {
+        let dup = unix.try_clone();
+        let dup = dup.map_err(StartError::io("cannot clone the unix socket"))?;
+        // Only stream-socket calls are made on it (see `runtime::accept`).
+        all.push(TcpListener::from(std::os::fd::OwnedFd::from(dup)));
+    }
+    Ok((all, Some(file)))
+}
+
+/// The HTTP listener's address for logs: `http://IP:PORT` or `unix:PATH`.
+pub fn listen_url(listen: &str, listener: &TcpListener) -> Result<String, StartError> {
+    if unix_path(listen).is_some() {
+        return Ok(listen.to_owned());
+    }
+    let addr = listener.local_addr();
+    let addr = addr.map_err(StartError::io("cannot read the bound address"))?;
+    Ok(format!("http://{addr}"))
 }
 
 fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -125,11 +156,7 @@ fn raise_fd_limit(max_connections: usize) {
 pub(crate) type Workers = Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>;
 
 /// Runs the server until it is told to stop. `ready` is called once it is serving.
-pub fn run(
-    loaded: Loaded,
-    options: Options,
-    ready: impl FnOnce(SocketAddr),
-) -> Result<(), StartError> {
+pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result<(), StartError> {
     let config = &loaded.config;
     raise_fd_limit(config.websocket.max_connections);
     // The tables come first, with all their memory: every thread may use them.
@@ -141,16 +168,13 @@ pub fn run(
     );
     let registry = Arc::new(Registry::load(config)?);
     let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
-    let n = config.workers();
-    let addr: SocketAddr = config.listen.parse().expect("validated");
-    let listeners = match options.listeners {
-        Some(inherited) => inherited,
-        None => bind(addr, n)?,
+    // A unix socket file this process bound is removed when this goes, however `run` ends.
+    let (listeners, _http_file) = match options.listeners {
+        Some(inherited) => (inherited, None),
+        None => bind_listen(&config.listen, config.workers())?,
     };
     let n = listeners.len();
-    let listen = listeners[0]
-        .local_addr()
-        .map_err(StartError::io("cannot read the bound address"))?;
+    let listen = listen_url(&config.listen, &listeners[0])?;
     // The unix socket files are removed when this goes, however `run` ends.
     let (socket_listeners, _socket_files) = sockets::bind(&plan, n, &host)?;
 
@@ -166,7 +190,7 @@ pub fn run(
 
     let state = Arc::new(State {
         config_path: loaded.path.clone(),
-        listen,
+        listen: listen.clone(),
         workers: n,
         app_version: options.app_version.clone(),
         registry: RwLock::new(registry.clone()),
@@ -192,9 +216,9 @@ pub fn run(
     // Ready only now: everything a client or a test may do next (a signal, an edit of a
     // watched file) is heard from here on. The supervisor hears it before the log says it,
     // so a crash right after the ready line counts as a crash, not as a failed start.
-    ready(listen);
+    ready(&listen);
     log::info!(
-        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
+        "plughost {} ready: listening on {listen} ({n} worker{}, pid {})",
         env!("CARGO_PKG_VERSION"),
         if n == 1 { "" } else { "s" },
         std::process::id()

@@ -515,7 +515,13 @@ impl Drop for TestServer {
     }
 }
 
-fn spawn_start(dir: &TestDir, wrapper: &[&str], extra_args: &[&str]) -> (Child, Capture, Capture) {
+/// Spawns `plughost start` with the config in `dir`, through `wrapper` if any; returns the
+/// child and its captured stdout and stderr.
+pub fn spawn_start(
+    dir: &TestDir,
+    wrapper: &[&str],
+    extra_args: &[&str],
+) -> (Child, Capture, Capture) {
     let a = artifacts();
     let mut cmd = match wrapper {
         [] => Command::new(&a.plughost),

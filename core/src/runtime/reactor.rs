@@ -466,7 +466,7 @@ impl Async<TcpListener> {
 
     /// Accepts a connection without registering it (it may be handed to another thread).
     pub async fn accept_std(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        std::future::poll_fn(|cx| self.poll_read_with(cx, |l| l.accept())).await
+        std::future::poll_fn(|cx| self.poll_read_with(cx, super::accept)).await
     }
 }
 

@@ -27,6 +27,13 @@ use crate::{
 #[derive(Debug)]
 pub struct SocketFile(PathBuf);
 
+impl SocketFile {
+    /// The guard of the socket file at `path`.
+    pub fn new(path: &Path) -> SocketFile {
+        SocketFile(path.to_path_buf())
+    }
+}
+
 impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -120,7 +127,7 @@ fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
 
 /// Binds a unix stream socket at `path`, 0660. A socket file nobody listens on (left by a
 /// crashed run) is replaced; one in use, or a file that is not a socket, is refused.
-fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+pub fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
     let err = StartError::io(format!("cannot listen on unix:{}", path.display()));
     let bind = || -> io::Result<UnixListener> {
         match std::fs::symlink_metadata(path) {

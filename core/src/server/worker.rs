@@ -783,7 +783,7 @@ fn drain_backlog(
 ) -> usize {
     let mut n = 0;
     // The listener is nonblocking: this stops at the first WouldBlock.
-    while let Ok((stream, peer)) = listener.get_ref().accept() {
+    while let Ok((stream, peer)) = crate::runtime::accept(listener.get_ref()) {
         adopt(ex, worker, stream, peer, Origin::Accepted);
         n += 1;
     }
