@@ -385,3 +385,76 @@ fn the_http_listener_on_a_unix_socket() {
     assert!(status.is_some(), "{}", stderr.text());
     assert!(!path.exists(), "the socket file outlived the server");
 }
+
+/// The address logged last for a socket of handler `handler` (after a reload the indexes
+/// start again).
+fn last_addr_of(server: &TestServer, handler: &str) -> SocketAddr {
+    let text = server.logs();
+    let needle = format!("({handler}) listening on tcp://");
+    text.lines()
+        .rev()
+        .find_map(|l| l.split(&needle).nth(1))
+        .and_then(|a| a.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no address logged for {handler}:\n{text}"))
+}
+
+fn reload(server: &TestServer, n: usize) {
+    let out = crate::common::run_plughost([
+        "reload".as_ref(),
+        "-c".as_ref(),
+        server.config_path().as_os_str(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let done = server.wait_for_log_matching(IO_TIMEOUT, |t| {
+        t.matches("] reloaded ").count() + t.matches("reload refused").count() >= n
+    });
+    assert!(done, "reload {n} did not finish:\n{}", server.logs());
+}
+
+/// A reload binds an added socket and closes a removed one (its connections too); a socket
+/// that cannot be bound refuses the reload and the running sockets stay.
+#[test]
+fn a_reload_adds_and_removes_sockets() {
+    let config = |sockets: &[&str]| {
+        Config::empty()
+            .workers(2)
+            .plugin("echo", echo_artifact())
+            .extra(&format!("sockets: [{}]", sockets.join(", ")))
+            .render()
+    };
+    let server = TestServer::start(&config(&[EOF_SOCKET]));
+    let old = last_addr_of(&server, "echo.tcp");
+    let mut c = Client::connect(old);
+    c.send(b"before\r\n");
+    assert_eq!(c.line(), "plughost: before\r\n");
+
+    server.dir().write_config(&config(&[LENGTH_SOCKET]));
+    reload(&server, 1);
+    assert!(c.closed(), "a connection of the removed socket stays open");
+    assert!(
+        TcpStream::connect(old).is_err(),
+        "the removed socket still accepts"
+    );
+    let mut framed = Client::connect(last_addr_of(&server, "echo.frames"));
+    framed.send(&[0, 0, 0, 1, b'y']);
+    let mut got = [0; 15];
+    framed.reader.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"\0\0\0\x0bplughost: y");
+
+    // A port in use: the reload is refused, and the running socket keeps serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = format!(
+        r#"(listen: "{}", protocol: Tcp, framing: Raw, handler: "echo.frames")"#,
+        taken.local_addr().unwrap()
+    );
+    server.dir().write_config(&config(&[LENGTH_SOCKET, &busy]));
+    reload(&server, 2);
+    assert!(
+        server.logs().contains("reload refused"),
+        "{}",
+        server.logs()
+    );
+    framed.send(&[0, 0, 0, 1, b'z']);
+    framed.reader.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"\0\0\0\x0bplughost: z");
+}

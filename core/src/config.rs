@@ -966,6 +966,10 @@ impl Config {
                 None => {}
             }
             check_ref(format!("sockets[{i}].handler"), &s.handler)?;
+            let ephemeral = s.listen.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
+            if !ephemeral && self.sockets[..i].iter().any(|o| o.listen == s.listen) {
+                return Err(at("listen", format!("{:?} is listed twice", s.listen)));
+            }
             if s.max_package_bytes == 0 {
                 return Err(at("max_package_bytes", "must be at least 1".into()));
             }
@@ -1415,6 +1419,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sockets[0].listen"));
+        let twice = format!(
+            r#"({PLUGIN} sockets: [(listen: "127.0.0.1:7", protocol: Tcp, framing: Raw, handler: "hello.tcp"), (listen: "127.0.0.1:7", protocol: Tcp, framing: Raw, handler: "hello.tcp")])"#
+        );
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("sockets[1].listen") && err.contains("twice"),
+            "{err}"
+        );
         let unknown = r#"(sockets: [(listen: "127.0.0.1:0", protocol: Tcp, framing: Raw, handler: "nope.tcp")])"#;
         assert!(parse(unknown)
             .unwrap_err()

@@ -50,6 +50,10 @@ pub struct Plan {
 /// One socket of `sockets`.
 #[derive(Debug, Clone)]
 pub struct SocketPlan {
+    /// What identifies it across reloads: its protocol and address (`Tcp 127.0.0.1:5291`),
+    /// so a reload changes the handler and framing of a fixed address in place; with port 0,
+    /// all its settings (any change is another socket, on a new port).
+    pub key: String,
     /// The address as configured.
     pub listen: String,
     /// TCP or UDP.
@@ -135,7 +139,22 @@ impl Plan {
                     handlers.len() - 1
                 }
             };
+            let mut key = format!("{:?} {}", s.protocol, s.listen);
+            if s.listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.port() == 0)
+            {
+                key = format!(
+                    "{key} {} {:?} {}",
+                    s.handler, s.framing, s.max_package_bytes
+                );
+                let twins = sockets
+                    .iter()
+                    .filter(|o: &&SocketPlan| o.key.starts_with(&key));
+                key = format!("{key} #{}", twins.count() + 1);
+            }
             sockets.push(SocketPlan {
+                key,
                 listen: s.listen.clone(),
                 protocol: s.protocol,
                 framing: s.framing.clone().unwrap_or(Framing::Raw),
@@ -144,6 +163,11 @@ impl Plan {
             });
         }
         Ok((handlers, sockets))
+    }
+
+    /// The socket `key`, if this plan has it.
+    pub fn socket(&self, key: &str) -> Option<&SocketPlan> {
+        self.sockets.iter().find(|s| s.key == key)
     }
 }
 

@@ -40,7 +40,6 @@ use crate::{
         Registry,
     },
     runtime::{stats::Stats, Shutdown},
-    socket::Listener,
     table::Tables,
 };
 use reload::Live;
@@ -175,8 +174,8 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
     };
     let n = listeners.len();
     let listen = listen_url(&config.listen, &listeners[0])?;
-    // The unix socket files are removed when this goes, however `run` ends.
-    let (socket_listeners, _socket_files) = sockets::bind(&plan, n, &host)?;
+    // The unix socket files are removed when they go (the reload state keeps them).
+    let (socket_listeners, socket_files) = sockets::bind(&plan, |_| true, n, &host)?;
 
     // Signals first, so a stop during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
@@ -211,6 +210,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
     forward_signals(signals, events_tx.clone(), Event::Signal)
         .map_err(StartError::io("cannot start the signal thread"))?;
     let mut live = Live::new(&loaded, registry, plan, host, services);
+    live.socket_files = socket_files;
     live.start_watcher(events_tx, Event::Changed);
 
     // Ready only now: everything a client or a test may do next (a signal, an edit of a
@@ -234,7 +234,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
 /// The workers, then the jobs (which hand task results back to the workers).
 fn start_serving(
     listeners: Vec<TcpListener>,
-    socket_listeners: Vec<Vec<Listener>>,
+    socket_listeners: sockets::PerWorker,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,
@@ -252,7 +252,7 @@ fn start_serving(
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
 fn start_workers(
     listeners: Vec<TcpListener>,
-    socket_listeners: Vec<Vec<Listener>>,
+    socket_listeners: sockets::PerWorker,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,

@@ -344,16 +344,16 @@ impl Instances {
         false
     }
 
-    /// An event of a connection of socket `socket` (its index in `sockets`); false when the
-    /// handler panicked (its instance is recreated) or the socket is gone, and the connection
-    /// should close.
+    /// An event of a connection of socket `socket` (its key); false when the handler panicked
+    /// (its instance is recreated) or a reload removed the socket, and the connection should
+    /// close.
     pub fn socket_event(
         &mut self,
-        socket: usize,
+        socket: &str,
         stats: &WorkerStats,
         event: SocketEvent<'_>,
     ) -> bool {
-        let Some(i) = self.plan.sockets.get(socket).map(|s| s.handler) else {
+        let Some(i) = self.plan.socket(socket).map(|s| s.handler) else {
             return false;
         };
         let call = self.plan.socket_handlers[i].call;

@@ -18,7 +18,7 @@ use super::bind as bind_tcp;
 use crate::{
     config::{unix_path, SocketProtocol},
     error::StartError,
-    plan::Plan,
+    plan::{Plan, SocketPlan},
     plugin::host::Host,
     socket::Listener,
 };
@@ -40,63 +40,83 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds `n` listeners (one per worker) for each socket of the plan, and logs each bound
-/// address. Returns each worker's listeners, in `sockets` order, and the unix socket files.
+/// Each worker's listeners of the sockets bound, with their keys.
+pub type PerWorker = Vec<Vec<(String, Listener)>>;
+
+/// Binds `n` listeners (one per worker) for each socket of the plan that `only` picks, and
+/// logs each bound address; all or nothing. Returns each worker's listeners, and the unix
+/// socket files by key.
 pub fn bind(
     plan: &Plan,
+    only: impl Fn(&SocketPlan) -> bool,
     n: usize,
     host: &Host,
-) -> Result<(Vec<Vec<Listener>>, Vec<SocketFile>), StartError> {
-    let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
+) -> Result<(PerWorker, Vec<(String, SocketFile)>), StartError> {
+    let mut per_worker: PerWorker = (0..n).map(|_| Vec::new()).collect();
     let mut files = Vec::new();
-    for (i, s) in plan.sockets.iter().enumerate() {
-        let handler = &plan.socket_handlers[s.handler].reference;
-        if let Some(path) = unix_path(&s.listen) {
-            let listener = bind_unix(path)?;
-            files.push(SocketFile(path.to_path_buf()));
-            log::info!(
-                "socket {i} ({handler}) listening on unix:{}",
-                path.display()
-            );
-            for l in per_worker.iter_mut() {
-                let dup = listener.try_clone();
-                l.push(Listener::Unix(
-                    dup.map_err(StartError::io("cannot clone a unix socket"))?,
-                ));
-            }
-            continue;
+    let mut senders = Vec::new();
+    for (i, s) in plan.sockets.iter().enumerate().filter(|(_, s)| only(s)) {
+        let (bound, file, url) = bind_one(s, n)?;
+        if let Some(Listener::Udp(u)) = bound.first() {
+            let sender = u.try_clone();
+            senders.push((
+                s.key.clone(),
+                sender.map_err(StartError::io("cannot clone a UDP socket"))?,
+            ));
         }
-        let addr: SocketAddr = s.listen.parse().expect("validated");
-        let (bound, actual, scheme) = match s.protocol {
-            SocketProtocol::Tcp => {
-                let bound = bind_tcp(addr, n)?;
-                let actual = bound[0].local_addr();
-                (
-                    bound.into_iter().map(Listener::Tcp).collect(),
-                    actual,
-                    "tcp",
-                )
-            }
-            SocketProtocol::Udp => {
-                let bound = bind_udp(addr, n)?;
-                let sender = bound[0].try_clone();
-                let sender = sender.map_err(StartError::io("cannot clone a UDP socket"))?;
-                host.sockets().udp.set_sender(i, sender);
-                let actual = bound[0].local_addr();
-                (
-                    bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
-                    actual,
-                    "udp",
-                )
-            }
-        };
-        let actual = actual.map_err(StartError::io("cannot read the bound address"))?;
-        log::info!("socket {i} ({handler}) listening on {scheme}://{actual}");
+        files.extend(file.map(|f| (s.key.clone(), f)));
+        let handler = &plan.socket_handlers[s.handler].reference;
+        log::info!("socket {i} ({handler}) listening on {url}");
         for (w, l) in bound.into_iter().enumerate() {
-            per_worker[w].push(l);
+            per_worker[w].push((s.key.clone(), l));
         }
     }
+    for (key, sender) in senders {
+        host.sockets().udp.set_sender(&key, sender);
+    }
     Ok((per_worker, files))
+}
+
+/// One socket's `n` listeners, its file if it is a unix socket, and its bound address.
+fn bind_one(
+    s: &SocketPlan,
+    n: usize,
+) -> Result<(Vec<Listener>, Option<SocketFile>, String), StartError> {
+    if let Some(path) = unix_path(&s.listen) {
+        let listener = bind_unix(path)?;
+        let file = SocketFile::new(path);
+        let mut all = Vec::new();
+        for _ in 0..n {
+            let dup = listener.try_clone();
+            all.push(Listener::Unix(
+                dup.map_err(StartError::io("cannot clone a unix socket"))?,
+            ));
+        }
+        return Ok((all, Some(file), s.listen.clone()));
+    }
+    let addr: SocketAddr = s.listen.parse().expect("validated");
+    let (bound, actual, scheme) = match s.protocol {
+        SocketProtocol::Tcp => {
+            let bound = bind_tcp(addr, n)?;
+            let actual = bound[0].local_addr();
+            (
+                bound.into_iter().map(Listener::Tcp).collect(),
+                actual,
+                "tcp",
+            )
+        }
+        SocketProtocol::Udp => {
+            let bound = bind_udp(addr, n)?;
+            let actual = bound[0].local_addr();
+            (
+                bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
+                actual,
+                "udp",
+            )
+        }
+    };
+    let actual = actual.map_err(StartError::io("cannot read the bound address"))?;
+    Ok((bound, None, format!("{scheme}://{actual}")))
 }
 
 /// Binds `n` UDP sockets to `addr` with `SO_REUSEPORT` (port 0: the first picks the port);

@@ -67,6 +67,8 @@ pub enum Control {
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
     /// Another worker took over connection `id` (see `steal`): let its task go.
     Released(u64),
+    /// Sockets a reload added: this worker's listener of each, with the socket's key.
+    Sockets(Vec<(String, crate::socket::Listener)>),
     /// The result of a task this worker delivered: run its handler's `finish` here.
     Finish {
         /// The task handler, `plugin.component`.
@@ -109,6 +111,10 @@ pub struct Worker {
     sockets: Arc<Sockets>,
     /// This worker's open socket connections.
     socket_conns: Cell<usize>,
+    /// The socket each of them belongs to (its key).
+    socket_of: RefCell<HashMap<u64, Rc<str>>>,
+    /// The accept (or receive) loop of each socket, by key.
+    socket_loops: RefCell<HashMap<String, async_executor::Task<()>>>,
 }
 
 /// The handler slot that serves `b` in `plan`: its route must still lead to its component.
@@ -275,6 +281,7 @@ impl Worker {
         drop(slot);
         self.generation.set(self.generation.get() + 1);
         self.close_orphans();
+        sockets::retire(self);
         Ok(created)
     }
 
@@ -581,8 +588,8 @@ pub struct Setup {
     pub peers: Arc<Vec<async_channel::Sender<Control>>>,
     /// Every worker's lobby, by id.
     pub lobbies: Arc<Vec<Arc<Lobby>>>,
-    /// Its own listener of each socket of `sockets`, in order.
-    pub socket_listeners: Vec<crate::socket::Listener>,
+    /// Its own listener of each socket of `sockets`, with the socket's key.
+    pub socket_listeners: Vec<(String, crate::socket::Listener)>,
     /// Where to say it is serving, or why not.
     pub ready: mpsc::Sender<(u32, Result<(), String>)>,
 }
@@ -643,6 +650,8 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 ws_bindings: RefCell::new(HashMap::new()),
                 sockets,
                 socket_conns: Cell::new(0),
+                socket_of: RefCell::new(HashMap::new()),
+                socket_loops: RefCell::new(HashMap::new()),
             });
             worker.refresh_clock();
             let ex = Rc::new(LocalExecutor::new());
@@ -670,14 +679,14 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
 async fn run(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    (listener, socket_listeners): (TcpListener, Vec<crate::socket::Listener>),
+    (listener, socket_listeners): (TcpListener, Vec<(String, crate::socket::Listener)>),
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<(u32, Result<(), String>)>,
 ) {
     let registered = Async::new(listener)
         .map_err(|e| format!("cannot register the listener: {e}"))
         .and_then(|l| Ok((l, sockets::start(&ex, &worker, socket_listeners)?)));
-    let (listener, socket_accepts) = match registered {
+    let (listener, ()) = match registered {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send((worker.id(), Err(e)));
@@ -703,7 +712,7 @@ async fn run(
     };
     // Stop accepting.
     drop(accept);
-    drop(socket_accepts);
+    sockets::stop(&worker);
     if let Shutdown::Graceful(_) = stop {
         // Connections the kernel already accepted wait in the listen backlog: serve them
         // (their responses say `connection: close`) instead of letting them be reset.
@@ -739,7 +748,7 @@ async fn run(
                 _ => {}
             }
         }
-        sockets::close_all(&worker);
+        sockets::stop(&worker);
         // A connection another worker accepted may still be on its way here: serve it.
         while let Ok(message) = control.try_recv() {
             handle(&ex, &worker, message);
@@ -766,6 +775,11 @@ fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control
             let _ = reply.send((worker.id(), worker.reload(plan)));
         }
         Control::Finish { task, result } => worker.finish(&task, &result),
+        Control::Sockets(added) => {
+            if let Err(e) = sockets::start(ex, worker, added) {
+                log::error!("worker {}: {e}", worker.id());
+            }
+        }
         Control::Adopt(stream, peer) => adopt(ex, worker, stream, peer, Origin::HandedOver),
         Control::Released(id) => {
             if let Some(conn) = worker.conns.borrow().get(&id) {

@@ -16,16 +16,16 @@ use crate::{config::Framing, runtime::reactor::Async};
 pub trait Site {
     /// The registry of every worker's socket connections.
     fn sockets(&self) -> &Sockets;
-    /// Delivers an event to the handler of socket `socket` on this worker; false when the
-    /// handler failed (or is gone) and the connection should close.
-    fn socket_event(&self, socket: usize, event: SocketEvent<'_>) -> bool;
+    /// Delivers an event to the handler of socket `socket` (its key) on this worker; false
+    /// when the handler failed (or is gone) and the connection should close.
+    fn socket_event(&self, socket: &str, event: SocketEvent<'_>) -> bool;
 }
 
 /// How one socket's connections are served.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Its index in `sockets`.
-    pub socket: usize,
+    /// Its key (see `plan::SocketPlan`).
+    pub socket: std::rc::Rc<str>,
     /// How its input is cut into frames.
     pub framing: Framing,
     /// Largest frame.
@@ -64,10 +64,10 @@ pub async fn serve<S: AsFd>(
         .sockets()
         .open(id, &settings.framing, settings.send_queue);
     let registered = Registered(site.sockets(), id);
-    let s = settings.socket;
+    let s = &*settings.socket;
     if site.socket_event(s, SocketEvent::Connect(id, peer)) {
         if let Some(why) = run(site, settings, id, stream, &queues).await {
-            log::warn!("socket {s} connection {id} from {peer}: {why}; closing");
+            log::warn!("socket {s}: connection {id} from {peer}: {why}; closing");
         }
     }
     drop(registered);
@@ -107,7 +107,8 @@ where
                 loop {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => {
-                            if !site.socket_event(settings.socket, SocketEvent::Receive(id, &frame))
+                            if !site
+                                .socket_event(&settings.socket, SocketEvent::Receive(id, &frame))
                             {
                                 return Some("its handler failed".into());
                             }
