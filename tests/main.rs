@@ -11,6 +11,7 @@ mod limits;
 mod plugins;
 mod prometheus;
 mod reload;
+mod sockets;
 mod supervisor;
 mod tables;
 mod tasks;

@@ -227,9 +227,9 @@ fn exit_code(e: &StartError) -> i32 {
     }
 }
 
-fn started_line(addr: std::net::SocketAddr) -> String {
+fn started_line(listen: &str) -> String {
     format!(
-        "plughost started in the background: listening on http://{addr}, pid {}",
+        "plughost started in the background: listening on {listen}, pid {}",
         std::process::id()
     )
 }
@@ -242,8 +242,8 @@ fn supervise(
     notify: &mut Option<std::fs::File>,
 ) -> i32 {
     let config = &loaded.config;
-    let addr: std::net::SocketAddr = config.listen.parse().expect("validated");
-    let listeners = match server::bind(addr, config.workers()) {
+    // A unix socket file is the supervisor's: removed when it stops.
+    let (listeners, _http_file) = match server::bind_listen(&config.listen, config.workers()) {
         Ok(l) => l,
         Err(e) => {
             log::error!("{e}");
@@ -255,7 +255,8 @@ fn supervise(
             return 1;
         }
     };
-    let bound = listeners[0].local_addr().unwrap_or(addr);
+    let bound =
+        server::listen_url(&config.listen, &listeners[0]).unwrap_or_else(|_| config.listen.clone());
     let mut child_args: Vec<std::ffi::OsString> = vec!["-c".into(), loaded.path.clone().into()];
     if let Some(x) = &args.x_version {
         child_args.extend(["-x".into(), x.into()]);
@@ -265,7 +266,7 @@ fn supervise(
     }
     let outcome = supervisor::run(loaded, &listeners, child_args, || {
         if let Some(mut n) = notify.take() {
-            let _ = writeln!(n, "ok {}", started_line(bound));
+            let _ = writeln!(n, "ok {}", started_line(&bound));
         }
     });
     if let (Some(n), Some(why)) = (notify.as_mut(), &outcome.start_error) {

@@ -68,6 +68,86 @@ pub struct Config {
     pub processes: BTreeMap<String, ProcessConfig>,
     /// Shared tables by name: created before the workers, with a fixed number of rows.
     pub tables: BTreeMap<String, TableConfig>,
+    /// Extra listeners (TCP, UDP) with socket handler components of their own.
+    pub sockets: Vec<SocketConfig>,
+}
+
+/// One extra listener and the socket handler that serves it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SocketConfig {
+    /// `IP:PORT`; port 0 picks a free port (logged at start).
+    pub listen: String,
+    /// The transport.
+    pub protocol: SocketProtocol,
+    /// How a TCP byte stream is cut into frames: required for TCP, no silent default.
+    #[serde(default, deserialize_with = "present")]
+    pub framing: Option<Framing>,
+    /// `plugin.component` of a socket handler.
+    pub handler: String,
+    /// Largest frame (or unterminated `Eof` data) in bytes; past it the connection closes.
+    #[serde(default = "max_package_bytes")]
+    pub max_package_bytes: usize,
+}
+
+/// The path of a `unix:PATH` listen address.
+pub fn unix_path(listen: &str) -> Option<&Path> {
+    listen.strip_prefix("unix:").map(Path::new)
+}
+
+/// An optional key written without `Some(..)`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+fn max_package_bytes() -> usize {
+    2 << 20
+}
+
+/// The transport of a socket.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SocketProtocol {
+    /// A byte stream, cut into frames by `framing`.
+    Tcp,
+    /// Datagrams, each one a packet for `on_packet` (no framing).
+    Udp,
+}
+
+/// How a byte stream is cut into frames.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub enum Framing {
+    /// Each frame ends with these bytes (removed before `on_receive`).
+    Eof(String),
+    /// Each frame starts with a length header.
+    Length {
+        /// The header's size and byte order.
+        header: LengthHeader,
+        /// Where the length field starts in the frame.
+        #[serde(default)]
+        offset: usize,
+        /// Added to the length field to get the bytes that follow the field.
+        #[serde(default)]
+        adjust: i64,
+    },
+    /// Each read as it comes.
+    Raw,
+}
+
+/// The length field of `Length` framing.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum LengthHeader {
+    /// One byte.
+    U8,
+    /// Two bytes, big-endian.
+    U16Be,
+    /// Two bytes, little-endian.
+    U16Le,
+    /// Four bytes, big-endian.
+    U32Be,
+    /// Four bytes, little-endian.
+    U32Le,
 }
 
 /// Longest key a table takes, in bytes (`key_max` may lower it to save memory).
@@ -333,6 +413,7 @@ impl Default for Config {
             timer: TimerConfig::default(),
             processes: BTreeMap::new(),
             tables: BTreeMap::new(),
+            sockets: Vec::new(),
         }
     }
 }
@@ -633,6 +714,7 @@ impl Config {
         self.validate_routes(&invalid, &check_ref)?;
         self.validate_services(&invalid, &check_ref)?;
         self.validate_tables(&invalid)?;
+        self.validate_sockets(&invalid, &check_ref)?;
         for (list, name) in [
             (&self.middleware, "middleware"),
             (&self.cleaners, "cleaners"),
@@ -670,12 +752,13 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.listen.parse::<SocketAddr>().is_err() {
+        let unix = unix_path(&self.listen).is_some_and(|p| !p.as_os_str().is_empty());
+        if !unix && self.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "listen".into(),
                 &self.listen,
                 format!(
-                    "{:?} is not an address such as \"127.0.0.1:5200\"",
+                    "{:?} is not an address such as \"127.0.0.1:5200\" or \"unix:run/http.sock\"",
                     self.listen
                 ),
             ));
@@ -851,6 +934,67 @@ impl Config {
         Ok(())
     }
 
+    /// Addresses, framing (required for TCP) and handlers of the sockets; errors point at the
+    /// socket's `listen` line.
+    fn validate_sockets(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+        check_ref: &impl Fn(String, &str) -> Result<ComponentRef, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        for (i, s) in self.sockets.iter().enumerate() {
+            let at =
+                |key: &str, why: String| invalid(format!("sockets[{i}].{key}"), &s.listen, why);
+            match unix_path(&s.listen) {
+                Some(p) if p.as_os_str().is_empty() => {
+                    return Err(at(
+                        "listen",
+                        "a unix socket needs a path: \"unix:run/echo.sock\"".into(),
+                    ));
+                }
+                Some(_) if s.protocol == SocketProtocol::Udp => {
+                    let why = "unix sockets are stream sockets here: use protocol: Tcp";
+                    return Err(at("protocol", why.into()));
+                }
+                Some(_) => {}
+                None if s.listen.parse::<SocketAddr>().is_err() => {
+                    let why = format!(
+                        "{:?} is not an address such as \"127.0.0.1:5291\" or \"unix:run/echo.sock\"",
+                        s.listen
+                    );
+                    return Err(at("listen", why));
+                }
+                None => {}
+            }
+            check_ref(format!("sockets[{i}].handler"), &s.handler)?;
+            let ephemeral = s.listen.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
+            if !ephemeral && self.sockets[..i].iter().any(|o| o.listen == s.listen) {
+                return Err(at("listen", format!("{:?} is listed twice", s.listen)));
+            }
+            if s.max_package_bytes == 0 {
+                return Err(at("max_package_bytes", "must be at least 1".into()));
+            }
+            match (&s.protocol, &s.framing) {
+                (SocketProtocol::Tcp, None) => {
+                    let why = format!(
+                        "the TCP socket {:?} needs a framing: Eof(\"\\r\\n\"), \
+                         Length(header: U32Be, offset: 0, adjust: 0) or Raw",
+                        s.listen
+                    );
+                    return Err(at("framing", why));
+                }
+                (SocketProtocol::Udp, Some(_)) => {
+                    let why = "a UDP socket takes no framing: each datagram is one packet";
+                    return Err(at("framing", why.into()));
+                }
+                (_, Some(Framing::Eof(eof))) if eof.is_empty() => {
+                    return Err(at("framing", "Eof needs at least one byte".into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn resolve_paths(mut self, base: &Path) -> Config {
         let abs = |p: &Path| -> PathBuf {
             // Lexically, without touching the file system: `config/../target` -> `target`.
@@ -874,6 +1018,14 @@ impl Config {
         }
         for w in self.reload.watch.iter_mut() {
             *w = abs(w);
+        }
+        if let Some(p) = unix_path(&self.listen) {
+            self.listen = format!("unix:{}", abs(p).display());
+        }
+        for s in self.sockets.iter_mut() {
+            if let Some(p) = unix_path(&s.listen) {
+                s.listen = format!("unix:{}", abs(p).display());
+            }
         }
         self
     }
@@ -938,6 +1090,12 @@ impl Config {
                     .iter()
                     .find(|(_, p)| p.component == reference)
                     .map(|(name, _)| format!("processes.{name}.component"))
+            })
+            .or_else(|| {
+                self.sockets
+                    .iter()
+                    .position(|s| s.handler == reference)
+                    .map(|i| format!("sockets[{i}].handler"))
             })
     }
 
@@ -1213,6 +1371,67 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("server.ron:2:"));
+    }
+
+    #[test]
+    fn sockets_parse_with_each_framing() {
+        let text = format!(
+            r#"({PLUGIN} sockets: [
+                (listen: "127.0.0.1:0", protocol: Tcp, framing: Eof("\r\n"), handler: "hello.tcp"),
+                (listen: "127.0.0.1:0", protocol: Tcp, framing: Length(header: U32Be, offset: 0, adjust: 0), handler: "hello.tcp", max_package_bytes: 16),
+                (listen: "127.0.0.1:0", protocol: Tcp, framing: Raw, handler: "hello.tcp"),
+                (listen: "127.0.0.1:0", protocol: Udp, handler: "hello.udp"),
+            ])"#
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.sockets[0].framing, Some(Framing::Eof("\r\n".into())));
+        assert_eq!(c.sockets[0].max_package_bytes, 2 << 20);
+        assert_eq!(
+            c.sockets[1].framing,
+            Some(Framing::Length {
+                header: LengthHeader::U32Be,
+                offset: 0,
+                adjust: 0
+            })
+        );
+        assert_eq!(c.sockets[2].framing, Some(Framing::Raw));
+        assert_eq!(
+            (c.sockets[3].protocol, &c.sockets[3].framing),
+            (SocketProtocol::Udp, &None)
+        );
+    }
+
+    #[test]
+    fn tcp_socket_without_framing_is_named_with_its_line() {
+        let text = format!(
+            "({PLUGIN}\n sockets: [\n  (listen: \"127.0.0.1:5291\", protocol: Tcp, handler: \"hello.tcp\"),\n ])"
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("server.ron:3:") && err.contains("sockets[0].framing"),
+            "{err}"
+        );
+        assert!(err.contains("needs a framing"), "{err}");
+        let bad = format!(
+            r#"({PLUGIN} sockets: [(listen: "nowhere", protocol: Tcp, framing: Raw, handler: "hello.tcp")])"#
+        );
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("sockets[0].listen"));
+        let twice = format!(
+            r#"({PLUGIN} sockets: [(listen: "127.0.0.1:7", protocol: Tcp, framing: Raw, handler: "hello.tcp"), (listen: "127.0.0.1:7", protocol: Tcp, framing: Raw, handler: "hello.tcp")])"#
+        );
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("sockets[1].listen") && err.contains("twice"),
+            "{err}"
+        );
+        let unknown = r#"(sockets: [(listen: "127.0.0.1:0", protocol: Tcp, framing: Raw, handler: "nope.tcp")])"#;
+        assert!(parse(unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("sockets[0].handler"));
     }
 
     #[test]

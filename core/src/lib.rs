@@ -9,6 +9,7 @@
 //! - [`table`]: shared tables and counters, for every thread;
 //! - [`plan`]: what a config says to run, resolved against the loaded plugins;
 //! - [`ws`], [`http`]: the WebSocket and HTTP connection loops and the middleware onion;
+//! - [`socket`]: the TCP connections of `sockets`, their framing and their registry;
 //! - [`jobs`]: task workers, events, the cron timer, custom processes;
 //! - [`server`]: the workers, signals, reload, the control socket, the pid file, logging;
 //! - [`cli`]: `plughost start|stop|restart|reload|info`.
@@ -26,5 +27,6 @@ pub mod plugin;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod socket;
 pub mod table;
 pub mod ws;

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use plughost_plugin_api::abi::ComponentKind;
 
 use crate::{
-    config::{ComponentRef, Config, Limits, WebSocketConfig},
+    config::{ComponentRef, Config, Framing, Limits, SocketProtocol, WebSocketConfig},
     error::PluginError,
     plugin::{Registry, Slot},
     router::Router,
@@ -41,6 +41,29 @@ pub struct Plan {
     /// Task handlers, listeners, cron jobs and custom processes (HTTP workers hold instances
     /// of the task handlers too, for `finish`).
     pub services: ServicePlan,
+    /// Socket handlers, one slot per distinct component.
+    pub socket_handlers: Vec<Slot>,
+    /// The sockets, in config order.
+    pub sockets: Vec<SocketPlan>,
+}
+
+/// One socket of `sockets`.
+#[derive(Debug, Clone)]
+pub struct SocketPlan {
+    /// What identifies it across reloads: its protocol and address (`Tcp 127.0.0.1:5291`),
+    /// so a reload changes the handler and framing of a fixed address in place; with port 0,
+    /// all its settings (any change is another socket, on a new port).
+    pub key: String,
+    /// The address as configured.
+    pub listen: String,
+    /// TCP or UDP.
+    pub protocol: SocketProtocol,
+    /// How its input is cut into frames.
+    pub framing: Framing,
+    /// Largest frame.
+    pub max_package_bytes: usize,
+    /// Index into `Plan::socket_handlers`.
+    pub handler: usize,
 }
 
 impl Plan {
@@ -79,7 +102,10 @@ impl Plan {
                 ws_routes.push((route.path.clone(), index));
             }
         }
+        let (socket_handlers, sockets) = Self::sockets(config, registry)?;
         Ok(Plan {
+            socket_handlers,
+            sockets,
             websocket,
             ws_routes,
             ws: config.websocket.clone(),
@@ -93,6 +119,55 @@ impl Plan {
             steal_after_us: config.steal_after_us,
             services: ServicePlan::build(config, registry)?,
         })
+    }
+}
+
+impl Plan {
+    /// The socket handler slots and the sockets that use them.
+    fn sockets(
+        config: &Config,
+        registry: &Registry,
+    ) -> Result<(Vec<Slot>, Vec<SocketPlan>), PluginError> {
+        let mut handlers: Vec<Slot> = Vec::new();
+        let mut sockets = Vec::new();
+        for s in &config.sockets {
+            let r = ComponentRef::parse(&s.handler).expect("validated");
+            let handler = match handlers.iter().position(|h| h.reference == r) {
+                Some(i) => i,
+                None => {
+                    handlers.push(registry.slot(config, &r, ComponentKind::Socket)?);
+                    handlers.len() - 1
+                }
+            };
+            let mut key = format!("{:?} {}", s.protocol, s.listen);
+            if s.listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.port() == 0)
+            {
+                key = format!(
+                    "{key} {} {:?} {}",
+                    s.handler, s.framing, s.max_package_bytes
+                );
+                let twins = sockets
+                    .iter()
+                    .filter(|o: &&SocketPlan| o.key.starts_with(&key));
+                key = format!("{key} #{}", twins.count() + 1);
+            }
+            sockets.push(SocketPlan {
+                key,
+                listen: s.listen.clone(),
+                protocol: s.protocol,
+                framing: s.framing.clone().unwrap_or(Framing::Raw),
+                max_package_bytes: s.max_package_bytes,
+                handler,
+            });
+        }
+        Ok((handlers, sockets))
+    }
+
+    /// The socket `key`, if this plan has it.
+    pub fn socket(&self, key: &str) -> Option<&SocketPlan> {
+        self.sockets.iter().find(|s| s.key == key)
     }
 }
 

@@ -11,6 +11,23 @@ pub mod stats;
 pub mod steal;
 
 use std::time::Duration;
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+};
+
+/// The peer address given for a connection to a unix socket listener (it has none).
+pub const UNIX_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// Accepts a connection on the HTTP listener, which is a TCP socket or a unix stream socket
+/// (`listen: "unix:PATH"`, held as a `TcpListener`: only stream-socket calls are made on it,
+/// and the TCP-only ones, such as `TCP_NODELAY`, fail harmlessly). A unix peer has no address:
+/// [`UNIX_PEER`].
+pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (socket, peer) = socket2::SockRef::from(listener).accept()?;
+    Ok((socket.into(), peer.as_socket().unwrap_or(UNIX_PEER)))
+}
 
 /// How to stop: a value handed to every worker (and later every service), not a flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

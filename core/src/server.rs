@@ -8,6 +8,7 @@ pub mod logging;
 pub mod pidfile;
 pub mod reload;
 pub mod snapshot;
+pub mod sockets;
 pub mod state;
 pub mod supervisor;
 pub mod watcher;
@@ -31,7 +32,7 @@ use signal_hook::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
-    config::{ComponentRef, Loaded},
+    config::{unix_path, ComponentRef, Loaded},
     error::StartError,
     jobs::{self, Finish},
     plan::Plan,
@@ -75,6 +76,37 @@ pub fn bind(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, StartError> 
         all.push(reuseport_listener(actual)?);
     }
     Ok(all)
+}
+
+/// Binds the HTTP listener `listen`: `n` TCP listeners (see [`bind`]), or one unix socket
+/// (`unix:PATH`, see `sockets::bind_unix`) shared by the `n` workers, with its file's guard.
+pub fn bind_listen(
+    listen: &str,
+    n: usize,
+) -> Result<(Vec<TcpListener>, Option<sockets::SocketFile>), StartError> {
+    let Some(path) = unix_path(listen) else {
+        return Ok((bind(listen.parse().expect("validated"), n)?, None));
+    };
+    let unix = sockets::bind_unix(path)?;
+    let file = sockets::SocketFile::new(path);
+    let mut all = Vec::new();
+    for _ in 0..n {
+        let dup = unix.try_clone();
+        let dup = dup.map_err(StartError::io("cannot clone the unix socket"))?;
+        // Only stream-socket calls are made on it (see `runtime::accept`).
+        all.push(TcpListener::from(std::os::fd::OwnedFd::from(dup)));
+    }
+    Ok((all, Some(file)))
+}
+
+/// The HTTP listener's address for logs: `http://IP:PORT` or `unix:PATH`.
+pub fn listen_url(listen: &str, listener: &TcpListener) -> Result<String, StartError> {
+    if unix_path(listen).is_some() {
+        return Ok(listen.to_owned());
+    }
+    let addr = listener.local_addr();
+    let addr = addr.map_err(StartError::io("cannot read the bound address"))?;
+    Ok(format!("http://{addr}"))
 }
 
 fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -127,11 +159,7 @@ fn raise_fd_limit(max_connections: usize) {
 pub(crate) type Workers = Vec<(async_channel::Sender<Control>, thread::JoinHandle<()>)>;
 
 /// Runs the server until it is told to stop. `ready` is called once it is serving.
-pub fn run(
-    loaded: Loaded,
-    options: Options,
-    ready: impl FnOnce(SocketAddr),
-) -> Result<(), StartError> {
+pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result<(), StartError> {
     let config = &loaded.config;
     raise_fd_limit(config.websocket.max_connections);
     // The tables come first, with all their memory: every thread may use them.
@@ -143,16 +171,15 @@ pub fn run(
     );
     let registry = Arc::new(Registry::load(config)?);
     let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
-    let n = config.workers();
-    let addr: SocketAddr = config.listen.parse().expect("validated");
-    let listeners = match options.listeners {
-        Some(inherited) => inherited,
-        None => bind(addr, n)?,
+    // A unix socket file this process bound is removed when this goes, however `run` ends.
+    let (listeners, _http_file) = match options.listeners {
+        Some(inherited) => (inherited, None),
+        None => bind_listen(&config.listen, config.workers())?,
     };
     let n = listeners.len();
-    let listen = listeners[0]
-        .local_addr()
-        .map_err(StartError::io("cannot read the bound address"))?;
+    let listen = listen_url(&config.listen, &listeners[0])?;
+    // The unix socket files are removed when they go (the reload state keeps them).
+    let (socket_listeners, socket_files) = sockets::bind(&plan, |_| true, n, &host)?;
 
     // Signals first, so a stop during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])
@@ -161,12 +188,12 @@ pub fn run(
     // The server hooks prepare what the workers need (the env file) before they serve.
     let mut hooks = ServerHooks::create(&plan, &host)?;
     hooks.prepare(&host)?;
-    let (workers, services) = start_serving(listeners, &plan, &host, &stats)?;
+    let (workers, services) = start_serving(listeners, socket_listeners, &plan, &host, &stats)?;
     hooks.each("on_server_start", |h| h.on_server_start());
 
     let state = Arc::new(State {
         config_path: loaded.path.clone(),
-        listen,
+        listen: listen.clone(),
         workers: n,
         app_version: options.app_version.clone(),
         registry: RwLock::new(registry.clone()),
@@ -188,14 +215,15 @@ pub fn run(
         .map_err(StartError::io("cannot start the signal thread"))?;
     serving(&host, &state);
     let mut live = Live::new(&loaded, registry, plan, host, services);
+    live.socket_files = socket_files;
     live.start_watcher(events_tx, Event::Changed);
 
     // Ready only now: everything a client or a test may do next (a signal, an edit of a
     // watched file) is heard from here on. The supervisor hears it before the log says it,
     // so a crash right after the ready line counts as a crash, not as a failed start.
-    ready(listen);
+    ready(&listen);
     log::info!(
-        "plughost {} ready: listening on http://{listen} ({n} worker{}, pid {})",
+        "plughost {} ready: listening on {listen} ({n} worker{}, pid {})",
         env!("CARGO_PKG_VERSION"),
         if n == 1 { "" } else { "s" },
         std::process::id()
@@ -211,11 +239,12 @@ pub fn run(
 /// The workers, then the jobs (which hand task results back to the workers).
 fn start_serving(
     listeners: Vec<TcpListener>,
+    socket_listeners: sockets::PerWorker,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,
 ) -> Result<(Workers, jobs::Services), StartError> {
-    let workers = start_workers(listeners, plan, host, stats)?;
+    let workers = start_workers(listeners, socket_listeners, plan, host, stats)?;
     match jobs::start(plan, host, stats, finish_to(&workers)) {
         Ok(services) => Ok((workers, services)),
         Err(e) => {
@@ -234,6 +263,7 @@ fn serving(host: &Host, state: &Arc<State>) {
 /// Starts `worker_num` workers, one per listener, and waits until each serves (or one fails).
 fn start_workers(
     listeners: Vec<TcpListener>,
+    socket_listeners: sockets::PerWorker,
     plan: &Arc<Plan>,
     host: &Host,
     stats: &Arc<Stats>,
@@ -251,7 +281,8 @@ fn start_workers(
             .collect::<Vec<_>>(),
     );
     let lobbies = Arc::new((0..n).map(|_| Arc::default()).collect::<Vec<_>>());
-    for (id, (listener, (tx, rx))) in listeners.into_iter().zip(channels).enumerate() {
+    let each = listeners.into_iter().zip(socket_listeners).zip(channels);
+    for (id, ((listener, socket_listeners), (tx, rx))) in each.enumerate() {
         let handle = worker::spawn(worker::Setup {
             id: id as u32,
             listener,
@@ -261,6 +292,7 @@ fn start_workers(
             control: rx,
             peers: peers.clone(),
             lobbies: lobbies.clone(),
+            socket_listeners,
             ready: ready_tx.clone(),
         });
         match handle {

@@ -42,6 +42,8 @@ pub enum ComponentKind {
     EventListener,
     /// A long-running custom process on a thread of its own.
     Process,
+    /// Connections and datagrams of the `sockets` in `server.ron` (TCP, UDP, unix).
+    Socket,
 }
 
 impl ComponentKind {
@@ -57,6 +59,7 @@ impl ComponentKind {
             ComponentKind::TaskHandler => "task",
             ComponentKind::EventListener => "listener",
             ComponentKind::Process => "process",
+            ComponentKind::Socket => "socket",
         }
     }
 }
@@ -512,6 +515,25 @@ pub trait ProcessFfi {
     fn on_stop(&mut self) -> PluginResult<()>;
 }
 
+/// Socket handler, as a trait object.
+#[sabi_trait]
+pub trait SocketFfi {
+    /// A stream connection `conn` opened from `peer`.
+    fn on_connect(&mut self, conn: u64, peer: RStr<'_>) -> PluginResult<()>;
+    /// A frame arrived on `conn` (framing removed).
+    fn on_receive(&mut self, conn: u64, frame: RSlice<'_, u8>) -> PluginResult<()>;
+    /// `conn` closed.
+    fn on_close(&mut self, conn: u64) -> PluginResult<()>;
+    /// A datagram arrived from `peer` (a token for `socket_send_to`) at `addr`.
+    #[sabi(last_prefix_field)]
+    fn on_packet(
+        &mut self,
+        peer: u64,
+        addr: RStr<'_>,
+        datagram: RSlice<'_, u8>,
+    ) -> PluginResult<()>;
+}
+
 /// A boxed HTTP handler instance.
 pub type HttpHandlerBox = HttpHandlerFfi_TO<'static, RBox<()>>;
 /// A boxed middleware instance.
@@ -530,6 +552,8 @@ pub type TaskHandlerBox = TaskHandlerFfi_TO<'static, RBox<()>>;
 pub type EventListenerBox = EventListenerFfi_TO<'static, RBox<()>>;
 /// A boxed custom process instance.
 pub type ProcessBox = ProcessFfi_TO<'static, RBox<()>>;
+/// A boxed socket handler instance.
+pub type SocketBox = SocketFfi_TO<'static, RBox<()>>;
 
 /// One live instance of a component. Instances stay on the thread that created them.
 #[repr(u8)]
@@ -553,6 +577,8 @@ pub enum Component {
     EventListener(EventListenerBox),
     /// A custom process.
     Process(ProcessBox),
+    /// A socket handler.
+    Socket(SocketBox),
 }
 
 impl std::fmt::Debug for Component {
@@ -574,6 +600,7 @@ impl Component {
             Component::TaskHandler(_) => ComponentKind::TaskHandler,
             Component::EventListener(_) => ComponentKind::EventListener,
             Component::Process(_) => ComponentKind::Process,
+            Component::Socket(_) => ComponentKind::Socket,
         }
     }
 }
@@ -672,8 +699,15 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     fn env_file(&self) -> ROption<RString>;
     /// A snapshot of the server's counters (workers, tasks, cron, processes, reloads, the
     /// process, tables). Cheap: atomic loads and a few `/proc` reads.
-    #[sabi(last_prefix_field)]
     fn stats(&self) -> ServerStats;
+    /// Queues bytes to a socket connection owned by any worker (a `Length` socket adds the
+    /// header).
+    fn socket_send(&self, conn: u64, data: RSlice<'_, u8>) -> RResult<(), HostError>;
+    /// Closes a socket connection once what is queued to it is written.
+    fn socket_close(&self, conn: u64) -> RResult<(), HostError>;
+    /// Sends a datagram to the UDP peer `peer` (the token `on_packet` got).
+    #[sabi(last_prefix_field)]
+    fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError>;
 }
 
 /// The host handle as it crosses the boundary.

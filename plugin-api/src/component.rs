@@ -21,8 +21,8 @@ use crate::{
         CronJobFfi_TO, EventListenerFfi, EventListenerFfi_TO, Handshake, HostBox, HostError,
         HttpHandlerFfi, HttpHandlerFfi_TO, LifecycleFfi, LifecycleFfi_TO, Manifest, Message,
         MiddlewareFfi, MiddlewareFfi_TO, PluginError, PluginResult, ProcessCtxBox, ProcessFfi,
-        ProcessFfi_TO, Propagation, Schedule, TaskHandlerFfi, TaskHandlerFfi_TO, WebSocketFfi,
-        WebSocketFfi_TO, WorkerInfo, API_VERSION,
+        ProcessFfi_TO, Propagation, Schedule, SocketFfi, SocketFfi_TO, TaskHandlerFfi,
+        TaskHandlerFfi_TO, WebSocketFfi, WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
     http::{Flow, Request, Response},
     stats::ServerStats,
@@ -139,6 +139,28 @@ pub trait Process: 'static {
     fn on_reload(&mut self) {}
     /// Before the server stops.
     fn on_stop(&mut self) {}
+}
+
+/// Handles the connections (TCP, unix) and datagrams (UDP) of the `sockets` that name it in
+/// `server.ron`. One instance per worker; a connection stays on the worker that accepted it.
+pub trait SocketHandler: 'static {
+    /// Stream connection `conn` opened from `peer` (`IP:PORT`, or `unix`).
+    fn on_connect(&mut self, conn: u64, peer: &str) {
+        let _ = (conn, peer);
+    }
+    /// One frame arrived on `conn`, without its framing (the EOF or the length header). A
+    /// panic here closes the connection.
+    fn on_receive(&mut self, conn: u64, frame: &[u8]) {
+        let _ = (conn, frame);
+    }
+    /// `conn` closed (either side).
+    fn on_close(&mut self, conn: u64) {
+        let _ = conn;
+    }
+    /// A UDP datagram arrived from `addr`; answer with [`Host::send_to`]`(peer, ..)`.
+    fn on_packet(&mut self, peer: u64, addr: &str, datagram: &[u8]) {
+        let _ = (peer, addr, datagram);
+    }
 }
 
 /// What a custom process reads from.
@@ -300,6 +322,22 @@ impl Host {
         self.ffi
             .request_reload(plugin.into(), reason.into())
             .into_result()
+    }
+
+    /// Queues `data` to socket connection `conn`, whichever worker owns it; a socket with
+    /// `Length` framing adds the header. `QueueFull` closes the connection (a slow reader).
+    pub fn send(&self, conn: u64, data: &[u8]) -> Result<(), HostError> {
+        self.ffi.socket_send(conn, data.into()).into_result()
+    }
+
+    /// Closes socket connection `conn` after what is queued to it is written.
+    pub fn close_socket(&self, conn: u64) -> Result<(), HostError> {
+        self.ffi.socket_close(conn).into_result()
+    }
+
+    /// Sends a datagram to the UDP peer `peer` that [`SocketHandler::on_packet`] named.
+    pub fn send_to(&self, peer: u64, data: &[u8]) -> Result<(), HostError> {
+        self.ffi.socket_send_to(peer, data.into()).into_result()
     }
 
     /// The server's `env_file` (absolute), if its config names one.
@@ -580,6 +618,25 @@ impl Plugin {
         )
     }
 
+    /// Provides a socket handler named `name`.
+    pub fn socket<T, F>(self, name: &str, factory: F) -> Self
+    where
+        T: SocketHandler,
+        F: Fn(&Context<'_>) -> Result<T, Error> + Send + Sync + 'static,
+    {
+        self.add(
+            ComponentKind::Socket,
+            name,
+            Box::new(move |cx| {
+                let it = factory(cx)?;
+                Ok(Component::Socket(SocketFfi_TO::from_value(
+                    Guarded::new(it),
+                    TD_Opaque,
+                )))
+            }),
+        )
+    }
+
     /// The manifest the host reads.
     pub fn manifest(&self) -> Manifest {
         Manifest {
@@ -767,6 +824,26 @@ impl<T: Process> ProcessFfi for Guarded<T> {
     }
     fn on_stop(&mut self) -> PluginResult<()> {
         guard(|| self.0.on_stop())
+    }
+}
+
+impl<T: SocketHandler> SocketFfi for Guarded<T> {
+    fn on_connect(&mut self, conn: u64, peer: RStr<'_>) -> PluginResult<()> {
+        guard(|| self.0.on_connect(conn, peer.as_str()))
+    }
+    fn on_receive(&mut self, conn: u64, frame: RSlice<'_, u8>) -> PluginResult<()> {
+        guard(|| self.0.on_receive(conn, frame.as_slice()))
+    }
+    fn on_close(&mut self, conn: u64) -> PluginResult<()> {
+        guard(|| self.0.on_close(conn))
+    }
+    fn on_packet(
+        &mut self,
+        peer: u64,
+        addr: RStr<'_>,
+        datagram: RSlice<'_, u8>,
+    ) -> PluginResult<()> {
+        guard(|| self.0.on_packet(peer, addr.as_str(), datagram.as_slice()))
     }
 }
 

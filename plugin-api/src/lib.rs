@@ -8,7 +8,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! plughost-plugin-api = "0.4"
+//! plughost-plugin-api = "0.5"
 //! ```
 //!
 //! ```
@@ -68,7 +68,7 @@ pub use abi::{
 };
 pub use component::{
     Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
-    Plugin, Process, ProcessContext, TaskHandler, WebSocketHandler,
+    Plugin, Process, ProcessContext, SocketHandler, TaskHandler, WebSocketHandler,
 };
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 pub use stats::{ServerPhase, ServerStats};
@@ -84,8 +84,8 @@ pub mod prelude {
     pub use crate::{
         export_plugin, log, Cleaner, Context, Counter, CronJob, Error, EventListener, Fields, Flow,
         Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware,
-        Plugin, Process, ProcessContext, Propagation, Request, Response, Row, Schedule, Table,
-        TaskHandler, Value, WebSocketHandler, WorkerInfo,
+        Plugin, Process, ProcessContext, Propagation, Request, Response, Row, Schedule,
+        SocketHandler, Table, TaskHandler, Value, WebSocketHandler, WorkerInfo,
     };
 }
 

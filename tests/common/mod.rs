@@ -515,7 +515,13 @@ impl Drop for TestServer {
     }
 }
 
-fn spawn_start(dir: &TestDir, wrapper: &[&str], extra_args: &[&str]) -> (Child, Capture, Capture) {
+/// Spawns `plughost start` with the config in `dir`, through `wrapper` if any; returns the
+/// child and its captured stdout and stderr.
+pub fn spawn_start(
+    dir: &TestDir,
+    wrapper: &[&str],
+    extra_args: &[&str],
+) -> (Child, Capture, Capture) {
     let a = artifacts();
     let mut cmd = match wrapper {
         [] => Command::new(&a.plughost),
@@ -1318,4 +1324,54 @@ pub fn prom_artifacts() -> &'static PromArtifacts {
         Ok(b) => b,
         Err(e) => panic!("{e}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets (tests/sockets.rs)
+// ---------------------------------------------------------------------------------------------
+
+static ECHO: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Builds the server (see [`artifacts`]) and the `echo` plugin; returns `libecho.so`.
+pub fn echo_artifact() -> &'static Path {
+    let a = artifacts();
+    let built = ECHO.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(&cargo)
+            .current_dir(&a.root)
+            .args(["build", "-p", "echo"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building echo failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let path = a.plughost.with_file_name("libecho.so");
+        if !path.is_file() {
+            return Err(format!(
+                "the build succeeded but {} is missing",
+                path.display()
+            ));
+        }
+        Ok(path)
+    });
+    match built {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The address a server logged for its socket `index`: `socket INDEX (...) listening on
+/// tcp://IP:PORT`.
+pub fn parse_socket_addr(text: &str, index: usize) -> Option<SocketAddr> {
+    let prefix = format!("socket {index} (");
+    text.lines().find_map(|line| {
+        let rest = &line[line.find(&prefix)?..];
+        let addr = rest.split("listening on tcp://").nth(1)?;
+        addr.split_whitespace().next()?.parse().ok()
+    })
 }

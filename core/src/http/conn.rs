@@ -178,7 +178,7 @@ async fn serve_requests<S: Site>(
         let Some(body) = read_body(site, conn, b, &head, &limits).await? else {
             return Ok(());
         };
-        if conn.timed_out() {
+        if conn.expired() {
             // The body came in whole only after its time ran out (see `read_head`).
             return body_cut::<S, ()>(site, conn, b).await.map(|_| ());
         }
@@ -261,7 +261,7 @@ async fn read_head<S: Site>(site: &S, conn: &Conn, b: &mut Buffers) -> io::Resul
         let n = read_some(&conn.stream, &mut b.read).await?;
         // A cut (the sweeper's timeout) shuts the socket for reading, but bytes that were
         // already on their way can still be read after it: the timeout stands all the same.
-        if n == 0 || conn.timed_out() {
+        if n == 0 || conn.expired() {
             if conn.timed_out() && !b.read.pending().is_empty() {
                 return refuse(site, conn, b, Refusal::Timeout).await;
             }

@@ -9,7 +9,7 @@ use abi_stable::std_types::RResult;
 use plughost_plugin_api::{
     abi::{
         CleanerBox, ComponentKind, Handshake, HostBox, HttpHandlerBox, MiddlewareBox,
-        PluginError as FfiError, TaskHandlerBox, WebSocketBox, WorkerInfo,
+        PluginError as FfiError, SocketBox, TaskHandlerBox, WebSocketBox, WorkerInfo,
     },
     Flow, Request, Response,
 };
@@ -24,6 +24,7 @@ use crate::{
     },
     router::Match,
     runtime::{calls, stats::WorkerStats},
+    socket::SocketEvent,
     ws::WsEvent,
 };
 
@@ -37,6 +38,7 @@ pub struct Instances {
     cleaners: Bank<CleanerBox>,
     websocket: Bank<WebSocketBox>,
     tasks: Bank<TaskHandlerBox>,
+    sockets: Bank<SocketBox>,
     hooks: Hooks,
     /// WebSocket instances a reload replaced, kept for the `on_close` of the connections
     /// whose route it removed.
@@ -76,6 +78,7 @@ impl Instances {
             cleaners: Bank::create(&plan.cleaners, &host, worker)?,
             websocket: Bank::create(&plan.websocket, &host, worker)?,
             tasks: Bank::create(&plan.services.tasks, &host, worker)?,
+            sockets: Bank::create(&plan.socket_handlers, &host, worker)?,
             hooks: Hooks::start(&plan.hooks, &host, worker)?,
             retired: Vec::new(),
             plan,
@@ -106,6 +109,7 @@ impl Instances {
         let cleaners = self.cleaners.prepare(&plan.cleaners, host, w)?;
         let websocket = self.websocket.prepare(&plan.websocket, host, w)?;
         let tasks = self.tasks.prepare(&plan.services.tasks, host, w)?;
+        let sockets = self.sockets.prepare(&plan.socket_handlers, host, w)?;
         let hooks = self.hooks.prepare(&plan.hooks, host)?;
         let created = [
             &handlers,
@@ -113,6 +117,7 @@ impl Instances {
             &cleaners,
             &websocket,
             &tasks,
+            &sockets,
             &hooks,
         ]
         .iter()
@@ -125,6 +130,7 @@ impl Instances {
         let (replaced, _) = self.websocket.apply(websocket);
         self.retired.extend(replaced);
         self.tasks.apply(tasks);
+        self.sockets.apply(sockets);
         self.hooks.apply(hooks);
         self.plan = plan;
         Ok(created)
@@ -338,6 +344,39 @@ impl Instances {
         false
     }
 
+    /// An event of a connection of socket `socket` (its key); false when the handler panicked
+    /// (its instance is recreated) or a reload removed the socket, and the connection should
+    /// close.
+    pub fn socket_event(
+        &mut self,
+        socket: &str,
+        stats: &WorkerStats,
+        event: SocketEvent<'_>,
+    ) -> bool {
+        let Some(i) = self.plan.socket(socket).map(|s| s.handler) else {
+            return false;
+        };
+        let call = self.plan.socket_handlers[i].call;
+        let Some(h) = self.sockets.get(i, &self.host, self.worker) else {
+            return false;
+        };
+        let inside = calls::enter(call);
+        let result = match event {
+            SocketEvent::Connect(conn, peer) => h.on_connect(conn, peer.into()),
+            SocketEvent::Receive(conn, frame) => h.on_receive(conn, frame.into()),
+            SocketEvent::Close(conn) => h.on_close(conn),
+            SocketEvent::Packet(peer, addr, datagram) => {
+                h.on_packet(peer, addr.into(), datagram.into())
+            }
+        };
+        drop(inside);
+        let RResult::RErr(e) = result else {
+            return true;
+        };
+        self.failed(ComponentKind::Socket, i, &e, &mut Response::new(), stats);
+        false
+    }
+
     /// Runs `finish` of task handler `task` (`plugin.component`) with the result of a task
     /// this worker delivered. A panic is logged and counted, and recreates the instance.
     pub fn finish(&mut self, task: &str, result: &[u8], stats: &WorkerStats) {
@@ -376,6 +415,7 @@ impl Instances {
             ComponentKind::Cleaner => &self.plan.cleaners[i],
             ComponentKind::WebSocket => &self.plan.websocket[i],
             ComponentKind::TaskHandler => &self.plan.services.tasks[i],
+            ComponentKind::Socket => &self.plan.socket_handlers[i],
             other => unreachable!("{other} instances do not live on HTTP workers"),
         };
         report_failure(Some(&mut self.hooks), self.worker, kind, slot, error);
@@ -387,6 +427,7 @@ impl Instances {
             ComponentKind::Middleware => self.middleware.remake(i, host, w),
             ComponentKind::Cleaner => self.cleaners.remake(i, host, w),
             ComponentKind::WebSocket => self.websocket.remake(i, host, w),
+            ComponentKind::Socket => self.sockets.remake(i, host, w),
             _ => self.tasks.remake(i, host, w),
         }
     }

@@ -5,8 +5,8 @@
 use abi_stable::std_types::RResult;
 use plughost_plugin_api::abi::{
     CleanerBox, Component, ComponentKind, CronJobBox, EventListenerBox, HostBox, HttpHandlerBox,
-    LifecycleBox, MiddlewareBox, PluginError as FfiError, ProcessBox, TaskHandlerBox, WebSocketBox,
-    WorkerInfo,
+    LifecycleBox, MiddlewareBox, PluginError as FfiError, ProcessBox, SocketBox, TaskHandlerBox,
+    WebSocketBox, WorkerInfo,
 };
 
 use crate::{error::PluginError, plugin::Slot, runtime::calls};
@@ -37,6 +37,7 @@ unwrap_kind!(HttpHandlerBox, HttpHandler);
 unwrap_kind!(MiddlewareBox, Middleware);
 unwrap_kind!(CleanerBox, Cleaner);
 unwrap_kind!(WebSocketBox, WebSocket);
+unwrap_kind!(SocketBox, Socket);
 
 /// One thread's instances of a list of slots. `None` is an instance whose factory failed
 /// after a panic; it is made again on next use.

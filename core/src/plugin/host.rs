@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    socket::registry::{Close, Sockets},
     table::{Cell, Kind, Layout, Num, TableError, Tables, Value},
     ws::registry::Connections,
 };
@@ -42,6 +43,8 @@ struct Shared {
     /// Where `request_reload` goes, once the main thread listens.
     reload: OnceLock<ReloadRequester>,
     connections: Arc<Connections>,
+    /// The socket connections of every worker.
+    sockets: Arc<Sockets>,
     /// The task queue and the custom processes, once they are started.
     jobs: OnceLock<Arc<dyn JobsApi>>,
     /// Panics in plugin code outside a call (a `Drop`, a thread the plugin spawned).
@@ -113,6 +116,7 @@ impl Host {
                 env_file: RwLock::new(Arc::new(values)),
                 reload: OnceLock::new(),
                 connections: Arc::default(),
+                sockets: Arc::default(),
                 jobs: OnceLock::new(),
                 stray_panics: Arc::default(),
                 tables,
@@ -129,6 +133,11 @@ impl Host {
     /// The WebSocket connections of every worker.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.inner.connections
+    }
+
+    /// The socket connections of every worker.
+    pub fn sockets(&self) -> &Arc<Sockets> {
+        &self.inner.sockets
     }
 
     /// Connects `deliver`, `fire` and `send_to_process` to the running jobs (once).
@@ -588,6 +597,18 @@ impl HostFfi for Host {
             .get()
             .map(|s| s.snapshot())
             .unwrap_or_default()
+    }
+
+    fn socket_send(&self, conn: u64, data: RSlice<'_, u8>) -> RResult<(), HostError> {
+        self.inner.sockets.send(conn, data.as_slice()).into()
+    }
+
+    fn socket_close(&self, conn: u64) -> RResult<(), HostError> {
+        self.inner.sockets.close(conn, Close::Asked).into()
+    }
+
+    fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError> {
+        self.inner.sockets.udp.send_to(peer, data.as_slice()).into()
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Conn {
     phase: Cell<Phase>,
     since: Cell<Instant>,
     timed_out: Cell<bool>,
+    /// The sweeper cut it for overstaying its phase (not a stop).
+    expired: Cell<bool>,
     /// Whether this worker or another may use the socket (see `steal`).
     pub claim: Arc<Claim>,
     lobby: Arc<Lobby>,
@@ -73,6 +75,7 @@ impl Conn {
             phase: Cell::new(Phase::ReadingHead),
             since: Cell::new(now),
             timed_out: Cell::new(false),
+            expired: Cell::new(false),
             claim,
             lobby,
         }
@@ -118,6 +121,20 @@ impl Conn {
         let _ = self.stream.get_ref().shutdown(SockShutdown::Both);
         self.stream.wake_writer();
         self.stream.wake_reader();
+    }
+
+    /// It overstayed its phase: cut, and remembered as a timeout. Bytes already on their way
+    /// can still be read after the cut; the timeout stands all the same.
+    pub fn expire(&self) {
+        if self.claim.hold() {
+            self.expired.set(true);
+        }
+        self.cut();
+    }
+
+    /// Whether the sweeper cut it for a timeout.
+    pub fn expired(&self) -> bool {
+        self.expired.get()
     }
 
     /// Closes the read side (a timeout, or a stop), which wakes the connection's pending

@@ -17,8 +17,11 @@ use std::{
     future::Future,
     io::{self, Read, Write},
     mem::ManuallyDrop,
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd, RawFd},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{
+        fd::{AsFd, AsRawFd, RawFd},
+        unix::net::{UnixListener, UnixStream},
+    },
     pin::{pin, Pin},
     rc::Rc,
     sync::{
@@ -463,53 +466,76 @@ impl Async<TcpListener> {
 
     /// Accepts a connection without registering it (it may be handed to another thread).
     pub async fn accept_std(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_read_with(cx, super::accept)).await
+    }
+}
+
+impl Async<UdpSocket> {
+    /// Receives a datagram.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_read_with(cx, |s| s.recv_from(buf))).await
+    }
+}
+
+impl Async<UnixListener> {
+    /// Accepts a connection without registering it.
+    pub async fn accept_std(&self) -> io::Result<(UnixStream, std::os::unix::net::SocketAddr)> {
         std::future::poll_fn(|cx| self.poll_read_with(cx, |l| l.accept())).await
     }
 }
 
-impl AsyncRead for &Async<TcpStream> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let source = &self.source;
-        let r = self.poll_read_with(cx, |mut s| s.read(buf));
-        if let Poll::Ready(Ok(n)) = r {
-            // A short read drained the socket: the next data comes with a new edge.
-            if n > 0 && n < buf.len() {
-                source.readable.set(false);
+/// Async reads and writes for a stream socket type (TCP and unix streams).
+macro_rules! async_stream {
+    ($stream:ty) => {
+        impl AsyncRead for &Async<$stream> {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<io::Result<usize>> {
+                let source = &self.source;
+                let r = self.poll_read_with(cx, |mut s| s.read(buf));
+                if let Poll::Ready(Ok(n)) = r {
+                    // A short read drained the socket: the next data comes with a new edge.
+                    if n > 0 && n < buf.len() {
+                        source.readable.set(false);
+                    }
+                }
+                r
             }
         }
-        r
-    }
-}
 
-impl AsyncWrite for &Async<TcpStream> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let source = &self.source;
-        let r = self.poll_write_with(cx, |mut s| s.write(buf));
-        if let Poll::Ready(Ok(n)) = r {
-            // A short write filled the send buffer: wait for the edge that says it drained.
-            if n < buf.len() {
-                source.writable.set(false);
+        impl AsyncWrite for &Async<$stream> {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                let source = &self.source;
+                let r = self.poll_write_with(cx, |mut s| s.write(buf));
+                if let Poll::Ready(Ok(n)) = r {
+                    // A short write filled the send buffer: wait for the edge that says it
+                    // drained.
+                    if n < buf.len() {
+                        source.writable.set(false);
+                    }
+                }
+                r
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(self.io.shutdown(Shutdown::Write))
             }
         }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.io.shutdown(Shutdown::Write))
-    }
+    };
 }
+
+async_stream!(TcpStream);
+async_stream!(UnixStream);
 
 /// A timer on this thread's reactor.
 #[derive(Debug)]

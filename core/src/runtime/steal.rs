@@ -204,7 +204,7 @@ pub fn accept_from(from: &Lobby, max: usize) -> Vec<(TcpStream, SocketAddr)> {
     // before closing it); ManuallyDrop never closes it here. It is nonblocking.
     let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
     while accepted.len() < max {
-        match l.accept() {
+        match super::accept(&l) {
             Ok(conn) => accepted.push(conn),
             Err(_) => break,
         }

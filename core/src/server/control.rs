@@ -108,7 +108,7 @@ fn info(state: &State) -> String {
         let _ = writeln!(s, "supervisor: {line}");
     }
     let _ = writeln!(s, "config: {}", state.config_path.display());
-    let _ = writeln!(s, "listen: http://{}", state.listen);
+    let _ = writeln!(s, "listen: {}", state.listen);
     let _ = writeln!(s, "workers: {}", state.workers);
     let _ = writeln!(s, "uptime: {}s", stats.started.elapsed().as_secs());
     let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));

@@ -14,6 +14,7 @@ use std::{
 use plughost_plugin_api::abi::{ThreadKind, WorkerInfo};
 
 use super::{
+    sockets::SocketFile,
     state::State,
     watcher::{watch_key, Watcher},
     worker::Control,
@@ -22,7 +23,7 @@ use super::{
 use crate::{
     config::{log_level, Config, Loaded},
     jobs::Services,
-    plan::Plan,
+    plan::{Plan, SocketPlan},
     plugin::{host::Host, loader, Registry, Slot},
 };
 
@@ -155,12 +156,13 @@ fn probe(old: &Plan, new: &Plan, host: &Host) -> Result<(), String> {
         id: 0,
     };
     let boxed = host.boxed();
-    let pairs: [(&[Slot], &[Slot]); 5] = [
+    let pairs: [(&[Slot], &[Slot]); 6] = [
         (&old.handlers, &new.handlers),
         (&old.middleware, &new.middleware),
         (&old.cleaners, &new.cleaners),
         (&old.hooks, &new.hooks),
         (&old.websocket, &new.websocket),
+        (&old.socket_handlers, &new.socket_handlers),
     ];
     for (old_slots, new_slots) in pairs {
         for slot in new_slots {
@@ -188,6 +190,8 @@ pub(crate) struct Live {
     watcher: Option<Watcher>,
     /// The running jobs.
     pub services: Services,
+    /// The unix socket files of `sockets`, by socket key: removed when their socket is.
+    pub socket_files: Vec<(String, SocketFile)>,
 }
 
 impl Live {
@@ -207,6 +211,7 @@ impl Live {
             host,
             watcher: None,
             services,
+            socket_files: Vec::new(),
         }
     }
 
@@ -339,7 +344,16 @@ impl Live {
             Ok(p) => p,
             Err(why) => return fail(why),
         };
+        // Sockets the reload adds are bound first: one that cannot be refuses the reload.
+        let old_plan = self.plan.clone();
+        let added = |s: &SocketPlan| old_plan.socket(&s.key).is_none();
+        let (listeners, files) =
+            match super::sockets::bind(&prepared.plan, added, workers.len(), &self.host) {
+                Ok(bound) => bound,
+                Err(e) => return fail(format!("{e}; the running sockets stay")),
+            };
         let failures = swap_workers(workers, &prepared.plan, self.config.max_wait_time);
+        self.swap_sockets(&prepared.plan, workers, listeners, files);
         self.config = prepared.config;
         self.registry = prepared.registry;
         self.plan = prepared.plan;
@@ -349,6 +363,33 @@ impl Live {
         }
         self.watch_all();
         report(&prepared.loaded, workers.len(), &failures, started, state);
+    }
+}
+
+impl Live {
+    /// After the workers moved to `plan`: hands them the sockets it added, and forgets the
+    /// files and UDP senders of the sockets it removed (each worker stopped their loops).
+    fn swap_sockets(
+        &mut self,
+        plan: &Plan,
+        workers: &Workers,
+        listeners: super::sockets::PerWorker,
+        files: Vec<(String, SocketFile)>,
+    ) {
+        for ((tx, _), mine) in workers.iter().zip(listeners) {
+            if !mine.is_empty() {
+                let _ = tx.try_send(Control::Sockets(mine));
+            }
+        }
+        for s in &self.plan.sockets {
+            if plan.socket(&s.key).is_none() {
+                self.host.sockets().udp.remove(&s.key);
+                log::info!("socket {} removed", s.key);
+            }
+        }
+        self.socket_files
+            .retain(|(key, _)| plan.socket(key).is_some());
+        self.socket_files.extend(files);
     }
 }
 

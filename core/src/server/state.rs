@@ -1,7 +1,6 @@
 //! What the control socket reports about the running server (`plughost info`).
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
 };
@@ -14,7 +13,7 @@ pub struct State {
     /// The config file.
     pub config_path: PathBuf,
     /// The address actually bound.
-    pub listen: SocketAddr,
+    pub listen: String,
     /// Worker threads.
     pub workers: usize,
     /// The `-x` version string.

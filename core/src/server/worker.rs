@@ -9,6 +9,8 @@
 //! overstay a timeout (it half-closes the socket's read side, which wakes the connection's
 //! pending read), so the hot path sets no timers.
 
+mod sockets;
+
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
@@ -49,6 +51,7 @@ use crate::{
         steal::{self, Lobby, Scratch, Watch},
         Shutdown,
     },
+    socket::registry::Sockets,
     ws::{self, registry::Connections, Binding, WsEvent, WsSettings},
 };
 
@@ -64,6 +67,8 @@ pub enum Control {
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
     /// Another worker took over connection `id` (see `steal`): let its task go.
     Released(u64),
+    /// Sockets a reload added: this worker's listener of each, with the socket's key.
+    Sockets(Vec<(String, crate::socket::Listener)>),
     /// The result of a task this worker delivered: run its handler's `finish` here.
     Finish {
         /// The task handler, `plugin.component`.
@@ -102,6 +107,14 @@ pub struct Worker {
     generation: Cell<u64>,
     /// This worker's WebSocket connections and the handler each belongs to.
     ws_bindings: RefCell<HashMap<u64, Rc<Binding>>>,
+    /// Every worker's socket connections.
+    sockets: Arc<Sockets>,
+    /// This worker's open socket connections.
+    socket_conns: Cell<usize>,
+    /// The socket each of them belongs to (its key).
+    socket_of: RefCell<HashMap<u64, Rc<str>>>,
+    /// The accept (or receive) loop of each socket, by key.
+    socket_loops: RefCell<HashMap<String, async_executor::Task<()>>>,
 }
 
 /// The handler slot that serves `b` in `plan`: its route must still lead to its component.
@@ -140,6 +153,26 @@ impl Worker {
             .map(|(i, w)| (i, w.connections.load(Ordering::Relaxed)))
             .min_by_key(|(_, c)| *c)?;
         (id != self.info.id as usize && mine >= least + 2 && !self.draining()).then_some(id)
+    }
+
+    /// Whether a stopping worker is done: no connection left, none on its way here.
+    fn drained(&self, control: &async_channel::Receiver<Control>) -> bool {
+        let accepting = self
+            .stats
+            .workers
+            .iter()
+            .any(|w| w.accepting.load(Ordering::Relaxed));
+        self.conns.borrow().is_empty()
+            && self.socket_conns.get() == 0
+            && !accepting
+            && control.is_empty()
+    }
+
+    /// A new global connection id: this worker's id in the high 16 bits.
+    fn next_id(&self) -> u64 {
+        let local = self.next_conn.get();
+        self.next_conn.set(local + 1);
+        ((self.info.id as u64) << 48) | (local & ((1 << 48) - 1))
     }
 
     fn lobby(&self) -> &Arc<Lobby> {
@@ -248,6 +281,7 @@ impl Worker {
         drop(slot);
         self.generation.set(self.generation.get() + 1);
         self.close_orphans();
+        sockets::retire(self);
         Ok(created)
     }
 
@@ -362,7 +396,9 @@ impl Worker {
             // A connection another worker took over is let go at once (in case its Released
             // message was lost): `cut` does that too.
             let overstayed = !conn.timed_out() && now.duration_since(conn.since()) >= limit;
-            if overstayed || conn.claim.taken() {
+            if overstayed {
+                conn.expire();
+            } else if conn.claim.taken() {
                 conn.cut();
             }
         }
@@ -554,6 +590,8 @@ pub struct Setup {
     pub peers: Arc<Vec<async_channel::Sender<Control>>>,
     /// Every worker's lobby, by id.
     pub lobbies: Arc<Vec<Arc<Lobby>>>,
+    /// Its own listener of each socket of `sockets`, with the socket's key.
+    pub socket_listeners: Vec<(String, crate::socket::Listener)>,
     /// Where to say it is serving, or why not.
     pub ready: mpsc::Sender<(u32, Result<(), String>)>,
 }
@@ -570,6 +608,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
         control,
         peers,
         lobbies,
+        socket_listeners,
         ready,
     } = setup;
     thread::Builder::new()
@@ -582,6 +621,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 id,
             };
             let connections = host.connections().clone();
+            let sockets = host.sockets().clone();
             let host = host.boxed();
             let instances = match Instances::create(plan.clone(), host.clone(), info) {
                 Ok(i) => i,
@@ -611,9 +651,14 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 closed_since_trim: Cell::new(0),
                 generation: Cell::new(0),
                 ws_bindings: RefCell::new(HashMap::new()),
+                sockets,
+                socket_conns: Cell::new(0),
+                socket_of: RefCell::new(HashMap::new()),
+                socket_loops: RefCell::new(HashMap::new()),
             });
             worker.refresh_clock();
             let ex = Rc::new(LocalExecutor::new());
+            let listeners = (listener, socket_listeners);
             let on_idle = {
                 let (ex, worker) = (ex.clone(), worker.clone());
                 let mut watch = Watch::new(worker.lobbies.len());
@@ -621,7 +666,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 move || worker.on_idle(&ex, &mut watch, &mut scratch)
             };
             let served = reactor::block_on_idle(
-                ex.run(run(ex.clone(), worker.clone(), listener, control, ready)),
+                ex.run(run(ex.clone(), worker.clone(), listeners, control, ready)),
                 on_idle,
             );
             if let Err(e) = served {
@@ -637,17 +682,17 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
 async fn run(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    listener: TcpListener,
+    (listener, socket_listeners): (TcpListener, Vec<(String, crate::socket::Listener)>),
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<(u32, Result<(), String>)>,
 ) {
-    let listener = match Async::new(listener) {
+    let registered = Async::new(listener)
+        .map_err(|e| format!("cannot register the listener: {e}"))
+        .and_then(|l| Ok((l, sockets::start(&ex, &worker, socket_listeners)?)));
+    let (listener, ()) = match registered {
         Ok(l) => l,
         Err(e) => {
-            let _ = ready.send((
-                worker.id(),
-                Err(format!("cannot register the listener: {e}")),
-            ));
+            let _ = ready.send((worker.id(), Err(e)));
             return;
         }
     };
@@ -670,6 +715,7 @@ async fn run(
     };
     // Stop accepting.
     drop(accept);
+    sockets::stop(&worker);
     if let Shutdown::Graceful(_) = stop {
         // Connections the kernel already accepted wait in the listen backlog: serve them
         // (their responses say `connection: close`) instead of letting them be reset.
@@ -705,22 +751,17 @@ async fn run(
                 _ => {}
             }
         }
+        sockets::stop(&worker);
         // A connection another worker accepted may still be on its way here: serve it.
         while let Ok(message) = control.try_recv() {
             handle(&ex, &worker, message);
         }
-        let accepting = worker
-            .stats
-            .workers
-            .iter()
-            .any(|w| w.accepting.load(Ordering::Relaxed));
-        let done = worker.conns.borrow().is_empty() && !accepting && control.is_empty();
-        if done || Instant::now() >= deadline {
+        if worker.drained(&control) || Instant::now() >= deadline {
             break;
         }
         Timer::after(Duration::from_millis(5)).await;
     }
-    let left = worker.conns.borrow().len();
+    let left = worker.conns.borrow().len() + worker.socket_conns.get();
     if left > 0 {
         log::warn!(
             "worker {}: {left} connection(s) still busy after max_wait_time; closing them",
@@ -737,6 +778,11 @@ fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control
             let _ = reply.send((worker.id(), worker.reload(plan)));
         }
         Control::Finish { task, result } => worker.finish(&task, &result),
+        Control::Sockets(added) => {
+            if let Err(e) = sockets::start(ex, worker, added) {
+                log::error!("worker {}: {e}", worker.id());
+            }
+        }
         Control::Adopt(stream, peer) => adopt(ex, worker, stream, peer, Origin::HandedOver),
         Control::Released(id) => {
             if let Some(conn) = worker.conns.borrow().get(&id) {
@@ -754,7 +800,7 @@ fn drain_backlog(
 ) -> usize {
     let mut n = 0;
     // The listener is nonblocking: this stops at the first WouldBlock.
-    while let Ok((stream, peer)) = listener.get_ref().accept() {
+    while let Ok((stream, peer)) = crate::runtime::accept(listener.get_ref()) {
         adopt(ex, worker, stream, peer, Origin::Accepted);
         n += 1;
     }
@@ -936,9 +982,7 @@ fn adopt(
             return;
         }
     };
-    let local = worker.next_conn.get();
-    worker.next_conn.set(local + 1);
-    let id = ((worker.id() as u64) << 48) | (local & ((1 << 48) - 1));
+    let id = worker.next_id();
     let conn = Conn::new(id, stream, peer, worker.now.get(), worker.lobby().clone());
     let listed = Listed::new(worker.clone(), conn);
     ex.spawn(async move {

@@ -1,0 +1,174 @@
+//! Binding the listeners of `sockets`: TCP and UDP with one `SO_REUSEPORT` socket per
+//! worker, unix stream sockets as one file shared by the workers (created 0660, a stale one
+//! from a crashed run replaced, removed at stop).
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::bind as bind_tcp;
+use crate::{
+    config::{unix_path, SocketProtocol},
+    error::StartError,
+    plan::{Plan, SocketPlan},
+    plugin::host::Host,
+    socket::Listener,
+};
+
+/// A unix socket file, removed when this is dropped.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    /// The guard of the socket file at `path`.
+    pub fn new(path: &Path) -> SocketFile {
+        SocketFile(path.to_path_buf())
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Each worker's listeners of the sockets bound, with their keys.
+pub type PerWorker = Vec<Vec<(String, Listener)>>;
+
+/// Binds `n` listeners (one per worker) for each socket of the plan that `only` picks, and
+/// logs each bound address; all or nothing. Returns each worker's listeners, and the unix
+/// socket files by key.
+pub fn bind(
+    plan: &Plan,
+    only: impl Fn(&SocketPlan) -> bool,
+    n: usize,
+    host: &Host,
+) -> Result<(PerWorker, Vec<(String, SocketFile)>), StartError> {
+    let mut per_worker: PerWorker = (0..n).map(|_| Vec::new()).collect();
+    let mut files = Vec::new();
+    let mut senders = Vec::new();
+    for (i, s) in plan.sockets.iter().enumerate().filter(|(_, s)| only(s)) {
+        let (bound, file, url) = bind_one(s, n)?;
+        if let Some(Listener::Udp(u)) = bound.first() {
+            let sender = u.try_clone();
+            senders.push((
+                s.key.clone(),
+                sender.map_err(StartError::io("cannot clone a UDP socket"))?,
+            ));
+        }
+        files.extend(file.map(|f| (s.key.clone(), f)));
+        let handler = &plan.socket_handlers[s.handler].reference;
+        log::info!("socket {i} ({handler}) listening on {url}");
+        for (w, l) in bound.into_iter().enumerate() {
+            per_worker[w].push((s.key.clone(), l));
+        }
+    }
+    for (key, sender) in senders {
+        host.sockets().udp.set_sender(&key, sender);
+    }
+    Ok((per_worker, files))
+}
+
+/// One socket's `n` listeners, its file if it is a unix socket, and its bound address.
+fn bind_one(
+    s: &SocketPlan,
+    n: usize,
+) -> Result<(Vec<Listener>, Option<SocketFile>, String), StartError> {
+    if let Some(path) = unix_path(&s.listen) {
+        let listener = bind_unix(path)?;
+        let file = SocketFile::new(path);
+        let mut all = Vec::new();
+        for _ in 0..n {
+            let dup = listener.try_clone();
+            all.push(Listener::Unix(
+                dup.map_err(StartError::io("cannot clone a unix socket"))?,
+            ));
+        }
+        return Ok((all, Some(file), s.listen.clone()));
+    }
+    let addr: SocketAddr = s.listen.parse().expect("validated");
+    let (bound, actual, scheme) = match s.protocol {
+        SocketProtocol::Tcp => {
+            let bound = bind_tcp(addr, n)?;
+            let actual = bound[0].local_addr();
+            (
+                bound.into_iter().map(Listener::Tcp).collect(),
+                actual,
+                "tcp",
+            )
+        }
+        SocketProtocol::Udp => {
+            let bound = bind_udp(addr, n)?;
+            let actual = bound[0].local_addr();
+            (
+                bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
+                actual,
+                "udp",
+            )
+        }
+    };
+    let actual = actual.map_err(StartError::io("cannot read the bound address"))?;
+    Ok((bound, None, format!("{scheme}://{actual}")))
+}
+
+/// Binds `n` UDP sockets to `addr` with `SO_REUSEPORT` (port 0: the first picks the port);
+/// the kernel spreads datagrams over them by source address.
+fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
+    let make = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    };
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let us share a port with another server; refuse that instead.
+        UdpSocket::bind(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
+    }
+    let first = make(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
+    let actual = first
+        .local_addr()
+        .map_err(StartError::io("cannot read the bound address"))?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        let next = make(actual).map_err(StartError::io(format!("cannot listen on udp {actual}")));
+        all.push(next?);
+    }
+    Ok(all)
+}
+
+/// Binds a unix stream socket at `path`, 0660. A socket file nobody listens on (left by a
+/// crashed run) is replaced; one in use, or a file that is not a socket, is refused.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+    let err = StartError::io(format!("cannot listen on unix:{}", path.display()));
+    let bind = || -> io::Result<UnixListener> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::other("another server listens on it"));
+                }
+                std::fs::remove_file(path)?;
+                log::info!("replaced the stale socket file {}", path.display());
+            }
+            Ok(_) => return Err(io::Error::other("the file exists and is not a socket")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    bind().map_err(err)
+}

@@ -1,0 +1,143 @@
+//! One socket connection's task: reads and cuts frames for its handler, writes what any
+//! thread queued to it, and closes when either side or the server says so.
+
+use std::{io, os::fd::AsFd};
+
+use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{
+    framing::{Decoder, Overflow},
+    registry::{Close, Queues, Sockets},
+    SocketEvent,
+};
+use crate::{config::Framing, runtime::reactor::Async};
+
+/// What the connection loop needs of its worker.
+pub trait Site {
+    /// The registry of every worker's socket connections.
+    fn sockets(&self) -> &Sockets;
+    /// Delivers an event to the handler of socket `socket` (its key) on this worker; false
+    /// when the handler failed (or is gone) and the connection should close.
+    fn socket_event(&self, socket: &str, event: SocketEvent<'_>) -> bool;
+}
+
+/// How one socket's connections are served.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Its key (see `plan::SocketPlan`).
+    pub socket: std::rc::Rc<str>,
+    /// How its input is cut into frames.
+    pub framing: Framing,
+    /// Largest frame.
+    pub max_package_bytes: usize,
+    /// Writes queued to one connection before it counts as a slow reader and is closed.
+    pub send_queue: usize,
+}
+
+/// Removes the connection from the registry however its task ends.
+struct Registered<'a>(&'a Sockets, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
+}
+
+enum Step {
+    Read(io::Result<usize>),
+    Send(Vec<u8>),
+    Close(Close),
+}
+
+/// Serves connection `id` (TCP or unix stream) from `peer` until it closes; its handler sees
+/// `on_connect`, each frame, and `on_close`.
+pub async fn serve<S: AsFd>(
+    site: &impl Site,
+    settings: &Settings,
+    id: u64,
+    stream: &Async<S>,
+    peer: &str,
+) where
+    for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
+{
+    let queues = site
+        .sockets()
+        .open(id, &settings.framing, settings.send_queue);
+    let registered = Registered(site.sockets(), id);
+    let s = &*settings.socket;
+    if site.socket_event(s, SocketEvent::Connect(id, peer)) {
+        if let Some(why) = run(site, settings, id, stream, &queues).await {
+            log::warn!("socket {s}: connection {id} from {peer}: {why}; closing");
+        }
+    }
+    drop(registered);
+    let _ = socket2::SockRef::from(stream.get_ref()).shutdown(std::net::Shutdown::Both);
+    site.socket_event(s, SocketEvent::Close(id));
+}
+
+/// The loop; returns why it closed when that is worth a warning.
+async fn run<S: AsFd>(
+    site: &impl Site,
+    settings: &Settings,
+    id: u64,
+    stream: &Async<S>,
+    queues: &Queues,
+) -> Option<String>
+where
+    for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
+{
+    let mut decoder = Decoder::new(settings.framing.clone(), settings.max_package_bytes);
+    let mut stream = stream;
+    let mut buf = vec![0; decoder.chunk()];
+    loop {
+        let mut reader = stream;
+        let read = async { Step::Read(reader.read(&mut buf).await) };
+        let send = async {
+            match queues.data.recv().await {
+                Ok(bytes) => Step::Send(bytes),
+                Err(_) => Step::Close(Close::Stopping),
+            }
+        };
+        let close = async { Step::Close(queues.close.recv().await.unwrap_or(Close::Stopping)) };
+        let step = future::or(close, future::or(send, read)).await;
+        match step {
+            Step::Read(Ok(0)) | Step::Read(Err(_)) => return None,
+            Step::Read(Ok(n)) => {
+                decoder.extend(&buf[..n]);
+                loop {
+                    match decoder.next_frame() {
+                        Ok(Some(frame)) => {
+                            if !site
+                                .socket_event(&settings.socket, SocketEvent::Receive(id, &frame))
+                            {
+                                return Some("its handler failed".into());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e @ (Overflow::Frame(_) | Overflow::NoEof(_))) => {
+                            return Some(format!("{e} ({})", settings.max_package_bytes))
+                        }
+                        Err(e) => return Some(e.to_string()),
+                    }
+                }
+            }
+            Step::Send(bytes) => {
+                if stream.write_all(&bytes).await.is_err() {
+                    return None;
+                }
+            }
+            Step::Close(why) => {
+                // What was queued before the close request goes out first.
+                while let Ok(bytes) = queues.data.try_recv() {
+                    if stream.write_all(&bytes).await.is_err() {
+                        return None;
+                    }
+                }
+                return match why {
+                    Close::QueueFull => Some("send queue full: the peer reads too slowly".into()),
+                    Close::Asked | Close::Stopping => None,
+                };
+            }
+        }
+    }
+}

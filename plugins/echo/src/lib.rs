@@ -1,0 +1,118 @@
+//! echo: socket handlers for the `sockets` of `server.ron`.
+//!
+//! - `echo.tcp`, for a socket with `framing: Eof("\r\n")`: answers `plughost: <line>\r\n` to
+//!   each line, `plughost: conn <id>\r\n` to `whoami`, and closes after `quit`.
+//! - `echo.frames`, for `Length` or `Raw` framing: answers each frame with `plughost: <frame>`
+//!   (a `Length` socket puts the header in front).
+//! - `echo.udp`, for a UDP socket: answers each datagram with `plughost: <datagram>`.
+//! - `echo.push`, an HTTP handler: `POST /echo/push/{conn}` sends the request body to socket
+//!   connection `conn`, whichever worker holds it.
+//!
+//! Enable it (see `config/sockets.ron`):
+//!
+//! ```ron
+//! plugins: { "echo": (path: "../target/release/libecho.so") },
+//! routes: [(path: "/echo/push/{conn}", handler: "echo.push", methods: ["POST"])],
+//! sockets: [
+//!     (listen: "127.0.0.1:5291", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp"),
+//! ],
+//! ```
+//!
+//! Try it: `nc -C 127.0.0.1 5291`, type a line, then `quit`; `nc -u 127.0.0.1 5292` for UDP.
+
+use plughost_plugin_api::prelude::*;
+
+/// Line echo; one instance per worker.
+struct Lines {
+    host: Host,
+}
+
+impl SocketHandler for Lines {
+    fn on_receive(&mut self, conn: u64, frame: &[u8]) {
+        let line = String::from_utf8_lossy(frame);
+        let answer = match line.as_ref() {
+            "whoami" => format!("plughost: conn {conn}\r\n"),
+            other => format!("plughost: {other}\r\n"),
+        };
+        // A full send queue closes the connection on the host's side; nothing to do here.
+        let _ = self.host.send(conn, answer.as_bytes());
+        if line == "quit" {
+            let _ = self.host.close_socket(conn);
+        }
+    }
+}
+
+/// Frame echo, for `Length` and `Raw` sockets.
+struct Frames {
+    host: Host,
+}
+
+impl SocketHandler for Frames {
+    fn on_receive(&mut self, conn: u64, frame: &[u8]) {
+        let mut answer = b"plughost: ".to_vec();
+        answer.extend_from_slice(frame);
+        let _ = self.host.send(conn, &answer);
+    }
+}
+
+/// Datagram echo, for UDP sockets.
+struct Datagrams {
+    host: Host,
+}
+
+impl SocketHandler for Datagrams {
+    fn on_packet(&mut self, peer: u64, _addr: &str, datagram: &[u8]) {
+        let mut answer = b"plughost: ".to_vec();
+        answer.extend_from_slice(datagram);
+        let _ = self.host.send_to(peer, &answer);
+    }
+}
+
+/// `POST /echo/push/{conn}`: the body, sent to socket connection `conn`.
+struct Push {
+    host: Host,
+}
+
+impl HttpHandler for Push {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
+        let Some(conn) = req.param("conn").and_then(|c| c.parse::<u64>().ok()) else {
+            resp.text(
+                400,
+                "usage: POST /echo/push/{conn} with the bytes to send\n",
+            );
+            return;
+        };
+        let worker = self.host.worker_id();
+        match self.host.send(conn, req.body.as_slice()) {
+            Ok(()) => resp.text(200, &format!("sent to {conn} from worker {worker}\n")),
+            Err(HostError::NotFound) => resp.text(404, &format!("no connection {conn}\n")),
+            Err(e) => resp.text(409, &format!("{e}\n")),
+        };
+    }
+}
+
+fn plugin() -> Plugin {
+    Plugin::new("echo", env!("CARGO_PKG_VERSION"))
+        .socket("tcp", |cx| {
+            Ok(Lines {
+                host: cx.host().clone(),
+            })
+        })
+        .socket("frames", |cx| {
+            Ok(Frames {
+                host: cx.host().clone(),
+            })
+        })
+        .socket("udp", |cx| {
+            Ok(Datagrams {
+                host: cx.host().clone(),
+            })
+        })
+        .http("push", |cx| {
+            Ok(Push {
+                host: cx.host().clone(),
+            })
+        })
+}
+
+export_plugin!(plugin);
