@@ -325,7 +325,15 @@ fn chromium_negotiates_deflate() {
         "{dom}"
     );
     assert!(dom.contains("echo ok: 65536 characters"), "{dom}");
+    // The page may have been loaded more than once (a larger time budget after a slow
+    // first try): each load sent one message and got one back.
     let info = info(&server);
-    assert!(info.contains("sent 1 messages compressed"), "{info}");
-    assert!(info.contains("received 1 ("), "{info}");
+    let count = |after: &str| -> u64 {
+        info.split(after)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("websocket deflate: sent ") >= 1, "{info}");
+    assert!(count("), received ") >= 1, "{info}");
 }
