@@ -208,10 +208,9 @@ fn health_answers_and_ready_says_503_while_stopping() {
     let server = TestServer::start(&config().max_wait_time(10).render());
     assert_eq!(server.get("/health").status, 200);
     assert_eq!(server.get("/ready").status, 200);
-    // A keep-alive connection gets its next request answered during a graceful stop.
+    // A connection accepted before the stop that has not sent its request yet is still
+    // answered during a graceful stop (an idle keep-alive one would be closed at once).
     let mut conn = Conn::connect(server.addr());
-    let first = conn.request("GET /ready HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(first.status, 200);
     // A slow request holds the stop open while /ready is asked.
     let slow_addr = server.addr();
     let slow = std::thread::spawn(move || get_close(slow_addr, "/slow?ms=3000"));
