@@ -1230,40 +1230,50 @@ pub struct JobArtifacts {
     pub jobs: PathBuf,
 }
 
+/// Builds the plugin `packages` (debug, with the server's artifacts) and returns each one's
+/// `target/debug/lib{package}.so`.
+fn build_plugins<const N: usize>(packages: [&str; N]) -> Result<[PathBuf; N], String> {
+    let a = artifacts();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&a.root).arg("build");
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building {} failed ({}):\n{}",
+            packages.join(", "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let paths = packages.map(|p| {
+        a.plughost
+            .with_file_name(format!("lib{}.so", p.replace('-', "_")))
+    });
+    for p in &paths {
+        if !p.is_file() {
+            return Err(format!(
+                "the build succeeded but {} is missing",
+                p.display()
+            ));
+        }
+    }
+    Ok(paths)
+}
+
 static JOB_ARTIFACTS: OnceLock<Result<JobArtifacts, String>> = OnceLock::new();
 
 /// Builds the server (see [`artifacts`]) and the `fixture-tasks` and `jobs` plugins.
 pub fn job_artifacts() -> &'static JobArtifacts {
-    let a = artifacts();
     let built = JOB_ARTIFACTS.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(&cargo)
-            .current_dir(&a.root)
-            .args(["build", "-p", "fixture-tasks", "-p", "jobs"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "building fixture-tasks and jobs failed ({}):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        let debug = a.plughost.parent().expect("target/debug").to_path_buf();
-        let built = JobArtifacts {
-            fixture: debug.join("libfixture_tasks.so"),
-            jobs: debug.join("libjobs.so"),
-        };
-        for p in [&built.fixture, &built.jobs] {
-            if !p.is_file() {
-                return Err(format!(
-                    "the build succeeded but {} is missing",
-                    p.display()
-                ));
-            }
-        }
-        Ok(built)
+        let [fixture, jobs] = build_plugins(["fixture-tasks", "jobs"])?;
+        Ok(JobArtifacts { fixture, jobs })
     });
     match built {
         Ok(b) => b,
@@ -1288,37 +1298,13 @@ static PROM_ARTIFACTS: OnceLock<Result<PromArtifacts, String>> = OnceLock::new()
 
 /// Builds the server, the job plugins (see [`job_artifacts`]), `prometheus` and `ws-echo`.
 pub fn prom_artifacts() -> &'static PromArtifacts {
-    let a = artifacts();
     job_artifacts();
     let built = PROM_ARTIFACTS.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(&cargo)
-            .current_dir(&a.root)
-            .args(["build", "-p", "prometheus", "-p", "ws-echo"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "building prometheus and ws-echo failed ({}):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        let debug = a.plughost.parent().expect("target/debug").to_path_buf();
-        let built = PromArtifacts {
-            prometheus: debug.join("libprometheus.so"),
-            ws_echo: debug.join("libws_echo.so"),
-        };
-        for p in [&built.prometheus, &built.ws_echo] {
-            if !p.is_file() {
-                return Err(format!(
-                    "the build succeeded but {} is missing",
-                    p.display()
-                ));
-            }
-        }
-        Ok(built)
+        let [prometheus, ws_echo] = build_plugins(["prometheus", "ws-echo"])?;
+        Ok(PromArtifacts {
+            prometheus,
+            ws_echo,
+        })
     });
     match built {
         Ok(b) => b,
@@ -1334,30 +1320,9 @@ static ECHO: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// Builds the server (see [`artifacts`]) and the `echo` plugin; returns `libecho.so`.
 pub fn echo_artifact() -> &'static Path {
-    let a = artifacts();
     let built = ECHO.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let output = Command::new(&cargo)
-            .current_dir(&a.root)
-            .args(["build", "-p", "echo"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {cargo:?}: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "building echo failed ({}):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        let path = a.plughost.with_file_name("libecho.so");
-        if !path.is_file() {
-            return Err(format!(
-                "the build succeeded but {} is missing",
-                path.display()
-            ));
-        }
-        Ok(path)
+        let [echo] = build_plugins(["echo"])?;
+        Ok(echo)
     });
     match built {
         Ok(p) => p,
