@@ -155,16 +155,6 @@ impl Decoder {
         self.message.capacity() + self.control.capacity()
     }
 
-    /// Sets a new size limit (a reload), for the messages that start from now on.
-    pub fn set_max(&mut self, max: usize) {
-        self.max = max;
-    }
-
-    /// Whether a message or frame is partly read.
-    pub fn is_mid_message(&self) -> bool {
-        self.kind.is_some() || matches!(self.state, State::Payload { .. })
-    }
-
     /// Reads from `input`, advancing it past what was used, until something is whole
     /// (`Some`) or the input runs out (`None`).
     pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Event>, Fault> {
