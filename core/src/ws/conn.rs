@@ -19,12 +19,12 @@ use std::{
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_lite::{future, AsyncRead, AsyncWriteExt};
-use plughost_plugin_api::{HostError, Message, MessageKind};
+use plughost_plugin_api::{HostError, Message};
 
 use super::{
     deflate::{Agreed, Codec},
     frame::{self, Decoder, Event, Fault, Kind},
-    registry::{CloseRequest, Connections, Outgoing, Queues},
+    registry::{kind_of, CloseRequest, Connections, Outgoing, Queues},
     Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
@@ -242,16 +242,12 @@ pub(super) fn push_direct(id: u64, message: &Message<'_>) -> Option<Result<(), H
     if outbox.direct >= outbox.cap || !outbox.data.is_empty() || !outbox.control.is_empty() {
         return None;
     }
-    let payload = message.data.as_slice();
-    let kind = match message.kind {
-        MessageKind::Text if std::str::from_utf8(payload).is_err() => {
-            return Some(Err(HostError::NotFound))
-        }
-        MessageKind::Text => Kind::Text,
-        MessageKind::Binary => Kind::Binary,
+    let kind = match kind_of(message) {
+        Ok(kind) => kind,
+        Err(e) => return Some(Err(e)),
     };
     outbox.direct += 1;
-    outbox.encode(kind, payload, None);
+    outbox.encode(kind, message.data.as_slice(), None);
     Some(Ok(()))
 }
 

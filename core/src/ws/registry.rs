@@ -96,15 +96,18 @@ impl Default for Connections {
 
 /// Converts a plugin's message into one to send; text that is not UTF-8 is refused.
 pub fn to_ws(message: &Message<'_>) -> Result<Outgoing, HostError> {
-    let data = message.data.as_slice();
-    let kind = match message.kind {
-        MessageKind::Text => {
-            std::str::from_utf8(data).map_err(|_| HostError::NotFound)?;
-            Kind::Text
+    Ok(Outgoing::new(kind_of(message)?, message.data.as_slice()))
+}
+
+/// A plugin's message's kind; text that is not UTF-8 is refused.
+pub fn kind_of(message: &Message<'_>) -> Result<Kind, HostError> {
+    match message.kind {
+        MessageKind::Text if std::str::from_utf8(message.data.as_slice()).is_err() => {
+            Err(HostError::NotFound)
         }
-        MessageKind::Binary => Kind::Binary,
-    };
-    Ok(Outgoing::new(kind, data))
+        MessageKind::Text => Ok(Kind::Text),
+        MessageKind::Binary => Ok(Kind::Binary),
+    }
 }
 
 impl Connections {
