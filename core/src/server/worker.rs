@@ -281,7 +281,6 @@ impl Worker {
         drop(slot);
         self.generation.set(self.generation.get() + 1);
         self.close_orphans();
-        sockets::retire(self);
         Ok(created)
     }
 
@@ -775,7 +774,19 @@ fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control
     match message {
         Control::Stop(_) => {}
         Control::Reload(plan, reply) => {
-            let _ = reply.send((worker.id(), worker.reload(plan)));
+            let result = worker.reload(plan);
+            let retired = sockets::retire(worker);
+            let id = worker.id();
+            // A removed socket's listener is closed when its loop's future is dropped, on
+            // this executor's next turn: the reply waits for it, so that once a reload says
+            // it is done, nothing accepts on a socket it removed.
+            ex.spawn(async move {
+                for task in retired {
+                    task.cancel().await;
+                }
+                let _ = reply.send((id, result));
+            })
+            .detach();
         }
         Control::Finish { task, result } => worker.finish(&task, &result),
         Control::Sockets(added) => {

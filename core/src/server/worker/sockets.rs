@@ -74,9 +74,9 @@ pub(super) fn start(
     Ok(())
 }
 
-/// After a reload: stops the loops of the sockets the new plan no longer has, and closes
-/// their connections.
-pub(super) fn retire(worker: &Worker) {
+/// After a reload: takes out the loops of the sockets the new plan no longer has (for the
+/// caller to cancel) and closes their connections.
+pub(super) fn retire(worker: &Worker) -> Vec<async_executor::Task<()>> {
     let plan = worker.plan.borrow().clone();
     let mut loops = worker.socket_loops.borrow_mut();
     let gone: Vec<String> = loops
@@ -84,8 +84,9 @@ pub(super) fn retire(worker: &Worker) {
         .filter(|k| plan.socket(k).is_none())
         .cloned()
         .collect();
+    let mut retired = Vec::new();
     for key in &gone {
-        loops.remove(key);
+        retired.extend(loops.remove(key));
         log::info!("worker {}: socket {key} removed", worker.id());
     }
     for (id, key) in worker.socket_of.borrow().iter() {
@@ -93,6 +94,7 @@ pub(super) fn retire(worker: &Worker) {
             let _ = worker.sockets.close(*id, Close::Stopping);
         }
     }
+    retired
 }
 
 /// Stops every socket loop and asks every socket connection of this worker to close (the
