@@ -458,3 +458,31 @@ fn a_reload_adds_and_removes_sockets() {
     framed.reader.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"\0\0\0\x0bplughost: z");
 }
+
+/// A connection that sends nothing for `heartbeat_idle_time` is closed; an `Eof` peer that
+/// sent part of a line and never its EOF is closed the same way, and the log says so.
+#[test]
+fn silent_connections_hit_the_idle_timeout_and_a_missing_eof_is_named() {
+    let idle = r#"(listen: "127.0.0.1:0", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp", heartbeat_idle_time: 1)"#;
+    let server = echo_server(&[idle], 1);
+    let addr = socket_addr(&server, 0);
+    let mut talker = Client::connect(addr);
+    let mut silent = Client::connect(addr);
+    let mut partial = Client::connect(addr);
+    partial.send(b"no end in sight");
+    // The talker keeps its connection alive past the idle time by talking.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(1600) {
+        talker.send(b"hi\r\n");
+        assert_eq!(talker.line(), "plughost: hi\r\n");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(silent.closed(), "a silent connection stays open");
+    assert!(partial.closed(), "a connection without its EOF stays open");
+    server.wait_for_log(
+        "idle for 1 s with 15 bytes buffered and no EOF (\"\\r\\n\") yet; closing",
+        IO_TIMEOUT,
+    );
+    talker.send(b"still\r\n");
+    assert_eq!(talker.line(), "plughost: still\r\n");
+}

@@ -88,6 +88,9 @@ pub struct SocketConfig {
     /// Largest frame (or unterminated `Eof` data) in bytes; past it the connection closes.
     #[serde(default = "max_package_bytes")]
     pub max_package_bytes: usize,
+    /// Seconds a connection may send nothing before it is closed; 0 = forever.
+    #[serde(default = "socket_idle_time")]
+    pub heartbeat_idle_time: u64,
 }
 
 /// The path of a `unix:PATH` listen address.
@@ -104,6 +107,10 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
 
 fn max_package_bytes() -> usize {
     2 << 20
+}
+
+fn socket_idle_time() -> u64 {
+    600
 }
 
 /// The transport of a socket.

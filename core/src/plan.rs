@@ -62,6 +62,8 @@ pub struct SocketPlan {
     pub framing: Framing,
     /// Largest frame.
     pub max_package_bytes: usize,
+    /// How long a connection may send nothing; `None`: forever.
+    pub idle: Option<std::time::Duration>,
     /// Index into `Plan::socket_handlers`.
     pub handler: usize,
 }
@@ -159,6 +161,8 @@ impl Plan {
                 protocol: s.protocol,
                 framing: s.framing.clone().unwrap_or(Framing::Raw),
                 max_package_bytes: s.max_package_bytes,
+                idle: (s.heartbeat_idle_time > 0)
+                    .then(|| std::time::Duration::from_secs(s.heartbeat_idle_time)),
                 handler,
             });
         }

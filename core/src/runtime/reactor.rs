@@ -547,8 +547,13 @@ pub struct Timer {
 impl Timer {
     /// Fires after `duration`.
     pub fn after(duration: Duration) -> Timer {
+        Timer::at(Instant::now() + duration)
+    }
+
+    /// Fires at `deadline`.
+    pub fn at(deadline: Instant) -> Timer {
         Timer {
-            deadline: Instant::now() + duration,
+            deadline,
             registered: None,
         }
     }

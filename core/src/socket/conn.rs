@@ -1,7 +1,11 @@
 //! One socket connection's task: reads and cuts frames for its handler, writes what any
 //! thread queued to it, and closes when either side or the server says so.
 
-use std::{io, os::fd::AsFd};
+use std::{
+    io,
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
 
 use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -10,7 +14,10 @@ use super::{
     registry::{Close, Queues, Sockets},
     SocketEvent,
 };
-use crate::{config::Framing, runtime::reactor::Async};
+use crate::{
+    config::Framing,
+    runtime::reactor::{Async, Timer},
+};
 
 /// What the connection loop needs of its worker.
 pub trait Site {
@@ -30,6 +37,8 @@ pub struct Settings {
     pub framing: Framing,
     /// Largest frame.
     pub max_package_bytes: usize,
+    /// How long the peer may send nothing; `None`: forever.
+    pub idle: Option<Duration>,
     /// Writes queued to one connection before it counts as a slow reader and is closed.
     pub send_queue: usize,
 }
@@ -45,6 +54,8 @@ impl Drop for Registered<'_> {
 
 enum Step {
     Read(io::Result<usize>),
+    /// The idle timer fired (the peer may have sent something since it was set).
+    Idle,
     Send(Vec<u8>),
     Close(Close),
 }
@@ -89,9 +100,20 @@ where
     let mut decoder = Decoder::new(settings.framing.clone(), settings.max_package_bytes);
     let mut stream = stream;
     let mut buf = vec![0; decoder.chunk()];
+    let mut heard = Instant::now();
+    let mut timer = settings.idle.map(Timer::after);
     loop {
         let mut reader = stream;
         let read = async { Step::Read(reader.read(&mut buf).await) };
+        let idle = async {
+            match &mut timer {
+                Some(t) => {
+                    t.await;
+                    Step::Idle
+                }
+                None => future::pending().await,
+            }
+        };
         let send = async {
             match queues.data.recv().await {
                 Ok(bytes) => Step::Send(bytes),
@@ -99,10 +121,21 @@ where
             }
         };
         let close = async { Step::Close(queues.close.recv().await.unwrap_or(Close::Stopping)) };
-        let step = future::or(close, future::or(send, read)).await;
+        let step = future::or(close, future::or(send, future::or(read, idle))).await;
         match step {
             Step::Read(Ok(0)) | Step::Read(Err(_)) => return None,
+            Step::Idle => {
+                let idle = settings.idle.unwrap_or_default();
+                if heard.elapsed() < idle {
+                    timer = Some(Timer::at(heard + idle));
+                    continue;
+                }
+                return idled(settings, id, &decoder, idle);
+            }
             Step::Read(Ok(n)) => {
+                if settings.idle.is_some() {
+                    heard = Instant::now();
+                }
                 decoder.extend(&buf[..n]);
                 loop {
                     match decoder.next_frame() {
@@ -138,6 +171,24 @@ where
                     Close::Asked | Close::Stopping => None,
                 };
             }
+        }
+    }
+}
+
+/// Why an idle connection closes: a warning when an `Eof` peer left a frame without its EOF,
+/// else a debug line.
+fn idled(settings: &Settings, id: u64, decoder: &Decoder, idle: Duration) -> Option<String> {
+    let secs = idle.as_secs();
+    match (&settings.framing, decoder.buffered()) {
+        (Framing::Eof(eof), n) if n > 0 => Some(format!(
+            "idle for {secs} s with {n} bytes buffered and no EOF ({eof:?}) yet"
+        )),
+        _ => {
+            log::debug!(
+                "socket {}: connection {id} idle for {secs} s; closing",
+                settings.socket
+            );
+            None
         }
     }
 }

@@ -117,6 +117,11 @@ impl Decoder {
         }
     }
 
+    /// Bytes received and not yet cut into a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Appends bytes read from the connection.
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);

@@ -198,6 +198,7 @@ fn adopt<S: AsFd + 'static>(
             socket: key.clone(),
             framing: s.framing.clone(),
             max_package_bytes: s.max_package_bytes,
+            idle: s.idle,
             send_queue: SEND_QUEUE,
         }
     };
