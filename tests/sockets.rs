@@ -386,6 +386,34 @@ fn the_http_listener_on_a_unix_socket() {
     assert!(!path.exists(), "the socket file outlived the server");
 }
 
+/// `unix_socket_mode` sets the mode of every socket file; a mode the owner cannot use is
+/// refused with its line.
+#[test]
+fn unix_socket_mode_sets_the_files_mode_and_a_bad_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::common::TestDir::new();
+    let config = |mode: &str| {
+        Config::empty()
+            .plugin("echo", echo_artifact())
+            .extra(&format!(
+                r#"unix_socket_mode: {mode}, sockets: [(listen: "unix:echo.sock", protocol: Tcp, framing: Raw, handler: "echo.frames")]"#
+            ))
+            .render()
+    };
+    dir.write_config(&config("0o444"));
+    let (status, stderr) = crate::common::start_existing_expect_failure(&dir, &[]);
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("server.ron:")
+            && stderr.contains("unix_socket_mode: 0o444 is not a file mode"),
+        "{stderr}"
+    );
+    let server = TestServer::start_in(dir, &config("0o600"), &[]);
+    let path = server.dir().path().join("echo.sock");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+}
+
 /// The address logged last for a socket of handler `handler` (after a reload the indexes
 /// start again).
 fn last_addr_of(server: &TestServer, handler: &str) -> SocketAddr {

@@ -243,18 +243,19 @@ fn supervise(
 ) -> i32 {
     let config = &loaded.config;
     // A unix socket file is the supervisor's: removed when it stops.
-    let (listeners, _http_file) = match server::bind_listen(&config.listen, config.workers()) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("{e}");
-            if let Some(n) = notify.as_mut() {
-                let _ = writeln!(n, "{e}");
-            } else if log_file.is_some() {
-                eprintln!("plughost: {e}");
+    let (listeners, _http_file) =
+        match server::bind_listen(&config.listen, config.workers(), config.unix_socket_mode) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("{e}");
+                if let Some(n) = notify.as_mut() {
+                    let _ = writeln!(n, "{e}");
+                } else if log_file.is_some() {
+                    eprintln!("plughost: {e}");
+                }
+                return 1;
             }
-            return 1;
-        }
-    };
+        };
     let bound =
         server::listen_url(&config.listen, &listeners[0]).unwrap_or_else(|_| config.listen.clone());
     let mut child_args: Vec<std::ffi::OsString> = vec!["-c".into(), loaded.path.clone().into()];

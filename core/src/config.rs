@@ -17,6 +17,9 @@ use crate::error::{ConfigError, PluginError, StartError};
 pub struct Config {
     /// Address of the HTTP listener; port 0 picks a free port.
     pub listen: String,
+    /// The permissions of the unix socket files this server creates (`listen` and
+    /// `sockets`), such as `0o660`: the owner may always read and write.
+    pub unix_socket_mode: u32,
     /// HTTP worker threads; 0 = one per core.
     pub worker_num: usize,
     /// After this many requests a worker recreates its plugin instances; 0 = never.
@@ -397,6 +400,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:5200".into(),
+            unix_socket_mode: 0o660,
             worker_num: 0,
             max_request: 0,
             steal_after_us: 500,
@@ -767,6 +771,16 @@ impl Config {
                 format!(
                     "{:?} is not an address such as \"127.0.0.1:5200\" or \"unix:run/http.sock\"",
                     self.listen
+                ),
+            ));
+        }
+        if self.unix_socket_mode > 0o777 || self.unix_socket_mode & 0o600 != 0o600 {
+            return Err(invalid(
+                "unix_socket_mode".into(),
+                "unix_socket_mode",
+                format!(
+                    "{:#o} is not a file mode whose owner may read and write, such as 0o660",
+                    self.unix_socket_mode
                 ),
             ));
         }

@@ -38,6 +38,8 @@ pub struct Plan {
     pub max_request: u64,
     /// See `Config::steal_after_us`.
     pub steal_after_us: u64,
+    /// See `Config::unix_socket_mode`.
+    pub unix_socket_mode: u32,
     /// Task handlers, listeners, cron jobs and custom processes (HTTP workers hold instances
     /// of the task handlers too, for `finish`).
     pub services: ServicePlan,
@@ -119,6 +121,7 @@ impl Plan {
             limits: config.limits,
             max_request: config.max_request,
             steal_after_us: config.steal_after_us,
+            unix_socket_mode: config.unix_socket_mode,
             services: ServicePlan::build(config, registry)?,
         })
     }

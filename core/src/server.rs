@@ -83,11 +83,12 @@ pub fn bind(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, StartError> 
 pub fn bind_listen(
     listen: &str,
     n: usize,
+    mode: u32,
 ) -> Result<(Vec<TcpListener>, Option<sockets::SocketFile>), StartError> {
     let Some(path) = unix_path(listen) else {
         return Ok((bind(listen.parse().expect("validated"), n)?, None));
     };
-    let unix = sockets::bind_unix(path)?;
+    let unix = sockets::bind_unix(path, mode)?;
     let file = sockets::SocketFile::new(path);
     let mut all = Vec::new();
     for _ in 0..n {
@@ -174,7 +175,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
     // A unix socket file this process bound is removed when this goes, however `run` ends.
     let (listeners, _http_file) = match options.listeners {
         Some(inherited) => (inherited, None),
-        None => bind_listen(&config.listen, config.workers())?,
+        None => bind_listen(&config.listen, config.workers(), config.unix_socket_mode)?,
     };
     let n = listeners.len();
     let listen = listen_url(&config.listen, &listeners[0])?;

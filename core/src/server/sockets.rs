@@ -56,7 +56,7 @@ pub fn bind(
     let mut files = Vec::new();
     let mut senders = Vec::new();
     for (i, s) in plan.sockets.iter().enumerate().filter(|(_, s)| only(s)) {
-        let (bound, file, url) = bind_one(s, n)?;
+        let (bound, file, url) = bind_one(s, n, plan.unix_socket_mode)?;
         if let Some(Listener::Udp(u)) = bound.first() {
             let sender = u.try_clone();
             senders.push((
@@ -81,9 +81,10 @@ pub fn bind(
 fn bind_one(
     s: &SocketPlan,
     n: usize,
+    mode: u32,
 ) -> Result<(Vec<Listener>, Option<SocketFile>, String), StartError> {
     if let Some(path) = unix_path(&s.listen) {
-        let listener = bind_unix(path)?;
+        let listener = bind_unix(path, mode)?;
         let file = SocketFile::new(path);
         let mut all = Vec::new();
         for _ in 0..n {
@@ -145,9 +146,10 @@ fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
     Ok(all)
 }
 
-/// Binds a unix stream socket at `path`, 0660. A socket file nobody listens on (left by a
-/// crashed run) is replaced; one in use, or a file that is not a socket, is refused.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+/// Binds a unix stream socket at `path` with permissions `mode`. A socket file nobody
+/// listens on (left by a crashed run) is replaced; one in use, or a file that is not a
+/// socket, is refused.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
     let err = StartError::io(format!("cannot listen on unix:{}", path.display()));
     let bind = || -> io::Result<UnixListener> {
         match std::fs::symlink_metadata(path) {
@@ -166,7 +168,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
             std::fs::create_dir_all(dir)?;
         }
         let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         listener.set_nonblocking(true)?;
         Ok(listener)
     };
