@@ -17,6 +17,7 @@ fn echo_server(sockets: &[&str], workers: u32) -> TestServer {
         .workers(workers)
         .plugin("echo", echo_artifact())
         .route("/echo/push/{conn}", "echo.push")
+        .route("/echo/connections", "echo.connections")
         .extra(&format!("sockets: [{}]", sockets.join(", ")))
         .start()
 }
@@ -308,6 +309,7 @@ fn a_unix_socket_replaces_a_stale_file_serves_and_is_removed_at_stop() {
     assert!(path.exists(), "the stale socket file");
     let config = Config::empty()
         .plugin("echo", echo_artifact())
+        .route("/echo/connections", "echo.connections")
         .extra(r#"sockets: [(listen: "unix:echo.sock", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp")]"#)
         .render();
     let mut server = TestServer::start_in(dir, &config, &[]);
@@ -317,6 +319,20 @@ fn a_unix_socket_replaces_a_stale_file_serves_and_is_removed_at_stop() {
     assert_eq!(mode & 0o777, 0o660, "mode {mode:o}");
     let stream = UnixStream::connect(&path).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&stream).write_all(b"whoami\r\n").unwrap();
+    let mut whoami = String::new();
+    BufReader::new(&stream).read_line(&mut whoami).unwrap();
+    let id = whoami.trim_end().strip_prefix("plughost: conn ").unwrap();
+    // Known by its path as written, and as bound.
+    for listen in [
+        "unix:echo.sock".to_string(),
+        format!("unix:{}", path.display()),
+    ] {
+        let listed = server
+            .get(&format!("/echo/connections?listen={listen}"))
+            .text();
+        assert_eq!(listed.trim_end(), id, "{listen}");
+    }
     (&stream).write_all(b"hi\r\nquit\r\n").unwrap();
     let mut answer = String::new();
     (&stream).read_to_string(&mut answer).unwrap();
@@ -513,4 +529,62 @@ fn silent_connections_hit_the_idle_timeout_and_a_missing_eof_is_named() {
     );
     talker.send(b"still\r\n");
     assert_eq!(talker.line(), "plughost: still\r\n");
+}
+
+impl Client {
+    /// The connection's id, as `whoami` tells it.
+    fn whoami(&mut self) -> u64 {
+        self.send(b"whoami\r\n");
+        let line = self.line();
+        line.trim_end()
+            .strip_prefix("plughost: conn ")
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("whoami answered {line:?}"))
+    }
+}
+
+/// `GET /echo/connections?listen=L`: the ids `host.socket_connections(L)` gives, sorted.
+fn connections_of(server: &TestServer, listen: &str) -> Vec<u64> {
+    let resp = server.get(&format!("/echo/connections?listen={listen}"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let mut ids: Vec<u64> = resp.text().lines().map(|l| l.parse().unwrap()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// `host.socket_connections(listen)` lists the open connections of one socket, known by its
+/// configured `listen` or by the address it is bound to, whichever worker holds them.
+#[test]
+fn socket_connections_lists_the_connections_of_one_socket() {
+    let server = echo_server(&[EOF_SOCKET, LENGTH_SOCKET], 2);
+    let (lines, frames) = (socket_addr(&server, 0), socket_addr(&server, 1));
+    let mut a = Client::connect(lines);
+    let mut b = Client::connect(lines);
+    let _framed = Client::connect(frames);
+    let mut want = vec![a.whoami(), b.whoami()];
+    want.sort_unstable();
+    assert_eq!(connections_of(&server, &lines.to_string()), want);
+    // The length socket's connection may still be on its way in: wait for it.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while connections_of(&server, &frames.to_string()).len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the framed connection is not listed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Both sockets are configured as 127.0.0.1:0.
+    assert_eq!(connections_of(&server, "127.0.0.1:0").len(), 3);
+    assert!(connections_of(&server, "127.0.0.1:1").is_empty());
+    a.send(b"quit\r\n");
+    assert!(a.line().starts_with("plughost: quit"));
+    assert!(a.closed());
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while connections_of(&server, &lines.to_string()) != [b.whoami()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed connection stays listed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

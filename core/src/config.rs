@@ -81,6 +81,9 @@ pub struct Config {
 pub struct SocketConfig {
     /// `IP:PORT`; port 0 picks a free port (logged at start).
     pub listen: String,
+    /// `listen` as written in the file (a unix socket's path made absolute is in `listen`).
+    #[serde(skip)]
+    pub listen_as_written: String,
     /// The transport.
     pub protocol: SocketProtocol,
     /// How a TCP byte stream is cut into frames: required for TCP, no silent default.
@@ -1044,6 +1047,7 @@ impl Config {
             self.listen = format!("unix:{}", abs(p).display());
         }
         for s in self.sockets.iter_mut() {
+            s.listen_as_written = s.listen.clone();
             if let Some(p) = unix_path(&s.listen) {
                 s.listen = format!("unix:{}", abs(p).display());
             }

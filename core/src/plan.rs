@@ -56,8 +56,10 @@ pub struct SocketPlan {
     /// so a reload changes the handler and framing of a fixed address in place; with port 0,
     /// all its settings (any change is another socket, on a new port).
     pub key: String,
-    /// The address as configured.
+    /// The address as configured (a unix socket's path made absolute).
     pub listen: String,
+    /// The address as written in `server.ron`.
+    pub listen_as_written: String,
     /// TCP or UDP.
     pub protocol: SocketProtocol,
     /// How its input is cut into frames.
@@ -161,6 +163,7 @@ impl Plan {
             sockets.push(SocketPlan {
                 key,
                 listen: s.listen.clone(),
+                listen_as_written: s.listen_as_written.clone(),
                 protocol: s.protocol,
                 framing: s.framing.clone().unwrap_or(Framing::Raw),
                 max_package_bytes: s.max_package_bytes,

@@ -706,8 +706,11 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// Closes a socket connection once what is queued to it is written.
     fn socket_close(&self, conn: u64) -> RResult<(), HostError>;
     /// Sends a datagram to the UDP peer `peer` (the token `on_packet` got).
-    #[sabi(last_prefix_field)]
     fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError>;
+    /// Ids of the open connections of the stream sockets whose configured `listen` or bound
+    /// address is `listen` (empty: every socket), on every worker.
+    #[sabi(last_prefix_field)]
+    fn socket_connections(&self, listen: RStr<'_>) -> RVec<u64>;
 }
 
 /// The host handle as it crosses the boundary.

@@ -340,6 +340,14 @@ impl Host {
         self.ffi.socket_send_to(peer, data.into()).into_result()
     }
 
+    /// Ids of the open connections of a TCP or unix socket of `sockets`, on every worker:
+    /// `listen` is the socket's `listen` as configured (`"127.0.0.1:5291"`,
+    /// `"unix:run/echo.sock"`) or the address it is bound to (for port 0); empty: every
+    /// socket. A snapshot: connections come and go meanwhile.
+    pub fn socket_connections(&self, listen: &str) -> Vec<u64> {
+        self.ffi.socket_connections(listen.into()).into_vec()
+    }
+
     /// The server's `env_file` (absolute), if its config names one.
     pub fn env_file(&self) -> Option<std::path::PathBuf> {
         self.ffi

@@ -8,7 +8,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! plughost-plugin-api = "0.5"
+//! plughost-plugin-api = "0.6"
 //! ```
 //!
 //! ```

@@ -610,6 +610,10 @@ impl HostFfi for Host {
     fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError> {
         self.inner.sockets.udp.send_to(peer, data.as_slice()).into()
     }
+
+    fn socket_connections(&self, listen: RStr<'_>) -> RVec<u64> {
+        self.inner.sockets.connections(listen.as_str()).into()
+    }
 }
 
 #[cfg(test)]

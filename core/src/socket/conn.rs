@@ -33,6 +33,8 @@ pub trait Site {
 pub struct Settings {
     /// Its key (see `plan::SocketPlan`).
     pub socket: std::rc::Rc<str>,
+    /// Its `listen` as configured, and the address it is bound to.
+    pub listen: [std::sync::Arc<str>; 2],
     /// How its input is cut into frames.
     pub framing: Framing,
     /// Largest frame.
@@ -71,9 +73,12 @@ pub async fn serve<S: AsFd>(
 ) where
     for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
 {
-    let queues = site
-        .sockets()
-        .open(id, &settings.framing, settings.send_queue);
+    let queues = site.sockets().open(
+        id,
+        settings.listen.clone(),
+        &settings.framing,
+        settings.send_queue,
+    );
     let registered = Registered(site.sockets(), id);
     let s = &*settings.socket;
     if site.socket_event(s, SocketEvent::Connect(id, peer)) {

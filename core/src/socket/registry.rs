@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
-        RwLock,
+        Arc, RwLock,
     },
 };
 
@@ -19,6 +19,8 @@ use crate::config::Framing;
 /// The handle other threads hold to one connection.
 #[derive(Debug)]
 struct Handle {
+    /// Its socket's `listen` as configured, and the address it is bound to.
+    listen: [Arc<str>; 2],
     framing: Framing,
     /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
     data: async_channel::Sender<Vec<u8>>,
@@ -76,11 +78,19 @@ impl Sockets {
         &self.shards[(id >> 48) as usize % SHARDS].0
     }
 
-    /// Registers a connection with a send queue of `capacity` writes.
-    pub fn open(&self, id: u64, framing: &Framing, capacity: usize) -> Queues {
+    /// Registers a connection of the socket known as `listen` (as configured, and as bound)
+    /// with a send queue of `capacity` writes.
+    pub fn open(
+        &self,
+        id: u64,
+        listen: [Arc<str>; 2],
+        framing: &Framing,
+        capacity: usize,
+    ) -> Queues {
         let (data_tx, data) = async_channel::unbounded();
         let (close_tx, close) = async_channel::bounded(1);
         let handle = Handle {
+            listen,
             framing: framing.clone(),
             data: data_tx,
             capacity: capacity.max(1),
@@ -128,6 +138,18 @@ impl Sockets {
         Ok(())
     }
 
+    /// Ids of the connections of the socket known as `listen` (as configured or as bound;
+    /// empty: every socket).
+    pub fn connections(&self, listen: &str) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for shard in self.shards.iter() {
+            let Ok(map) = shard.0.read() else { continue };
+            let of = |h: &Handle| listen.is_empty() || h.listen.iter().any(|l| &**l == listen);
+            ids.extend(map.iter().filter(|(_, h)| of(h)).map(|(id, _)| *id));
+        }
+        ids
+    }
+
     /// Ids of the connections of worker `worker`.
     pub fn of_worker(&self, worker: u32) -> Vec<u64> {
         let map = self.shard((worker as u64) << 48).read();
@@ -153,7 +175,8 @@ mod tests {
             offset: 0,
             adjust: 0,
         };
-        let q = s.open(1, &framing, 1);
+        let names = ["127.0.0.1:0".into(), "127.0.0.1:4000".into()];
+        let q = s.open(1, names, &framing, 1);
         assert_eq!(s.send(1, b"ab"), Ok(()));
         assert_eq!(q.data.try_recv().unwrap(), b"\x02ab");
         assert_eq!(s.send(1, &[0; 300]), Err(HostError::ValueTooLong));
@@ -163,6 +186,10 @@ mod tests {
         assert_eq!(s.send(1, b"z"), Err(HostError::Closed));
         assert_eq!(s.send(2, b"z"), Err(HostError::NotFound));
         assert_eq!(s.of_worker(0), [1]);
+        assert_eq!(s.connections("127.0.0.1:4000"), [1]);
+        assert_eq!(s.connections("127.0.0.1:0"), [1]);
+        assert_eq!(s.connections(""), [1]);
+        assert!(s.connections("127.0.0.1:4001").is_empty());
         s.remove(1);
         assert!(s.of_worker(0).is_empty());
     }

@@ -7,12 +7,17 @@
 //! - `echo.udp`, for a UDP socket: answers each datagram with `plughost: <datagram>`.
 //! - `echo.push`, an HTTP handler: `POST /echo/push/{conn}` sends the request body to socket
 //!   connection `conn`, whichever worker holds it.
+//! - `echo.connections`, an HTTP handler: `GET /echo/connections?listen=127.0.0.1:5291` lists
+//!   the ids of that socket's open connections, one per line (no `listen`: every socket).
 //!
 //! Enable it (see `config/sockets.ron`):
 //!
 //! ```ron
 //! plugins: { "echo": (path: "../target/release/libecho.so") },
-//! routes: [(path: "/echo/push/{conn}", handler: "echo.push", methods: ["POST"])],
+//! routes: [
+//!     (path: "/echo/push/{conn}", handler: "echo.push", methods: ["POST"]),
+//!     (path: "/echo/connections", handler: "echo.connections", methods: ["GET"]),
+//! ],
 //! sockets: [
 //!     (listen: "127.0.0.1:5291", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp"),
 //! ],
@@ -91,6 +96,22 @@ impl HttpHandler for Push {
     }
 }
 
+/// `GET /echo/connections?listen=ADDR`: the open connections of a socket, one id per line.
+struct Connections {
+    host: Host,
+}
+
+impl HttpHandler for Connections {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) {
+        let listen = req.query_param("listen").unwrap_or("");
+        let mut text = String::new();
+        for id in self.host.socket_connections(listen) {
+            text.push_str(&format!("{id}\n"));
+        }
+        resp.text(200, &text);
+    }
+}
+
 fn plugin() -> Plugin {
     Plugin::new("echo", env!("CARGO_PKG_VERSION"))
         .socket("tcp", |cx| {
@@ -110,6 +131,11 @@ fn plugin() -> Plugin {
         })
         .http("push", |cx| {
             Ok(Push {
+                host: cx.host().clone(),
+            })
+        })
+        .http("connections", |cx| {
+            Ok(Connections {
                 host: cx.host().clone(),
             })
         })

@@ -8,6 +8,7 @@ use std::{
     os::{fd::AsFd, unix::net::UnixListener},
     panic::AssertUnwindSafe,
     rc::Rc,
+    sync::Arc,
     time::Duration,
 };
 
@@ -57,11 +58,19 @@ pub(super) fn start(
         let k: Rc<str> = key.as_str().into();
         let task = match listener {
             Listener::Tcp(l) => {
+                let bound = l.local_addr().map_err(fail)?.to_string();
                 let l = Async::new(l).map_err(fail)?;
-                ex.spawn(accept_loop(ex.clone(), worker.clone(), k, l))
+                ex.spawn(accept_loop(
+                    ex.clone(),
+                    worker.clone(),
+                    (k, bound.into()),
+                    l,
+                ))
             }
             Listener::Unix(l) => {
+                let bound = worker.plan.borrow().socket(&key).map(|s| s.listen.clone());
                 let l = Async::new(l).map_err(fail)?;
+                let k = (k, bound.unwrap_or_default().into());
                 ex.spawn(accept_unix(ex.clone(), worker.clone(), k, l))
             }
             Listener::Udp(s) => {
@@ -134,15 +143,19 @@ async fn receive_loop(worker: Rc<Worker>, key: Rc<str>, udp: Async<UdpSocket>) {
     }
 }
 
+/// A socket's key and the address it is bound to.
+type Names = (Rc<str>, Arc<str>);
+
 async fn accept_loop(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    key: Rc<str>,
+    names: Names,
     listener: Async<TcpListener>,
 ) {
+    let key = &names.0;
     loop {
         match listener.accept_std().await {
-            Ok((stream, peer)) => adopt(&ex, &worker, &key, stream, peer.to_string()),
+            Ok((stream, peer)) => adopt(&ex, &worker, &names, stream, peer.to_string()),
             Err(e) => {
                 log::error!("worker {}: socket {key}: accept failed: {e}", worker.id());
                 Timer::after(Duration::from_millis(50)).await;
@@ -154,12 +167,13 @@ async fn accept_loop(
 async fn accept_unix(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
-    key: Rc<str>,
+    names: Names,
     listener: Async<UnixListener>,
 ) {
+    let key = &names.0;
     loop {
         match listener.accept_std().await {
-            Ok((stream, _)) => adopt(&ex, &worker, &key, stream, "unix".into()),
+            Ok((stream, _)) => adopt(&ex, &worker, &names, stream, "unix".into()),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::error!("worker {}: socket {key}: accept failed: {e}", worker.id());
@@ -183,7 +197,7 @@ impl Drop for Counted {
 fn adopt<S: AsFd + 'static>(
     ex: &Rc<LocalExecutor<'static>>,
     worker: &Rc<Worker>,
-    key: &Rc<str>,
+    (key, bound): &Names,
     stream: S,
     peer: String,
 ) where
@@ -196,6 +210,7 @@ fn adopt<S: AsFd + 'static>(
         };
         Settings {
             socket: key.clone(),
+            listen: [s.listen_as_written.as_str().into(), bound.clone()],
             framing: s.framing.clone(),
             max_package_bytes: s.max_package_bytes,
             idle: s.idle,
