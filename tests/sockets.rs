@@ -194,7 +194,7 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
     let echo = echo_artifact();
     let root = &crate::common::artifacts().root;
     let text = std::fs::read_to_string(root.join("config/sockets.ron")).unwrap();
-    for port in ["5200", "5291", "5292", "5295"] {
+    for port in ["5200", "5291", "5292", "5293", "5295"] {
         assert!(
             text.contains(&format!("\"127.0.0.1:{port}\"")),
             "port {port}"
@@ -207,6 +207,7 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
         .replace("127.0.0.1:5291", "127.0.0.1:0")
         .replace("127.0.0.1:5292", "127.0.0.1:0")
         .replace("127.0.0.1:5295", "127.0.0.1:0")
+        .replace("127.0.0.1:5293", "127.0.0.1:0")
         .replace("runtime_dir: \"../run\"", "runtime_dir: \"@DIR@/run\"")
         .replace("unix:../run/echo.sock", "unix:@DIR@/echo.sock");
     let server = TestServer::start(&text);
@@ -225,6 +226,14 @@ fn the_sockets_example_config_serves_what_the_readme_shows() {
     );
     assert_eq!(Conn::connect(server.addr()).request(raw).status, 200);
     assert_eq!(c.line(), "hi\r\n");
+    // The second HTTP port lists the same connection.
+    let list = "GET /echo/connections?listen=127.0.0.1:0 HTTP/1.1\r\nhost: x\r\n\r\n";
+    let listed = Conn::connect(socket_addr(&server, 4)).request(list);
+    assert!(
+        listed.text().lines().any(|l| l == conn),
+        "{}",
+        listed.text()
+    );
     let mut framed = Client::connect(socket_addr(&server, 3));
     framed.send(&[0, 0, 0, 1, b'x']);
     let mut got = [0; 15];
@@ -587,4 +596,72 @@ fn socket_connections_lists_the_connections_of_one_socket() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// `protocol: Http` serves the main listener's routes, middleware and WebSocket routes on
+/// another port; `protocol: WebSocket` serves only the upgrades (anything else: 426).
+#[test]
+fn http_and_websocket_sockets_serve_the_main_routes() {
+    let server = Config::hello()
+        .workers(2)
+        .plugin("ws-echo", &crate::ws::ws_echo())
+        .extra(concat!(
+            r#"websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")]), "#,
+            r#"sockets: [(listen: "127.0.0.1:0", protocol: Http), (listen: "127.0.0.1:0", protocol: WebSocket)]"#,
+        ))
+        .start();
+    let (http, ws) = (socket_addr(&server, 0), socket_addr(&server, 1));
+    let logs = server.logs();
+    assert!(
+        logs.contains(&format!("serving the routes on http://{http}")),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!("serving websocket.routes on ws://{ws}")),
+        "{logs}"
+    );
+    let hello = "GET /hello HTTP/1.1\r\nhost: x\r\n\r\n";
+    let main = Conn::connect(server.addr()).request(hello);
+    let other = Conn::connect(http).request(hello);
+    assert_eq!(other.status, 200, "{}", other.text());
+    assert_eq!(other.text(), main.text());
+    let refused = Conn::connect(ws).request(hello);
+    assert_eq!(refused.status, 426, "{}", refused.text());
+    assert_eq!(refused.header("upgrade"), Some("websocket"));
+    for addr in [http, ws] {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (mut client, resp) =
+            tungstenite::client(format!("ws://{addr}/ws/echo"), stream).expect("handshake");
+        assert_eq!(resp.status(), 101);
+        client
+            .send(tungstenite::Message::text(format!("hi {addr}")))
+            .unwrap();
+        assert_eq!(
+            client.read().unwrap(),
+            tungstenite::Message::text(format!("hi {addr}"))
+        );
+    }
+}
+
+/// A port of `protocol: Http` or `WebSocket` takes no handler or framing, and `WebSocket`
+/// needs `websocket.enable`.
+#[test]
+fn http_sockets_refuse_a_handler_and_websocket_sockets_need_websocket() {
+    let (status, stderr) = Config::hello()
+        .extra(r#"sockets: [(listen: "127.0.0.1:0", protocol: Http, handler: "hello.hello")]"#)
+        .start_expect_failure();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sockets[0].handler") && stderr.contains("takes no handler"),
+        "{stderr}"
+    );
+    let (status, stderr) = Config::hello()
+        .extra(r#"sockets: [(listen: "127.0.0.1:0", protocol: WebSocket)]"#)
+        .start_expect_failure();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sockets[0].protocol") && stderr.contains("websocket.enable"),
+        "{stderr}"
+    );
 }

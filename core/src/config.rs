@@ -89,7 +89,8 @@ pub struct SocketConfig {
     /// How a TCP byte stream is cut into frames: required for TCP, no silent default.
     #[serde(default, deserialize_with = "present")]
     pub framing: Option<Framing>,
-    /// `plugin.component` of a socket handler.
+    /// `plugin.component` of a socket handler (TCP and UDP; none for HTTP and WebSocket).
+    #[serde(default)]
     pub handler: String,
     /// Largest frame (or unterminated `Eof` data) in bytes; past it the connection closes.
     #[serde(default = "max_package_bytes")]
@@ -126,6 +127,17 @@ pub enum SocketProtocol {
     Tcp,
     /// Datagrams, each one a packet for `on_packet` (no framing).
     Udp,
+    /// HTTP, served like the main listener: the same routes, middleware and WebSocket routes.
+    Http,
+    /// WebSocket upgrades to `websocket.routes` only; any other request gets 426.
+    WebSocket,
+}
+
+impl SocketProtocol {
+    /// Whether its connections are HTTP connections (served by the routes, no handler).
+    pub fn is_http(self) -> bool {
+        matches!(self, SocketProtocol::Http | SocketProtocol::WebSocket)
+    }
 }
 
 /// How a byte stream is cut into frames.
@@ -989,8 +1001,11 @@ impl Config {
                 }
                 None => {}
             }
-            check_ref(format!("sockets[{i}].handler"), &s.handler)?;
+            self.validate_socket_handler(i, s, &at, check_ref)?;
             let ephemeral = s.listen.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0);
+            if !ephemeral && s.listen == self.listen {
+                return Err(at("listen", format!("{:?} is the main listen", s.listen)));
+            }
             if !ephemeral && self.sockets[..i].iter().any(|o| o.listen == s.listen) {
                 return Err(at("listen", format!("{:?} is listed twice", s.listen)));
             }
@@ -1015,6 +1030,36 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// A TCP or UDP socket names its handler; an HTTP or WebSocket one serves the routes.
+    fn validate_socket_handler(
+        &self,
+        i: usize,
+        s: &SocketConfig,
+        at: &impl Fn(&str, String) -> ConfigError,
+        check_ref: &impl Fn(String, &str) -> Result<ComponentRef, ConfigError>,
+    ) -> Result<(), ConfigError> {
+        let p = s.protocol;
+        if !p.is_http() {
+            if s.handler.is_empty() {
+                let why = format!("a {p:?} socket needs a handler: \"plugin.component\"");
+                return Err(at("handler", why));
+            }
+            return check_ref(format!("sockets[{i}].handler"), &s.handler).map(|_| ());
+        }
+        if !s.handler.is_empty() {
+            let why = format!("a {p:?} socket takes no handler: it serves the routes");
+            return Err(at("handler", why));
+        }
+        if s.framing.is_some() {
+            return Err(at("framing", format!("a {p:?} socket takes no framing")));
+        }
+        if p == SocketProtocol::WebSocket && !self.websocket.enable {
+            let why = "a WebSocket socket serves websocket.routes: set websocket.enable";
+            return Err(at("protocol", why.into()));
         }
         Ok(())
     }

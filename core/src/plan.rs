@@ -68,8 +68,8 @@ pub struct SocketPlan {
     pub max_package_bytes: usize,
     /// How long a connection may send nothing; `None`: forever.
     pub idle: Option<std::time::Duration>,
-    /// Index into `Plan::socket_handlers`.
-    pub handler: usize,
+    /// Index into `Plan::socket_handlers`; `None` for HTTP and WebSocket sockets.
+    pub handler: Option<usize>,
 }
 
 impl Plan {
@@ -138,13 +138,16 @@ impl Plan {
         let mut handlers: Vec<Slot> = Vec::new();
         let mut sockets = Vec::new();
         for s in &config.sockets {
-            let r = ComponentRef::parse(&s.handler).expect("validated");
-            let handler = match handlers.iter().position(|h| h.reference == r) {
-                Some(i) => i,
-                None => {
-                    handlers.push(registry.slot(config, &r, ComponentKind::Socket)?);
-                    handlers.len() - 1
-                }
+            let handler = match ComponentRef::parse(&s.handler) {
+                // HTTP and WebSocket sockets serve the routes.
+                None => None,
+                Some(r) => Some(match handlers.iter().position(|h| h.reference == r) {
+                    Some(i) => i,
+                    None => {
+                        handlers.push(registry.slot(config, &r, ComponentKind::Socket)?);
+                        handlers.len() - 1
+                    }
+                }),
             };
             let mut key = format!("{:?} {}", s.protocol, s.listen);
             if s.listen

@@ -23,6 +23,9 @@ pub enum Listener {
     Udp(UdpSocket),
     /// A unix stream listener (every worker accepts on the same one).
     Unix(UnixListener),
+    /// A listener of HTTP connections (TCP, or a unix socket held as one) served like the
+    /// main listener's; true: WebSocket upgrades only.
+    Http(TcpListener, bool),
 }
 
 /// Something that happened on a socket connection, for its handler.

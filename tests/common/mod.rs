@@ -1336,7 +1336,7 @@ pub fn parse_socket_addr(text: &str, index: usize) -> Option<SocketAddr> {
     let prefix = format!("socket {index} (");
     text.lines().find_map(|line| {
         let rest = &line[line.find(&prefix)?..];
-        let addr = rest.split("listening on tcp://").nth(1)?;
+        let addr = rest.split_once("://")?.1;
         addr.split_whitespace().next()?.parse().ok()
     })
 }

@@ -164,6 +164,12 @@ async fn serve_requests<S: Site>(
         let Some(head) = read_head(site, conn, b).await? else {
             return Ok(());
         };
+        if conn.upgrades_only() && !head.upgrade {
+            b.version = head.version;
+            return refuse::<S, ()>(site, conn, b, Refusal::UpgradeRequired)
+                .await
+                .map(|_| ());
+        }
         // The limits in force now: a reload may have changed them while the connection idled.
         let limits = site.limits();
         b.budget.set_max(limits.max_inflight_body_bytes);

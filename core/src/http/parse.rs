@@ -23,6 +23,8 @@ pub enum Refusal {
     HeadersTooLarge,
     /// 503: the server-wide budget for request bodies is spent.
     Busy,
+    /// 426: a request other than a WebSocket upgrade on a `protocol: WebSocket` socket.
+    UpgradeRequired,
 }
 
 impl Refusal {
@@ -34,6 +36,7 @@ impl Refusal {
             Refusal::TooLarge => (413, "Content Too Large"),
             Refusal::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Refusal::Busy => (503, "Service Unavailable"),
+            Refusal::UpgradeRequired => (426, "Upgrade Required"),
         }
     }
 }

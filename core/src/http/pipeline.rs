@@ -353,7 +353,7 @@ impl Instances {
         stats: &WorkerStats,
         event: SocketEvent<'_>,
     ) -> bool {
-        let Some(i) = self.plan.socket(socket).map(|s| s.handler) else {
+        let Some(i) = self.plan.socket(socket).and_then(|s| s.handler) else {
             return false;
         };
         let call = self.plan.socket_handlers[i].call;

@@ -139,6 +139,9 @@ pub fn write_refusal(out: &mut Vec<u8>, r: Refusal, version: HttpVersion, date: 
     push_u64(out, status as u64);
     out.push(b' ');
     out.extend_from_slice(text.as_bytes());
+    if r == Refusal::UpgradeRequired {
+        out.extend_from_slice(b"\r\nupgrade: websocket");
+    }
     out.extend_from_slice(
         b"\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\ncontent-length: ",
     );

@@ -43,6 +43,8 @@ pub struct Conn {
     timed_out: Cell<bool>,
     /// The sweeper cut it for overstaying its phase (not a stop).
     expired: Cell<bool>,
+    /// It came to a `protocol: WebSocket` socket: anything but an upgrade is refused.
+    upgrades_only: Cell<bool>,
     /// Whether this worker or another may use the socket (see `steal`).
     pub claim: Arc<Claim>,
     lobby: Arc<Lobby>,
@@ -76,9 +78,22 @@ impl Conn {
             since: Cell::new(now),
             timed_out: Cell::new(false),
             expired: Cell::new(false),
+            upgrades_only: Cell::new(false),
             claim,
             lobby,
         }
+    }
+
+    /// Refuses it anything but a WebSocket upgrade. It stays with this worker (a take-over
+    /// would not know).
+    pub fn only_upgrades(&self) {
+        self.upgrades_only.set(true);
+        self.leave_lobby();
+    }
+
+    /// Whether it may only upgrade (see [`Conn::only_upgrades`]).
+    pub fn upgrades_only(&self) -> bool {
+        self.upgrades_only.get()
     }
 
     /// Stops other workers from taking this connection over (it became a WebSocket).

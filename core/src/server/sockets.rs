@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{SocketAddr, TcpListener, UdpSocket},
     os::unix::{
         fs::{FileTypeExt, PermissionsExt},
         net::{UnixListener, UnixStream},
@@ -65,8 +65,17 @@ pub fn bind(
             ));
         }
         files.extend(file.map(|f| (s.key.clone(), f)));
-        let handler = &plan.socket_handlers[s.handler].reference;
-        log::info!("socket {i} ({handler}) listening on {url}");
+        match s.handler {
+            Some(h) => {
+                let handler = &plan.socket_handlers[h].reference;
+                log::info!("socket {i} ({handler}) listening on {url}");
+            }
+            // Not "listening on http://", which is the main listener's ready line.
+            None if s.protocol == SocketProtocol::WebSocket => {
+                log::info!("socket {i} (WebSocket) serving websocket.routes on {url}")
+            }
+            None => log::info!("socket {i} (Http) serving the routes on {url}"),
+        }
         for (w, l) in bound.into_iter().enumerate() {
             per_worker[w].push((s.key.clone(), l));
         }
@@ -83,20 +92,33 @@ fn bind_one(
     n: usize,
     mode: u32,
 ) -> Result<(Vec<Listener>, Option<SocketFile>, String), StartError> {
+    let upgrades_only = s.protocol == SocketProtocol::WebSocket;
     if let Some(path) = unix_path(&s.listen) {
         let listener = bind_unix(path, mode)?;
         let file = SocketFile::new(path);
         let mut all = Vec::new();
         for _ in 0..n {
             let dup = listener.try_clone();
-            all.push(Listener::Unix(
-                dup.map_err(StartError::io("cannot clone a unix socket"))?,
-            ));
+            let dup = dup.map_err(StartError::io("cannot clone a unix socket"))?;
+            all.push(if s.protocol.is_http() {
+                // Held as a TCP listener, as the main `listen` (see `runtime::accept`).
+                let fd = std::os::fd::OwnedFd::from(dup);
+                Listener::Http(TcpListener::from(fd), upgrades_only)
+            } else {
+                Listener::Unix(dup)
+            });
         }
         return Ok((all, Some(file), s.listen.clone()));
     }
     let addr: SocketAddr = s.listen.parse().expect("validated");
     let (bound, actual, scheme) = match s.protocol {
+        SocketProtocol::Http | SocketProtocol::WebSocket => {
+            let bound = bind_tcp(addr, n)?;
+            let actual = bound[0].local_addr();
+            let all = bound.into_iter();
+            let all = all.map(|l| Listener::Http(l, upgrades_only)).collect();
+            (all, actual, if upgrades_only { "ws" } else { "http" })
+        }
         SocketProtocol::Tcp => {
             let bound = bind_tcp(addr, n)?;
             let actual = bound[0].local_addr();

@@ -60,8 +60,9 @@ use crate::{
 pub enum Control {
     /// Stop, gracefully or not.
     Stop(Shutdown),
-    /// Serve a connection another worker accepted (to even out keep-alive connections).
-    Adopt(TcpStream, SocketAddr),
+    /// Serve a connection another worker accepted (to even out keep-alive connections);
+    /// true: it came to a `protocol: WebSocket` socket.
+    Adopt(TcpStream, SocketAddr, bool),
     /// Move to a new plan between two requests; the reply says how many instances were
     /// created, or why the old ones stay.
     Reload(Arc<Plan>, mpsc::Sender<(u32, Result<usize, String>)>),
@@ -213,7 +214,7 @@ impl Worker {
                     .fetch_add(from_backlog as u64, Ordering::Relaxed);
             }
             for (stream, peer) in accepted {
-                adopt(ex, self, stream, peer, Origin::Accepted);
+                adopt(ex, self, stream, peer, Origin::Accepted, false);
             }
             let taken = steal::take_from(&self.lobbies[from], scratch);
             if taken.is_empty() {
@@ -232,7 +233,7 @@ impl Worker {
             mine.taken_over.fetch_add(n, Ordering::Relaxed);
             for t in taken {
                 let _ = self.peers[from].try_send(Control::Released(t.id));
-                adopt(ex, self, t.stream, t.peer, Origin::TakenOver);
+                adopt(ex, self, t.stream, t.peer, Origin::TakenOver, false);
             }
             n as usize + from_backlog
         });
@@ -701,7 +702,12 @@ async fn run(
     worker
         .lobby()
         .set_listener(Some(listener.get_ref().as_raw_fd()));
-    let accept = ex.spawn(accept_loop(ex.clone(), worker.clone(), listener.clone()));
+    let accept = ex.spawn(accept_loop(
+        ex.clone(),
+        worker.clone(),
+        listener.clone(),
+        false,
+    ));
     let _sweeper = ex.spawn(sweeper(worker.clone()));
     let _heartbeat = ex.spawn(heartbeat(worker.clone()));
     worker.my_stats().accepting.store(true, Ordering::Relaxed);
@@ -794,7 +800,9 @@ fn handle(ex: &Rc<LocalExecutor<'static>>, worker: &Rc<Worker>, message: Control
                 log::error!("worker {}: {e}", worker.id());
             }
         }
-        Control::Adopt(stream, peer) => adopt(ex, worker, stream, peer, Origin::HandedOver),
+        Control::Adopt(stream, peer, only) => {
+            adopt(ex, worker, stream, peer, Origin::HandedOver, only)
+        }
         Control::Released(id) => {
             if let Some(conn) = worker.conns.borrow().get(&id) {
                 conn.stream.wake_reader();
@@ -812,16 +820,19 @@ fn drain_backlog(
     let mut n = 0;
     // The listener is nonblocking: this stops at the first WouldBlock.
     while let Ok((stream, peer)) = crate::runtime::accept(listener.get_ref()) {
-        adopt(ex, worker, stream, peer, Origin::Accepted);
+        adopt(ex, worker, stream, peer, Origin::Accepted, false);
         n += 1;
     }
     n
 }
 
+/// Accepts HTTP connections: on the main listener, or on a socket of `protocol: Http`, or
+/// `WebSocket` (`upgrades_only`: its connections are refused anything but an upgrade).
 async fn accept_loop(
     ex: Rc<LocalExecutor<'static>>,
     worker: Rc<Worker>,
     listener: Rc<Async<TcpListener>>,
+    upgrades_only: bool,
 ) {
     loop {
         match listener.accept_std().await {
@@ -829,7 +840,7 @@ async fn accept_loop(
                 // Keep-alive connections stay where they land, so even them out as they come:
                 // a worker with two more connections than another hands the new one over.
                 let Some(to) = worker.lighter_peer() else {
-                    adopt(&ex, &worker, stream, peer, Origin::Accepted);
+                    adopt(&ex, &worker, stream, peer, Origin::Accepted, upgrades_only);
                     // Its request runs before the next accept: should it be slow, the
                     // connections behind it wait in the listen backlog, where an idle worker
                     // takes them, not in this worker's list behind it.
@@ -839,10 +850,11 @@ async fn accept_loop(
                 // Counted for the receiver now, so the next decision already sees it.
                 let receiver = &worker.stats.workers[to].connections;
                 receiver.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = worker.peers[to].try_send(Control::Adopt(stream, peer)) {
+                let handed = Control::Adopt(stream, peer, upgrades_only);
+                if let Err(e) = worker.peers[to].try_send(handed) {
                     receiver.fetch_sub(1, Ordering::Relaxed);
-                    if let Control::Adopt(stream, peer) = e.into_inner() {
-                        adopt(&ex, &worker, stream, peer, Origin::Accepted);
+                    if let Control::Adopt(stream, peer, only) = e.into_inner() {
+                        adopt(&ex, &worker, stream, peer, Origin::Accepted, only);
                     }
                 }
             }
@@ -962,13 +974,15 @@ enum Origin {
     TakenOver,
 }
 
-/// Registers a connection with this worker and serves it.
+/// Registers a connection with this worker and serves it (`upgrades_only`: nothing but
+/// WebSocket upgrades).
 fn adopt(
     ex: &Rc<LocalExecutor<'static>>,
     worker: &Rc<Worker>,
     stream: TcpStream,
     peer: SocketAddr,
     origin: Origin,
+    upgrades_only: bool,
 ) {
     let stream = if origin == Origin::TakenOver {
         Async::new_nonblocking(stream)
@@ -995,6 +1009,9 @@ fn adopt(
     };
     let id = worker.next_id();
     let conn = Conn::new(id, stream, peer, worker.now.get(), worker.lobby().clone());
+    if upgrades_only {
+        conn.only_upgrades();
+    }
     let listed = Listed::new(worker.clone(), conn);
     ex.spawn(async move {
         let (w, conn) = (&listed.worker, &listed.conn);

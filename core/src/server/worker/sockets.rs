@@ -77,6 +77,11 @@ pub(super) fn start(
                 let s = Async::new(s).map_err(fail)?;
                 ex.spawn(receive_loop(worker.clone(), k, s))
             }
+            Listener::Http(l, upgrades_only) => {
+                let l = Rc::new(Async::new(l).map_err(fail)?);
+                let accept = super::accept_loop(ex.clone(), worker.clone(), l, upgrades_only);
+                ex.spawn(accept)
+            }
         };
         worker.socket_loops.borrow_mut().insert(key, task);
     }
