@@ -8,6 +8,7 @@ mod common;
 mod config;
 mod http;
 mod limits;
+mod nginx;
 mod plugins;
 mod prometheus;
 mod reload;

@@ -48,21 +48,9 @@ fn config() -> Config {
         .extra(r#"websocket: (enable: true, routes: [(path: "/ws/echo", handler: "ws-echo.echo")])"#)
 }
 
-/// The path of a tool, or `None` (and a skip message) when it is missing outside CI.
+/// The path of a tool of Debian's prometheus package (see `common::tool`).
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required in CI: apt-get install prometheus"
-        );
-        eprintln!("skipped: no {name} (apt-get install prometheus)");
-    }
-    found
+    crate::common::tool(name, "prometheus")
 }
 
 fn scrape(server: &TestServer) -> Response {

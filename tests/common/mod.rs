@@ -1340,3 +1340,22 @@ pub fn parse_socket_addr(text: &str, index: usize) -> Option<SocketAddr> {
         addr.split_whitespace().next()?.parse().ok()
     })
 }
+
+/// The path of a program on `PATH` (or in `/usr/sbin`), or `None` and a skip message when it
+/// is missing outside CI (`.ci/run` installs `package`, and CI fails without it).
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required in CI: apt-get install {package}"
+        );
+        eprintln!("skipped: no {name} (apt-get install {package})");
+    }
+    found
+}
