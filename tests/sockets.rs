@@ -4,6 +4,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
+    time::Duration,
 };
 
 use crate::common::{echo_artifact, parse_socket_addr, Config, Conn, TestServer, IO_TIMEOUT};
@@ -664,4 +665,74 @@ fn http_sockets_refuse_a_handler_and_websocket_sockets_need_websocket() {
         stderr.contains("sockets[0].protocol") && stderr.contains("websocket.enable"),
         "{stderr}"
     );
+}
+
+/// A free port on 127.0.0.1 (bound and let go: another process could take it meanwhile,
+/// which a test on loopback does not meet in practice).
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    } else {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+}
+
+/// `plughost restart` starts a new server beside the old one: it takes over the fixed-port
+/// TCP, UDP and HTTP sockets and the unix socket (which the old one, draining, must not
+/// remove), and they serve on.
+#[test]
+fn a_restart_takes_over_fixed_port_and_unix_sockets() {
+    let (tcp, udp, http) = (free_port(false), free_port(true), free_port(false));
+    let config = Config::empty()
+        .workers(2)
+        .plugin("echo", echo_artifact())
+        .route("/echo/connections", "echo.connections")
+        .extra(&format!(
+            r#"sockets: [
+                (listen: "127.0.0.1:{tcp}", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp"),
+                (listen: "127.0.0.1:{udp}", protocol: Udp, handler: "echo.udp"),
+                (listen: "unix:echo.sock", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp"),
+                (listen: "127.0.0.1:{http}", protocol: Http),
+            ]"#
+        ));
+    let server = config.start();
+    let path = server.dir().path().join("echo.sock");
+    let tcp = SocketAddr::from(([127, 0, 0, 1], tcp));
+    let mut before = Client::connect(tcp);
+    before.send(b"before\r\n");
+    assert_eq!(before.line(), "plughost: before\r\n");
+
+    let out =
+        crate::common::run_plughost(["restart", "-c", &server.config_path().to_string_lossy()]);
+    assert!(out.status.success(), "{out:?}\n{}", server.logs());
+    server.wait_for_log("drained and exited with status 0", Duration::from_secs(20));
+    // The old server closed its socket connections as it stopped.
+    assert!(before.closed(), "a socket connection outlived its server");
+
+    let mut after = Client::connect(tcp);
+    after.send(b"again\r\n");
+    assert_eq!(after.line(), "plughost: again\r\n");
+    let unix = std::os::unix::net::UnixStream::connect(&path).unwrap_or_else(|e| {
+        panic!(
+            "the unix socket is gone after the restart: {e}\n{}",
+            server.logs()
+        )
+    });
+    unix.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    (&unix).write_all(b"over unix\r\nquit\r\n").unwrap();
+    let mut answer = String::new();
+    (&unix).read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "plughost: over unix\r\nplughost: quit\r\n");
+    let datagrams = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    datagrams.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    datagrams.send_to(b"dgram", ("127.0.0.1", udp)).unwrap();
+    let mut buf = [0; 32];
+    let (n, _) = datagrams.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"plughost: dgram");
+    let list = "GET /echo/connections HTTP/1.1\r\nhost: x\r\n\r\n";
+    let listed = Conn::connect(SocketAddr::from(([127, 0, 0, 1], http))).request(list);
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert_eq!(listed.text().lines().count(), 1, "{}", listed.text());
 }

@@ -304,6 +304,7 @@ fn serve(args: &ServeArgs) -> i32 {
         app_version: args.x_version.clone().unwrap_or_default(),
         listeners: Some(handed.listeners),
         supervisor: handed.info,
+        share_sockets: handed.share_sockets,
     };
     let result = server::run(loaded, options, |_| {
         if let Some(r) = ready.as_mut() {

@@ -59,11 +59,15 @@ pub struct Options {
     pub listeners: Option<Vec<TcpListener>>,
     /// What the supervisor says about itself, for `info`.
     pub supervisor: Option<String>,
+    /// A restart: the server this one takes over from still holds the fixed ports and unix
+    /// socket files of `sockets`, which this one may share (and take) instead of refusing.
+    pub share_sockets: bool,
 }
 
 /// Binds `n` listeners to `addr` with `SO_REUSEPORT` (port 0: the first picks the port).
-pub fn bind(addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>, StartError> {
-    if addr.port() != 0 {
+/// `share`: the port may be in use by the server this one takes over from (a restart).
+pub fn bind(addr: SocketAddr, n: usize, share: bool) -> Result<Vec<TcpListener>, StartError> {
+    if addr.port() != 0 && !share {
         // SO_REUSEPORT would let us share a port with another server; refuse that instead.
         TcpListener::bind(addr).map_err(StartError::io(format!("cannot listen on {addr}")))?;
     }
@@ -86,9 +90,9 @@ pub fn bind_listen(
     mode: u32,
 ) -> Result<(Vec<TcpListener>, Option<sockets::SocketFile>), StartError> {
     let Some(path) = unix_path(listen) else {
-        return Ok((bind(listen.parse().expect("validated"), n)?, None));
+        return Ok((bind(listen.parse().expect("validated"), n, false)?, None));
     };
-    let unix = sockets::bind_unix(path, mode)?;
+    let unix = sockets::bind_unix(path, mode, false)?;
     let file = sockets::SocketFile::new(path);
     let mut all = Vec::new();
     for _ in 0..n {
@@ -180,7 +184,8 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
     let n = listeners.len();
     let listen = listen_url(&config.listen, &listeners[0])?;
     // The unix socket files are removed when they go (the reload state keeps them).
-    let (socket_listeners, socket_files) = sockets::bind(&plan, |_| true, n, &host)?;
+    let (socket_listeners, socket_files) =
+        sockets::bind(&plan, |_| true, (n, options.share_sockets), &host)?;
 
     // Signals first, so a stop during start-up is not lost.
     let signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2])

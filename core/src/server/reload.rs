@@ -348,7 +348,7 @@ impl Live {
         let old_plan = self.plan.clone();
         let added = |s: &SocketPlan| old_plan.socket(&s.key).is_none();
         let (listeners, files) =
-            match super::sockets::bind(&prepared.plan, added, workers.len(), &self.host) {
+            match super::sockets::bind(&prepared.plan, added, (workers.len(), false), &self.host) {
                 Ok(bound) => bound,
                 Err(e) => return fail(format!("{e}; the running sockets stay")),
             };

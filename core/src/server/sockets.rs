@@ -23,20 +23,37 @@ use crate::{
     socket::Listener,
 };
 
-/// A unix socket file, removed when this is dropped.
+/// A unix socket file, removed when this is dropped unless another server took it over
+/// (a restart put its own socket file at the path).
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile {
+    path: PathBuf,
+    /// The file's device and inode, when it was bound.
+    id: Option<(u64, u64)>,
+}
 
 impl SocketFile {
-    /// The guard of the socket file at `path`.
+    /// The guard of the socket file just bound at `path`.
     pub fn new(path: &Path) -> SocketFile {
-        SocketFile(path.to_path_buf())
+        SocketFile {
+            path: path.to_path_buf(),
+            id: file_id(path),
+        }
     }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -49,14 +66,14 @@ pub type PerWorker = Vec<Vec<(String, Listener)>>;
 pub fn bind(
     plan: &Plan,
     only: impl Fn(&SocketPlan) -> bool,
-    n: usize,
+    (n, share): (usize, bool),
     host: &Host,
 ) -> Result<(PerWorker, Vec<(String, SocketFile)>), StartError> {
     let mut per_worker: PerWorker = (0..n).map(|_| Vec::new()).collect();
     let mut files = Vec::new();
     let mut senders = Vec::new();
     for (i, s) in plan.sockets.iter().enumerate().filter(|(_, s)| only(s)) {
-        let (bound, file, url) = bind_one(s, n, plan.unix_socket_mode)?;
+        let (bound, file, url) = bind_one(s, (n, share), plan.unix_socket_mode)?;
         if let Some(Listener::Udp(u)) = bound.first() {
             let sender = u.try_clone();
             senders.push((
@@ -89,12 +106,12 @@ pub fn bind(
 /// One socket's `n` listeners, its file if it is a unix socket, and its bound address.
 fn bind_one(
     s: &SocketPlan,
-    n: usize,
+    (n, share): (usize, bool),
     mode: u32,
 ) -> Result<(Vec<Listener>, Option<SocketFile>, String), StartError> {
     let upgrades_only = s.protocol == SocketProtocol::WebSocket;
     if let Some(path) = unix_path(&s.listen) {
-        let listener = bind_unix(path, mode)?;
+        let listener = bind_unix(path, mode, share)?;
         let file = SocketFile::new(path);
         let mut all = Vec::new();
         for _ in 0..n {
@@ -113,14 +130,14 @@ fn bind_one(
     let addr: SocketAddr = s.listen.parse().expect("validated");
     let (bound, actual, scheme) = match s.protocol {
         SocketProtocol::Http | SocketProtocol::WebSocket => {
-            let bound = bind_tcp(addr, n)?;
+            let bound = bind_tcp(addr, n, share)?;
             let actual = bound[0].local_addr();
             let all = bound.into_iter();
             let all = all.map(|l| Listener::Http(l, upgrades_only)).collect();
             (all, actual, if upgrades_only { "ws" } else { "http" })
         }
         SocketProtocol::Tcp => {
-            let bound = bind_tcp(addr, n)?;
+            let bound = bind_tcp(addr, n, share)?;
             let actual = bound[0].local_addr();
             (
                 bound.into_iter().map(Listener::Tcp).collect(),
@@ -129,7 +146,7 @@ fn bind_one(
             )
         }
         SocketProtocol::Udp => {
-            let bound = bind_udp(addr, n)?;
+            let bound = bind_udp(addr, n, share)?;
             let actual = bound[0].local_addr();
             (
                 bound.into_iter().map(Listener::Udp).collect::<Vec<_>>(),
@@ -144,7 +161,7 @@ fn bind_one(
 
 /// Binds `n` UDP sockets to `addr` with `SO_REUSEPORT` (port 0: the first picks the port);
 /// the kernel spreads datagrams over them by source address.
-fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
+fn bind_udp(addr: SocketAddr, n: usize, share: bool) -> Result<Vec<UdpSocket>, StartError> {
     let make = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
         let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         s.set_reuse_port(true)?;
@@ -152,7 +169,7 @@ fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
         s.bind(&addr.into())?;
         Ok(s.into())
     };
-    if addr.port() != 0 {
+    if addr.port() != 0 && !share {
         // SO_REUSEPORT would let us share a port with another server; refuse that instead.
         UdpSocket::bind(addr).map_err(StartError::io(format!("cannot listen on udp {addr}")))?;
     }
@@ -170,17 +187,23 @@ fn bind_udp(addr: SocketAddr, n: usize) -> Result<Vec<UdpSocket>, StartError> {
 
 /// Binds a unix stream socket at `path` with permissions `mode`. A socket file nobody
 /// listens on (left by a crashed run) is replaced; one in use, or a file that is not a
-/// socket, is refused.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
+/// socket, is refused. `share` (a restart): one in use is taken over, atomically: the new
+/// socket is bound beside it and renamed over it, so a client always finds one that
+/// listens, and the old server keeps what it accepted.
+pub fn bind_unix(path: &Path, mode: u32, share: bool) -> Result<UnixListener, StartError> {
     let err = StartError::io(format!("cannot listen on unix:{}", path.display()));
     let bind = || -> io::Result<UnixListener> {
+        let mut take_over = false;
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
+                if UnixStream::connect(path).is_err() {
+                    std::fs::remove_file(path)?;
+                    log::info!("replaced the stale socket file {}", path.display());
+                } else if share {
+                    take_over = true;
+                } else {
                     return Err(io::Error::other("another server listens on it"));
                 }
-                std::fs::remove_file(path)?;
-                log::info!("replaced the stale socket file {}", path.display());
             }
             Ok(_) => return Err(io::Error::other("the file exists and is not a socket")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -189,9 +212,23 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, StartError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        let at = if take_over {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{}.new", std::process::id()));
+            PathBuf::from(name)
+        } else {
+            path.to_path_buf()
+        };
+        let listener = UnixListener::bind(&at)?;
+        std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode))?;
         listener.set_nonblocking(true)?;
+        if take_over {
+            std::fs::rename(&at, path)?;
+            log::info!(
+                "took over the socket file {} from the server before",
+                path.display()
+            );
+        }
         Ok(listener)
     };
     bind().map_err(err)

@@ -43,6 +43,9 @@ pub mod env {
     pub const CALLS_FD: &str = "PLUGHOST_CALLS_FD";
     /// The supervisor's line for `info`.
     pub const INFO: &str = "PLUGHOST_SUPERVISOR";
+    /// Set for a restart: the running server holds the fixed ports and socket files of
+    /// `sockets`, which the new one shares (and takes over) instead of refusing them.
+    pub const SHARE_SOCKETS: &str = "PLUGHOST_SHARE_SOCKETS";
 }
 
 /// What the supervisor waits for.
@@ -135,7 +138,7 @@ pub fn run(
         stopping: false,
         start_error: None,
     };
-    match sup.spawn() {
+    match sup.spawn(false) {
         Ok(child) => sup.current = Some(child),
         Err(e) => {
             log::error!("cannot start the server process: {e}");
@@ -210,8 +213,9 @@ fn kill(pid: u32, signal: i32) {
 }
 
 impl Supervisor<'_> {
-    /// Starts a server process on the listeners.
-    fn spawn(&self) -> std::io::Result<Child> {
+    /// Starts a server process on the listeners; `beside` another one that serves (a
+    /// restart).
+    fn spawn(&self, beside: bool) -> std::io::Result<Child> {
         let calls = calls::create()?;
         let (ready_r, ready_w) = pipe()?;
         let mut keep: Vec<RawFd> = self.listeners.iter().map(|l| l.as_raw_fd()).collect();
@@ -232,6 +236,9 @@ impl Supervisor<'_> {
             .env(env::CALLS_FD, calls.as_raw_fd().to_string())
             .env(env::INFO, info)
             .stdin(Stdio::null());
+        if beside {
+            cmd.env(env::SHARE_SOCKETS, "1");
+        }
         // SAFETY: only async-signal-safe calls between fork and exec: fcntl and prctl.
         unsafe {
             cmd.pre_exec(move || {
@@ -298,7 +305,7 @@ impl Supervisor<'_> {
             SIGUSR2 if self.next.is_some() => {
                 log::warn!("restart requested while one is under way; ignored");
             }
-            SIGUSR2 => match self.spawn() {
+            SIGUSR2 => match self.spawn(self.current.is_some()) {
                 Ok(child) => {
                     log::info!(
                         "restart requested (SIGUSR2): starting a new server process (pid {}) on the same sockets",
@@ -411,7 +418,7 @@ impl Supervisor<'_> {
         }
         self.restarts += 1;
         self.last_crash = Some(what);
-        match self.spawn() {
+        match self.spawn(!self.old.is_empty()) {
             Ok(c) => {
                 log::warn!(
                     "started a new server process (pid {}), restart {}",
@@ -449,6 +456,8 @@ pub struct Handed {
     pub ready: Option<std::fs::File>,
     /// The supervisor's line for `info`.
     pub info: Option<String>,
+    /// A restart beside a running server (see [`env::SHARE_SOCKETS`]).
+    pub share_sockets: bool,
 }
 
 /// Takes what the supervisor handed to this process through the environment.
@@ -485,7 +494,13 @@ pub fn handed() -> Result<Handed, String> {
     }
     // SAFETY: the pipe's write end, passed to us alone.
     let ready = fd(env::READY_FD)?.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
-    for name in [env::LISTEN_FDS, env::CALLS_FD, env::READY_FD] {
+    let share_sockets = std::env::var_os(env::SHARE_SOCKETS).is_some();
+    for name in [
+        env::LISTEN_FDS,
+        env::CALLS_FD,
+        env::READY_FD,
+        env::SHARE_SOCKETS,
+    ] {
         // SAFETY: single-threaded here (before the server starts any thread).
         unsafe { std::env::remove_var(name) };
     }
@@ -493,6 +508,7 @@ pub fn handed() -> Result<Handed, String> {
         listeners,
         ready,
         info: std::env::var(env::INFO).ok(),
+        share_sockets,
     })
 }
 
