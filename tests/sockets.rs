@@ -736,3 +736,43 @@ fn a_restart_takes_over_fixed_port_and_unix_sockets() {
     assert_eq!(listed.status, 200, "{}", listed.text());
     assert_eq!(listed.text().lines().count(), 1, "{}", listed.text());
 }
+
+/// A peer that never reads: pushes fill its send queue, the push that overflows it gets
+/// `QueueFull`, and the connection is closed and gone from the list, although a write to it
+/// is stuck (the socket buffers are full).
+#[test]
+fn a_peer_that_never_reads_is_closed_when_its_queue_fills() {
+    let server = echo_server(&[EOF_SOCKET], 1);
+    let mut c = Client::connect(socket_addr(&server, 0));
+    let id = c.whoami();
+    let body = vec![b'x'; 256 * 1024];
+    let mut refused = None;
+    for n in 0..2000 {
+        let mut raw = format!(
+            "POST /echo/push/{id} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        raw.extend_from_slice(&body);
+        let resp = Conn::connect(server.addr()).request(raw);
+        if resp.status != 200 {
+            refused = Some((n, resp.text()));
+            break;
+        }
+    }
+    let (n, why) = refused.expect("2000 pushes of 256 KiB to a peer that never reads all queued");
+    assert!(
+        why.contains("full") || why.contains("closed"),
+        "push {n}: {why}"
+    );
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while !connections_of(&server, "").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection of a peer that never reads stays open:\n{}",
+            server.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.wait_for_log("send queue full", IO_TIMEOUT);
+}

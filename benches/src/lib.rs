@@ -159,6 +159,8 @@ pub struct Server {
     child: Child,
     /// `IP:PORT` from the ready line.
     pub addr: String,
+    /// What it printed before its ready line.
+    pub output: Vec<String>,
     /// The process that serves: the `pid N` of the ready line (plughost's server process,
     /// under its supervisor), else the spawned process.
     server_pid: u32,
@@ -222,6 +224,7 @@ impl Server {
                             name,
                             child,
                             addr,
+                            output: seen,
                             server_pid,
                         });
                     }

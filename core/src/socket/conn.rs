@@ -11,7 +11,7 @@ use futures_lite::{future, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     framing::{Decoder, Overflow},
-    registry::{Close, Queues, Sockets},
+    registry::{Close, Direct, Queues, Sockets},
     SocketEvent,
 };
 use crate::{
@@ -54,6 +54,9 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// Bytes gathered into one write at most (more wait for the next).
+const WRITE_BATCH: usize = 64 * 1024;
+
 enum Step {
     Read(io::Result<usize>),
     /// The idle timer fired (the peer may have sent something since it was set).
@@ -73,8 +76,9 @@ pub async fn serve<S: AsFd>(
 ) where
     for<'a> &'a Async<S>: AsyncRead + AsyncWrite,
 {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream.get_ref().as_fd());
     let queues = site.sockets().open(
-        id,
+        (id, fd),
         settings.listen.clone(),
         &settings.framing,
         settings.send_queue,
@@ -106,6 +110,7 @@ where
     let mut stream = stream;
     let mut buf = vec![0; decoder.chunk()];
     let mut heard = Instant::now();
+    let mut out = Vec::new();
     let mut timer = settings.idle.map(Timer::after);
     loop {
         let mut reader = stream;
@@ -120,9 +125,9 @@ where
             }
         };
         let send = async {
-            match queues.data.recv().await {
-                Ok(bytes) => Step::Send(bytes),
-                Err(_) => Step::Close(Close::Stopping),
+            match queues.recv().await {
+                Some(bytes) => Step::Send(bytes),
+                None => Step::Close(Close::Stopping),
             }
         };
         let close = async { Step::Close(queues.close.recv().await.unwrap_or(Close::Stopping)) };
@@ -142,42 +147,56 @@ where
                     heard = Instant::now();
                 }
                 decoder.extend(&buf[..n]);
-                loop {
-                    match decoder.next_frame() {
-                        Ok(Some(frame)) => {
-                            if !site
-                                .socket_event(&settings.socket, SocketEvent::Receive(id, &frame))
-                            {
-                                return Some("its handler failed".into());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e @ (Overflow::Frame(_) | Overflow::NoEof(_))) => {
-                            return Some(format!("{e} ({})", settings.max_package_bytes))
-                        }
-                        Err(e) => return Some(e.to_string()),
-                    }
-                }
-            }
-            Step::Send(bytes) => {
-                if stream.write_all(&bytes).await.is_err() {
-                    return None;
-                }
-            }
-            Step::Close(why) => {
-                // What was queued before the close request goes out first.
-                while let Ok(bytes) = queues.data.try_recv() {
-                    if stream.write_all(&bytes).await.is_err() {
+                let direct = Direct::enter(id, std::mem::take(&mut out));
+                let delivered = deliver(site, settings, id, &mut decoder);
+                out = direct.finish();
+                // What the handler answered goes out with one write.
+                if !out.is_empty() {
+                    if stream.write_all(&out).await.is_err() {
                         return None;
                     }
+                    out.clear();
+                    if out.capacity() > WRITE_BATCH {
+                        out = Vec::new();
+                    }
                 }
-                return match why {
-                    Close::QueueFull => Some("send queue full: the peer reads too slowly".into()),
-                    Close::Asked | Close::Stopping => None,
-                };
+                if let Err(why) = delivered {
+                    return why;
+                }
+            }
+            Step::Send(mut bytes) => {
+                // Everything queued goes out with one write: the answers to all the frames
+                // of one read, or a burst pushed from elsewhere.
+                while let Some(more) = queues.try_recv() {
+                    bytes.extend_from_slice(&more);
+                    if bytes.len() >= WRITE_BATCH {
+                        break;
+                    }
+                }
+                if stream.write_all(&bytes).await.is_err() {
+                    // An overflowing queue shuts the socket down under a stuck write.
+                    return full(queues);
+                }
+            }
+            Step::Close(Close::QueueFull) => return Some(QUEUE_FULL.into()),
+            Step::Close(_) => {
+                // What was queued before the close request goes out first.
+                while let Some(bytes) = queues.try_recv() {
+                    if stream.write_all(&bytes).await.is_err() {
+                        return full(queues);
+                    }
+                }
+                return None;
             }
         }
     }
+}
+
+const QUEUE_FULL: &str = "send queue full: the peer reads too slowly";
+
+/// After a failed write: why, when its queue overflowed (which shut the socket down).
+fn full(queues: &Queues) -> Option<String> {
+    (queues.close.try_recv() == Ok(Close::QueueFull)).then(|| QUEUE_FULL.into())
 }
 
 /// Why an idle connection closes: a warning when an `Eof` peer left a frame without its EOF,
@@ -194,6 +213,29 @@ fn idled(settings: &Settings, id: u64, decoder: &Decoder, idle: Duration) -> Opt
                 settings.socket
             );
             None
+        }
+    }
+}
+
+/// Hands each complete frame to the handler; `Err(why)` when the connection must close.
+fn deliver(
+    site: &impl Site,
+    settings: &Settings,
+    id: u64,
+    decoder: &mut Decoder,
+) -> Result<(), Option<String>> {
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => {
+                if !site.socket_event(&settings.socket, SocketEvent::Receive(id, frame)) {
+                    return Err(Some("its handler failed".into()));
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(e @ (Overflow::Frame(_) | Overflow::NoEof(_))) => {
+                return Err(Some(format!("{e} ({})", settings.max_package_bytes)))
+            }
+            Err(e) => return Err(Some(e.to_string())),
         }
     }
 }

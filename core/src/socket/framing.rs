@@ -70,41 +70,62 @@ impl LengthHeader {
 /// the length field (the data's length less `adjust`) in front; `None` when it does not fit
 /// the field. `Eof` and `Raw` sockets send the bytes as given.
 pub fn encode(framing: &Framing, data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    encode_into(framing, data, &mut out).then_some(out)
+}
+
+/// [`encode`], appended to `out`; false (and `out` as it was) when the length does not fit.
+pub fn encode_into(framing: &Framing, data: &[u8], out: &mut Vec<u8>) -> bool {
     let Framing::Length {
         header,
         offset,
         adjust,
     } = framing
     else {
-        return Some(data.to_vec());
+        out.extend_from_slice(data);
+        return true;
     };
-    let field = u64::try_from(data.len() as i64 - adjust).ok()?;
-    let mut out = Vec::with_capacity(offset + header.size() + data.len());
-    out.resize(*offset, 0);
-    if !header.write(&mut out, field) {
-        return None;
+    let Ok(field) = u64::try_from(data.len() as i64 - adjust) else {
+        return false;
+    };
+    let start = out.len();
+    out.resize(start + offset, 0);
+    if !header.write(out, field) {
+        out.truncate(start);
+        return false;
     }
     out.extend_from_slice(data);
-    Some(out)
+    true
 }
 
-/// One connection's input, cut into frames as it arrives.
+/// One connection's input, cut into frames as it arrives. Frames are handed out as slices
+/// of its buffer; what they used is dropped from the front once per read.
 #[derive(Debug)]
 pub struct Decoder {
     framing: Framing,
+    /// `Eof`: the searcher for the EOF.
+    eof: Option<memchr::memmem::Finder<'static>>,
     max: usize,
     buf: Vec<u8>,
-    /// `Eof`: bytes already searched for the EOF.
+    /// Where the bytes not yet cut into frames start.
+    start: usize,
+    /// `Eof`: bytes up to here were searched for the EOF already.
     scanned: usize,
 }
 
 impl Decoder {
     /// A decoder for `framing` that refuses frames over `max` bytes.
     pub fn new(framing: Framing, max: usize) -> Decoder {
+        let eof = match &framing {
+            Framing::Eof(eof) => Some(memchr::memmem::Finder::new(eof.as_bytes()).into_owned()),
+            _ => None,
+        };
         Decoder {
             framing,
+            eof,
             max,
             buf: Vec::new(),
+            start: 0,
             scanned: 0,
         }
     }
@@ -119,40 +140,44 @@ impl Decoder {
 
     /// Bytes received and not yet cut into a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// Appends bytes read from the connection.
     pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned = self.scanned.saturating_sub(self.start);
+            self.start = 0;
+        }
+        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_CHUNK {
+            // A large frame's memory goes back.
+            self.buf = Vec::new();
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete frame, without its framing; `Ok(None)` until one is complete.
-    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, Overflow> {
-        if self.buf.is_empty() {
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, Overflow> {
+        let pending = self.buf.len() - self.start;
+        if pending == 0 {
             return Ok(None);
         }
-        match &self.framing {
-            Framing::Raw => Ok(Some(std::mem::take(&mut self.buf))),
+        let (from, len, skip) = match &self.framing {
+            Framing::Raw => (self.start, pending, 0),
             Framing::Eof(eof) => {
-                let eof = eof.as_bytes();
-                let from = self.scanned.saturating_sub(eof.len() - 1);
-                let found = self.buf[from..]
-                    .windows(eof.len())
-                    .position(|w| w == eof)
-                    .map(|i| i + from);
-                match found {
-                    Some(end) if end > self.max => Err(Overflow::Frame(end)),
-                    Some(end) => {
-                        let frame = self.buf[..end].to_vec();
-                        self.buf.drain(..end + eof.len());
-                        self.scanned = 0;
-                        Ok(Some(frame))
+                let n = eof.len();
+                let scan = self.scanned.saturating_sub(n - 1).max(self.start);
+                let finder = self.eof.as_ref().expect("an Eof decoder has a finder");
+                match finder.find(&self.buf[scan..]) {
+                    Some(at) if scan + at - self.start > self.max => {
+                        return Err(Overflow::Frame(scan + at - self.start))
                     }
-                    None if self.buf.len() > self.max => Err(Overflow::NoEof(self.buf.len())),
+                    Some(at) => (self.start, scan + at - self.start, n),
+                    None if pending > self.max => return Err(Overflow::NoEof(pending)),
                     None => {
                         self.scanned = self.buf.len();
-                        Ok(None)
+                        return Ok(None);
                     }
                 }
             }
@@ -161,27 +186,28 @@ impl Decoder {
                 offset,
                 adjust,
             } => {
-                let start = offset + header.size();
-                if self.buf.len() < start {
+                let head = offset + header.size();
+                if pending < head {
                     return Ok(None);
                 }
-                let field = header.read(&self.buf[*offset..start]) as i64;
+                let at = self.start + offset;
+                let field = header.read(&self.buf[at..at + header.size()]) as i64;
                 let body = field + adjust;
                 if body < 0 {
                     return Err(Overflow::BadLength(body));
                 }
-                let total = start + body as usize;
                 if body as usize > self.max {
                     return Err(Overflow::Frame(body as usize));
                 }
-                if self.buf.len() < total {
+                if pending < head + body as usize {
                     return Ok(None);
                 }
-                let frame = self.buf[start..total].to_vec();
-                self.buf.drain(..total);
-                Ok(Some(frame))
+                (self.start + head, body as usize, 0)
             }
-        }
+        };
+        self.start = from + len + skip;
+        self.scanned = self.start;
+        Ok(Some(&self.buf[from..from + len]))
     }
 }
 
@@ -195,7 +221,7 @@ mod tests {
     fn frames(d: &mut Decoder) -> Result<Vec<Vec<u8>>, Overflow> {
         let mut out = Vec::new();
         while let Some(f) = d.next_frame()? {
-            out.push(f);
+            out.push(f.to_vec());
         }
         Ok(out)
     }

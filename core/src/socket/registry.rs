@@ -4,9 +4,11 @@
 //! The same pattern as `ws::registry`.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
+    os::fd::RawFd,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, RwLock,
     },
 };
@@ -25,8 +27,14 @@ struct Handle {
     /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
     data: async_channel::Sender<Vec<u8>>,
     capacity: usize,
+    /// Bytes in `data`.
+    queued: Arc<AtomicUsize>,
     close: async_channel::Sender<Close>,
     closing: AtomicBool,
+    /// The connection's socket, shut down when its queue overflows: a write stuck on a
+    /// peer that does not read fails at once. Open while the handle is registered (the
+    /// connection unregisters before it closes the socket).
+    fd: RawFd,
 }
 
 /// Why a connection is asked to close.
@@ -44,12 +52,67 @@ pub enum Close {
 #[derive(Debug)]
 pub struct Queues {
     /// Bytes to write, framed.
-    pub data: async_channel::Receiver<Vec<u8>>,
+    data: async_channel::Receiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
     /// A close request.
     pub close: async_channel::Receiver<Close>,
 }
 
+impl Queues {
+    /// The next bytes to write, once there are some; `None` when the registry let go.
+    pub async fn recv(&self) -> Option<Vec<u8>> {
+        let bytes = self.data.recv().await.ok()?;
+        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        Some(bytes)
+    }
+
+    /// The next bytes to write, if any are queued now.
+    pub fn try_recv(&self) -> Option<Vec<u8>> {
+        let bytes = self.data.try_recv().ok()?;
+        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        Some(bytes)
+    }
+}
+
+/// Bytes queued to one connection before it counts as a slow reader and is closed (beside
+/// the count of writes, `send_queue`); one write larger than this still fits an empty queue.
+pub const SEND_QUEUE_BYTES: usize = 16 << 20;
+
 const SHARDS: usize = 64;
+
+thread_local! {
+    /// The connection whose frames this thread is handing to its handler, and what was sent
+    /// to it meanwhile (see [`Direct`]).
+    static SERVING: RefCell<Option<(u64, Vec<u8>, usize)>> = const { RefCell::new(None) };
+}
+
+/// While this lives, a send from this thread to connection `id` (its handler answering)
+/// goes straight into an output buffer that the connection writes after the handler
+/// returns: no queue, no wake-up. Only while nothing is queued to it ahead (order holds),
+/// and for at most `capacity` sends (past that the queue takes them, and closes a runaway).
+pub struct Direct(());
+
+impl Direct {
+    /// Starts collecting direct sends to `id` into `out` (appended to).
+    pub fn enter(id: u64, out: Vec<u8>) -> Direct {
+        SERVING.with(|s| *s.borrow_mut() = Some((id, out, 0)));
+        Direct(())
+    }
+
+    /// Stops, and gives back the buffer.
+    pub fn finish(self) -> Vec<u8> {
+        SERVING
+            .with(|s| s.borrow_mut().take())
+            .map(|(_, out, _)| out)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.borrow_mut().take());
+    }
+}
 
 #[derive(Debug, Default)]
 #[repr(align(64))]
@@ -79,28 +142,35 @@ impl Sockets {
     }
 
     /// Registers a connection of the socket known as `listen` (as configured, and as bound)
-    /// with a send queue of `capacity` writes.
+    /// with a send queue of `capacity` writes; `fd` is its socket.
     pub fn open(
         &self,
-        id: u64,
+        (id, fd): (u64, RawFd),
         listen: [Arc<str>; 2],
         framing: &Framing,
         capacity: usize,
     ) -> Queues {
         let (data_tx, data) = async_channel::unbounded();
         let (close_tx, close) = async_channel::bounded(1);
+        let queued = Arc::new(AtomicUsize::new(0));
         let handle = Handle {
             listen,
             framing: framing.clone(),
             data: data_tx,
             capacity: capacity.max(1),
+            queued: queued.clone(),
             close: close_tx,
             closing: AtomicBool::new(false),
+            fd,
         };
         if let Ok(mut map) = self.shard(id).write() {
             map.insert(id, handle);
         }
-        Queues { data, close }
+        Queues {
+            data,
+            queued,
+            close,
+        }
     }
 
     /// Forgets a connection.
@@ -117,13 +187,34 @@ impl Sockets {
         if handle.closing.load(Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
+        let direct = SERVING.with(|s| {
+            let mut s = s.try_borrow_mut().ok()?;
+            let (serving, out, count) = s.as_mut()?;
+            if *serving != id || *count >= handle.capacity || !handle.data.is_empty() {
+                return None;
+            }
+            *count += 1;
+            Some(framing::encode_into(&handle.framing, data, out))
+        });
+        match direct {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(HostError::ValueTooLong),
+            None => {}
+        }
         let framed = framing::encode(&handle.framing, data).ok_or(HostError::ValueTooLong)?;
-        if handle.data.len() >= handle.capacity {
-            // A reader this slow would cost unbounded memory: close it.
+        let queued = handle.queued.load(Ordering::Relaxed);
+        let over_bytes = queued > 0 && queued + framed.len() > SEND_QUEUE_BYTES;
+        if handle.data.len() >= handle.capacity || over_bytes {
+            // A reader this slow would cost unbounded memory: close it, and fail the write
+            // it may be stuck in.
             handle.closing.store(true, Ordering::Relaxed);
             let _ = handle.close.try_send(Close::QueueFull);
+            // SAFETY: the descriptor is open while the handle is registered (see `fd`), and
+            // we hold the shard's lock, so the handle cannot go meanwhile.
+            unsafe { libc::shutdown(handle.fd, libc::SHUT_RDWR) };
             return Err(HostError::QueueFull);
         }
+        handle.queued.fetch_add(framed.len(), Ordering::Relaxed);
         handle.data.try_send(framed).map_err(|_| HostError::Closed)
     }
 
@@ -176,9 +267,9 @@ mod tests {
             adjust: 0,
         };
         let names = ["127.0.0.1:0".into(), "127.0.0.1:4000".into()];
-        let q = s.open(1, names, &framing, 1);
+        let q = s.open((1, -1), names, &framing, 1);
         assert_eq!(s.send(1, b"ab"), Ok(()));
-        assert_eq!(q.data.try_recv().unwrap(), b"\x02ab");
+        assert_eq!(q.try_recv().unwrap(), b"\x02ab");
         assert_eq!(s.send(1, &[0; 300]), Err(HostError::ValueTooLong));
         assert_eq!(s.send(1, b"x"), Ok(()));
         assert_eq!(s.send(1, b"y"), Err(HostError::QueueFull));

@@ -30,18 +30,25 @@ use plughost_plugin_api::prelude::*;
 /// Line echo; one instance per worker.
 struct Lines {
     host: Host,
+    /// The answer being built (kept: one allocation per instance, not per line).
+    answer: Vec<u8>,
 }
 
 impl SocketHandler for Lines {
     fn on_receive(&mut self, conn: u64, frame: &[u8]) {
-        let line = String::from_utf8_lossy(frame);
-        let answer = match line.as_ref() {
-            "whoami" => format!("plughost: conn {conn}\r\n"),
-            other => format!("plughost: {other}\r\n"),
-        };
+        // Bytes as they came (no UTF-8 check: a line echo has no use for one).
+        self.answer.clear();
+        self.answer.extend_from_slice(b"plughost: ");
+        match frame {
+            b"whoami" => self
+                .answer
+                .extend_from_slice(format!("conn {conn}").as_bytes()),
+            line => self.answer.extend_from_slice(line),
+        }
+        self.answer.extend_from_slice(b"\r\n");
         // A full send queue closes the connection on the host's side; nothing to do here.
-        let _ = self.host.send(conn, answer.as_bytes());
-        if line == "quit" {
+        let _ = self.host.send(conn, &self.answer);
+        if frame == b"quit" {
             let _ = self.host.close_socket(conn);
         }
     }
@@ -117,6 +124,7 @@ fn plugin() -> Plugin {
         .socket("tcp", |cx| {
             Ok(Lines {
                 host: cx.host().clone(),
+                answer: Vec::new(),
             })
         })
         .socket("frames", |cx| {
