@@ -2,8 +2,11 @@
 //! thread queued to it, and closes when either side or the server says so.
 
 use std::{
+    future::Future,
     io,
     os::fd::AsFd,
+    pin::{pin, Pin},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -112,26 +115,32 @@ where
     let mut heard = Instant::now();
     let mut out = Vec::new();
     let mut timer = settings.idle.map(Timer::after);
+    // The waits on the queues live across turns of the loop: one listener each, not one per
+    // read.
+    let mut sending = pin!(queues.recv());
+    let mut closing = pin!(queues.close.recv());
     loop {
-        let mut reader = stream;
-        let read = async { Step::Read(reader.read(&mut buf).await) };
-        let idle = async {
-            match &mut timer {
-                Some(t) => {
-                    t.await;
-                    Step::Idle
+        let step = {
+            let mut reader = stream;
+            let mut read = pin!(reader.read(&mut buf));
+            future::poll_fn(|cx| {
+                if let Poll::Ready(why) = closing.as_mut().poll(cx) {
+                    return Poll::Ready(Step::Close(why.unwrap_or(Close::Stopping)));
                 }
-                None => future::pending().await,
-            }
+                if let Poll::Ready(bytes) = sending.as_mut().poll(cx) {
+                    sending.set(queues.recv());
+                    return Poll::Ready(bytes.map_or(Step::Close(Close::Stopping), Step::Send));
+                }
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Step::Read(r));
+                }
+                match timer.as_mut().map(|t| Pin::new(t).poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Step::Idle),
+                    _ => Poll::Pending,
+                }
+            })
+            .await
         };
-        let send = async {
-            match queues.recv().await {
-                Some(bytes) => Step::Send(bytes),
-                None => Step::Close(Close::Stopping),
-            }
-        };
-        let close = async { Step::Close(queues.close.recv().await.unwrap_or(Close::Stopping)) };
-        let step = future::or(close, future::or(send, future::or(read, idle))).await;
         match step {
             Step::Read(Ok(0)) | Step::Read(Err(_)) => return None,
             Step::Idle => {
