@@ -776,3 +776,71 @@ fn a_peer_that_never_reads_is_closed_when_its_queue_fills() {
     }
     server.wait_for_log("send queue full", IO_TIMEOUT);
 }
+
+/// Runs `sh -c script` with a timeout; returns its stdout.
+fn shell(script: &str) -> String {
+    let out = std::process::Command::new("timeout")
+        .args(["20", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The README's clients: `nc -C` for the line echo, `socat` over the unix socket, `nc -u` for
+/// UDP, and a Python client for the length-framed echo.
+#[test]
+fn nc_socat_and_python_clients_get_their_echoes() {
+    let (Some(_), Some(_)) = (
+        crate::common::tool("nc", "netcat-openbsd"),
+        crate::common::tool("socat", "socat"),
+    ) else {
+        return;
+    };
+    let udp = r#"(listen: "127.0.0.1:0", protocol: Udp, handler: "echo.udp")"#;
+    let unix =
+        r#"(listen: "unix:echo.sock", protocol: Tcp, framing: Eof("\r\n"), handler: "echo.tcp")"#;
+    let server = echo_server(&[EOF_SOCKET, LENGTH_SOCKET, udp, unix], 2);
+    let (lines, frames) = (socket_addr(&server, 0), socket_addr(&server, 1));
+    let (host, port) = (lines.ip(), lines.port());
+    let got = shell(&format!("printf 'hello\\nquit\\n' | nc -C {host} {port}"));
+    assert_eq!(got, "plughost: hello\r\nplughost: quit\r\n");
+    let path = server.dir().path().join("echo.sock");
+    let got = shell(&format!(
+        "printf 'over unix\\nquit\\n' | socat - UNIX-CONNECT:{},crlf",
+        path.display()
+    ));
+    // socat's `crlf` turns the answers' CRLF back into LF.
+    assert_eq!(got, "plughost: over unix\nplughost: quit\n");
+    let u = udp_addr(&server, 2);
+    let got = shell(&format!(
+        "printf dgram | nc -u -w 1 {} {}",
+        u.ip(),
+        u.port()
+    ));
+    assert_eq!(got, "plughost: dgram");
+    let python = format!(
+        r#"
+import socket, struct
+s = socket.create_connection(("{}", {}))
+s.sendall(struct.pack(">I", 2) + b"py" + struct.pack(">I", 3)[:2])
+s.sendall(struct.pack(">I", 3)[2:] + b"abc")
+want = [b"plughost: py", b"plughost: abc"]
+buf = b""
+for w in want:
+    while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
+        buf += s.recv(4096)
+    n = struct.unpack(">I", buf[:4])[0]
+    assert buf[4:4 + n] == w, buf
+    buf = buf[4 + n:]
+print("ok")
+"#,
+        frames.ip(),
+        frames.port()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &python])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
+}
