@@ -150,3 +150,36 @@ fn plugin() -> Plugin {
 }
 
 export_plugin!(plugin);
+
+#[cfg(test)]
+mod tests {
+    use plughost_test::Harness;
+
+    #[test]
+    fn lines_are_answered_and_quit_closes() {
+        let h = Harness::new(super::plugin());
+        let mut lines = h.socket("tcp");
+        lines.connect(7, "127.0.0.1:5000").unwrap();
+        lines.receive(7, b"hello").unwrap();
+        lines.receive(7, b"whoami").unwrap();
+        lines.receive(7, b"quit").unwrap();
+        let r = h.take();
+        let sent: Vec<_> = r.socket_sent.iter().map(|(_, b)| b.as_slice()).collect();
+        assert_eq!(
+            sent,
+            [
+                &b"plughost: hello\r\n"[..],
+                b"plughost: conn 7\r\n",
+                b"plughost: quit\r\n"
+            ]
+        );
+        assert_eq!(r.socket_closed, [7]);
+    }
+
+    #[test]
+    fn datagrams_are_answered_to_their_peer() {
+        let h = Harness::new(super::plugin());
+        h.socket("udp").packet(3, "127.0.0.1:9", b"ping").unwrap();
+        assert_eq!(h.take().datagrams, [(3, b"plughost: ping".to_vec())]);
+    }
+}

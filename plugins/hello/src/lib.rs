@@ -121,3 +121,35 @@ fn plugin() -> Plugin {
 }
 
 export_plugin!(plugin);
+
+#[cfg(test)]
+mod tests {
+    use plughost_test::{Harness, TestRequest};
+
+    #[test]
+    fn greets_by_name_and_counts_what_its_instance_served() {
+        let h = Harness::new(super::plugin()).config("hello", r#"(greeting: "hi")"#);
+        let mut hello = h.http("hello").route("/hello/{name}");
+        let resp = hello.request(TestRequest::get("/hello/ada"));
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), "hi, ada!\n");
+        assert_eq!(resp.header("x-served"), Some("1"));
+        assert_eq!(hello.get("/hello/bob").header("x-served"), Some("2"));
+        let logged = h.recorded().logs;
+        assert!(
+            logged
+                .iter()
+                .any(|l| l.message.contains("instance created")),
+            "{logged:?}"
+        );
+    }
+
+    #[test]
+    fn env_answers_what_the_host_knows() {
+        let h = Harness::new(super::plugin()).env("GREETING", "hey");
+        let mut env = h.http("env").route("/env/{key}");
+        assert_eq!(env.get("/env/GREETING").text(), "hey\n");
+        let missing = env.get("/env/PLUGHOST_NOT_SET_ANYWHERE");
+        assert_eq!(missing.status, 404);
+    }
+}

@@ -215,3 +215,76 @@ fn plugin() -> Plugin {
 }
 
 export_plugin!(plugin);
+
+#[cfg(test)]
+mod tests {
+    use plughost_test::{Harness, Job};
+
+    #[test]
+    fn the_routes_deliver_fire_and_send() {
+        let h = Harness::new(super::plugin())
+            .tasks(&["jobs.slow"])
+            .events(&["order.paid"]);
+        let mut jobs = h.http("jobs");
+        assert_eq!(
+            jobs.get("/jobs/task?p=report").text(),
+            "task accepted (1)\n"
+        );
+        assert_eq!(
+            jobs.get("/jobs/fire?p=order-7").text(),
+            "event accepted (1)\n"
+        );
+        assert_eq!(jobs.get("/jobs/send?p=hi").status, 200);
+        assert_eq!(jobs.get("/jobs/nope").status, 404);
+        let r = h.take();
+        let job = |name: &str, payload: &str, tries| Job {
+            name: name.into(),
+            payload: payload.into(),
+            delay_ms: 0,
+            tries,
+        };
+        assert_eq!(r.tasks, [job("jobs.slow", "report", 3)]);
+        assert_eq!(r.events, [job("order.paid", "order-7", 3)]);
+        assert_eq!(r.process_messages, [("relay".to_owned(), b"hi".to_vec())]);
+        // A task handler that is not configured is refused with a 503 that says why.
+        let h = Harness::new(super::plugin()).tasks(&["other.task"]);
+        let refused = h.http("jobs").get("/jobs/task?p=x");
+        assert_eq!(refused.status, 503);
+        assert!(
+            refused.text().contains("no such task handler"),
+            "{}",
+            refused.text()
+        );
+    }
+
+    #[test]
+    fn the_cron_job_delivers_a_task_per_tick_and_the_task_finishes() {
+        let h = Harness::new(super::plugin()).config("slow", "(ms: 1)");
+        let mut tick = h.cron("tick");
+        tick.tick().unwrap();
+        tick.tick().unwrap();
+        let delivered: Vec<_> = h.take().tasks.into_iter().map(|t| t.payload).collect();
+        assert_eq!(delivered, [b"tick 1".to_vec(), b"tick 2".to_vec()]);
+        let mut slow = h.task("slow");
+        let out = slow.handle(b"tick 1", 1).unwrap();
+        assert!(String::from_utf8_lossy(&out).starts_with("\"tick 1\" done in"));
+        slow.finish(&out).unwrap();
+        assert!(h
+            .take()
+            .logs
+            .iter()
+            .any(|l| l.message.starts_with("finish on worker")));
+    }
+
+    #[test]
+    fn audit_stops_an_empty_event_and_passes_the_rest_on() {
+        use plughost_plugin_api::abi::Propagation;
+        let h = Harness::new(super::plugin());
+        let mut audit = h.listener("audit");
+        assert_eq!(audit.on_event("order.paid", b""), Ok(Propagation::Stop));
+        assert_eq!(
+            audit.on_event("order.paid", b"7"),
+            Ok(Propagation::Continue)
+        );
+    }
+}

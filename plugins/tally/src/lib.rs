@@ -103,3 +103,34 @@ fn plugin() -> Plugin {
 }
 
 export_plugin!(plugin);
+
+#[cfg(test)]
+mod tests {
+    use plughost_test::{Harness, TestRequest};
+
+    #[test]
+    fn counts_in_the_table_and_refuses_a_key_past_its_size() {
+        let h = Harness::new(super::plugin())
+            .tables(r#"{ "tally": (size: 2, columns: [(name: "n", kind: U64)]) }"#);
+        let mut tally = h.http("tally").route("/tally/{key}");
+        let post = |key: &str| TestRequest::post(&format!("/tally/{key}"), "");
+        assert_eq!(tally.request(post("apples")).text(), "1\n");
+        assert_eq!(tally.request(post("apples")).text(), "2\n");
+        assert_eq!(tally.get("/tally/apples").text(), "2\n");
+        assert_eq!(tally.request(post("pears")).text(), "1\n");
+        let full = tally.request(post("plums"));
+        assert_eq!(full.status, 507, "{}", full.text());
+        assert_eq!(tally.get("/tally/plums").status, 404);
+    }
+
+    #[test]
+    fn refuses_to_start_without_its_table() {
+        let h = Harness::new(super::plugin());
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h.http("tally")));
+        let why = made
+            .err()
+            .and_then(|p| p.downcast::<String>().ok())
+            .unwrap();
+        assert!(why.contains("declare it in server.ron's tables"), "{why}");
+    }
+}
