@@ -136,3 +136,74 @@ fn open_connections_are_spread_evenly_over_the_workers() {
     );
     drop(conns);
 }
+
+/// Runs `cargo args` in `dir` with the workspace's target folder (its dependencies are
+/// built already); panics with cargo's output when it fails.
+fn cargo_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let target = crate::common::artifacts().root.join("target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "cargo {args:?} in {}:\n{text}",
+        dir.display()
+    );
+    text
+}
+
+/// `plughost new` outside any workspace: the crate it makes passes its own test (through
+/// plughost-test) and builds, and the config it added itself to (keeping its comment)
+/// serves it.
+#[test]
+fn plughost_new_makes_a_plugin_that_tests_builds_and_serves() {
+    use crate::common::{artifacts, TestDir, TestServer};
+    let dir = TestDir::new();
+    dir.write_config("// my app\n(\n    listen: \"127.0.0.1:0\",\n    worker_num: 1,\n)\n");
+    let new = |args: &[&str]| {
+        std::process::Command::new(&artifacts().plughost)
+            .arg("new")
+            .args(args)
+            .current_dir(dir.path())
+            .env("CARGO_TARGET_DIR", artifacts().root.join("target"))
+            .output()
+            .unwrap()
+    };
+    let bad = new(&["Greeter"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a crate name"));
+    let out = new(&["greeter", "--config", "server.ron"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("added plugin \"greeter\""), "{stdout}");
+    let config = std::fs::read_to_string(dir.config_path()).unwrap();
+    assert!(config.starts_with("// my app\n"), "{config}");
+    assert!(config.contains("handler: \"greeter.hello\""), "{config}");
+    let again = new(&["greeter"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    let krate = dir.path().join("greeter");
+    // The versions the workspace resolved (and built) already.
+    std::fs::copy(
+        artifacts().root.join("Cargo.lock"),
+        krate.join("Cargo.lock"),
+    )
+    .unwrap();
+    let tested = cargo_in(&krate, &["test"]);
+    assert!(tested.contains("greets_by_name ... ok"), "{tested}");
+    cargo_in(&krate, &["build"]);
+
+    let server = TestServer::start_existing(dir.clone(), &[]);
+    let resp = server.get("/greeter/ada");
+    assert_eq!(resp.status, 200, "{}", server.logs());
+    assert_eq!(resp.text(), "hello, ada! (#1 on worker 0)\n");
+}

@@ -9,6 +9,8 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 
+mod new;
+
 use crate::{
     config::{log_level, Config, Loaded},
     error::StartError,
@@ -41,6 +43,8 @@ enum Command {
     Reload(Common),
     /// Show what a running server is doing.
     Info(Common),
+    /// Create a plugin crate with a handler and a test, and say how to enable it.
+    New(new::NewArgs),
     /// The server process that `start` runs under its supervisor (not for direct use).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -106,6 +110,7 @@ pub fn main() -> i32 {
             Ok(l) => info(&l),
             Err(code) => code,
         },
+        Command::New(args) => new::run(&args),
     }
 }
 
