@@ -471,3 +471,35 @@ fn a_truncated_plugin_moved_over_the_watched_file_is_refused_and_the_old_one_ser
         info.stdout
     );
 }
+
+/// The config names a release build; a debug build of the same plugin lands beside it: no
+/// reload, and one log line that says which path is configured.
+#[test]
+fn a_debug_build_beside_a_configured_release_path_is_named_in_the_log() {
+    let work = TestDir::new();
+    let (release, debug) = (work.path().join("release"), work.path().join("debug"));
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::create_dir_all(&debug).unwrap();
+    let configured = release.join("libhello.so");
+    std::fs::copy(&artifacts().hello, &configured).unwrap();
+    let server = TestServer::start(&reload_config(&configured).render());
+    server.wait_for_log("hot reload: watching", RELOAD_TIMEOUT);
+    std::fs::copy(&artifacts().hello, debug.join("libhello.so")).unwrap();
+    let line = format!(
+        "{} changed, but plugin hello is configured as {}",
+        debug.canonicalize().unwrap().join("libhello.so").display(),
+        configured.display()
+    );
+    server.wait_for_log(&line, RELOAD_TIMEOUT);
+    // Once per path, and no reload.
+    std::fs::copy(&artifacts().hello, debug.join("libhello.so")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        count(&server, "changed, but plugin hello"),
+        1,
+        "{}",
+        server.logs()
+    );
+    assert_eq!(count(&server, "] reloaded "), 0, "{}", server.logs());
+    assert_eq!(server.get("/hello").text(), HELLO_BODY);
+}

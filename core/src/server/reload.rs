@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{atomic::Ordering, mpsc, Arc},
     time::{Duration, Instant},
 };
@@ -192,6 +192,8 @@ pub(crate) struct Live {
     pub services: Services,
     /// The unix socket files of `sockets`, by socket key: removed when their socket is.
     pub socket_files: Vec<(String, SocketFile)>,
+    /// Builds of a plugin that changed beside its configured path, said once each.
+    strays: BTreeSet<PathBuf>,
 }
 
 impl Live {
@@ -212,6 +214,7 @@ impl Live {
             watcher: None,
             services,
             socket_files: Vec::new(),
+            strays: BTreeSet::new(),
         }
     }
 
@@ -257,6 +260,9 @@ impl Live {
         dirs.extend(self.config_path.parent().map(PathBuf::from));
         for (_, p) in self.config.enabled_plugins() {
             dirs.extend(p.path.parent().map(PathBuf::from));
+            // A debug build beside a configured release path (or the other way round) is
+            // noticed, to be named (see `trigger_for`).
+            dirs.extend(other_profile(&p.path).filter(|d| d.is_dir()));
         }
         for extra in &self.config.reload.watch {
             if extra.is_dir() {
@@ -273,7 +279,8 @@ impl Live {
     }
 
     /// What a set of changed files means, if anything.
-    pub fn trigger_for(&self, changed: &BTreeSet<PathBuf>) -> Option<Trigger> {
+    pub fn trigger_for(&mut self, changed: &BTreeSet<PathBuf>) -> Option<Trigger> {
+        self.name_strays(changed);
         let config_key = watch_key(&self.config_path);
         if changed.iter().any(|p| Some(p) == config_key.as_ref()) {
             return Some(Trigger::Config);
@@ -294,6 +301,25 @@ impl Live {
             .map(|(n, _)| n.clone())
             .collect();
         (!plugins.is_empty()).then_some(Trigger::Plugins(plugins))
+    }
+
+    /// Says once per path when a plugin's file changed in the other profile's folder than
+    /// the one its config names: a `cargo build` while the config names the release build
+    /// (or the other way round) reloads nothing, and should not do so silently.
+    fn name_strays(&mut self, changed: &BTreeSet<PathBuf>) {
+        for (name, p) in self.config.enabled_plugins() {
+            let Some(other) = other_profile(&p.path).and_then(|d| d.canonicalize().ok()) else {
+                continue;
+            };
+            let stray = other.join(p.path.file_name().unwrap_or_default());
+            if changed.contains(&stray) && self.strays.insert(stray.clone()) {
+                log::warn!(
+                    "{} changed, but plugin {name} is configured as {}: nothing reloads (build that profile, or point the config at this file)",
+                    stray.display(),
+                    p.path.display()
+                );
+            }
+        }
     }
 
     /// Prepares the reload on this thread, then has every worker swap.
@@ -457,4 +483,16 @@ fn swap_workers(workers: &Workers, plan: &Arc<Plan>, max_wait_time: u64) -> Vec<
         ));
     }
     failures
+}
+
+/// For a plugin at `.../target/release/libx.so`, `.../target/debug` (and the other way
+/// round).
+fn other_profile(path: &Path) -> Option<PathBuf> {
+    let dir = path.parent()?;
+    let other = match dir.file_name()?.to_str()? {
+        "release" => "debug",
+        "debug" => "release",
+        _ => return None,
+    };
+    Some(dir.with_file_name(other))
 }
