@@ -61,6 +61,7 @@ pub mod export;
 pub mod http;
 pub mod stats;
 pub mod table;
+pub mod web;
 
 pub use abi::{
     ColumnDesc, ColumnKind, ComponentKind, Handshake, HostError, Message, MessageKind, Propagation,
@@ -73,6 +74,7 @@ pub use component::{
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 pub use stats::{ServerPhase, ServerStats};
 pub use table::{Counter, Fields, Numeric, Row, Table};
+pub use web::{Cookie, MultipartError, MultipartLimits, Part, SameSite};
 
 /// Re-exported for hosts and for the code `export_plugin!` generates.
 pub use abi_stable;
@@ -82,10 +84,10 @@ pub use log;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, Counter, CronJob, Error, EventListener, Fields, Flow,
-        Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware,
-        Plugin, Process, ProcessContext, Propagation, Request, Response, Row, Schedule,
-        SocketHandler, Table, TaskHandler, Value, WebSocketHandler, WorkerInfo,
+        export_plugin, log, Cleaner, Context, Cookie, Counter, CronJob, Error, EventListener,
+        Fields, Flow, Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind,
+        Middleware, Plugin, Process, ProcessContext, Propagation, Request, Response, Row, SameSite,
+        Schedule, SocketHandler, Table, TaskHandler, Value, WebSocketHandler, WorkerInfo,
     };
 }
 
