@@ -55,9 +55,11 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod abi;
+pub mod broadcast;
 pub mod component;
 #[doc(hidden)]
 pub mod export;
+pub mod fallible;
 pub mod http;
 pub mod stats;
 pub mod table;
@@ -67,10 +69,12 @@ pub use abi::{
     ColumnDesc, ColumnKind, ComponentKind, Handshake, HostError, Message, MessageKind, Propagation,
     Schedule, ThreadKind, Value, ValueRef, WorkerInfo, API_VERSION,
 };
+pub use broadcast::Broadcast;
 pub use component::{
     Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
     Plugin, Process, ProcessContext, SocketHandler, TaskHandler, WebSocketHandler,
 };
+pub use fallible::{HttpError, TryHttpHandler};
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 pub use stats::{ServerPhase, ServerStats};
 pub use table::{Counter, Fields, Numeric, Row, Table};
@@ -84,10 +88,11 @@ pub use log;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, Cookie, Counter, CronJob, Error, EventListener,
-        Fields, Flow, Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind,
-        Middleware, Plugin, Process, ProcessContext, Propagation, Request, Response, Row, SameSite,
-        Schedule, SocketHandler, Table, TaskHandler, Value, WebSocketHandler, WorkerInfo,
+        export_plugin, log, Broadcast, Cleaner, Context, Cookie, Counter, CronJob, Error,
+        EventListener, Fields, Flow, Handshake, Host, HostError, HttpError, HttpHandler, Lifecycle,
+        Message, MessageKind, Middleware, Plugin, Process, ProcessContext, Propagation, Request,
+        Response, Row, SameSite, Schedule, SocketHandler, Table, TaskHandler, TryHttpHandler,
+        Value, WebSocketHandler, WorkerInfo,
     };
 }
 

@@ -51,8 +51,36 @@ impl HttpHandler for Boom {
     }
 }
 
+/// `GET /add/{a}/{b}`: `?` on a parse error, a 404 for a zero.
+struct Add {
+    host: Host,
+}
+
+impl TryHttpHandler for Add {
+    fn handle(&mut self, req: &Request<'_>, resp: &mut Response) -> Result<(), HttpError> {
+        let a: u64 = req.param("a").unwrap_or("").parse()?;
+        let b: u64 = req.param("b").unwrap_or("").parse()?;
+        if a == 0 {
+            return Err(HttpError::not_found());
+        }
+        if b == 0 {
+            return Err(HttpError::bad_request("b must not be 0"));
+        }
+        Broadcast::to_route("/ws", Message::text("added"))
+            .except(req.conn_id)
+            .send(&self.host);
+        resp.text(200, &format!("{}\n", a + b));
+        Ok(())
+    }
+}
+
 fn plugin() -> Plugin {
     Plugin::new("t", "0.1.0")
+        .try_http("add", |cx| {
+            Ok(Add {
+                host: cx.host().clone(),
+            })
+        })
         .websocket("echo", |cx| {
             Ok(Echo {
                 host: cx.host().clone(),
@@ -118,4 +146,31 @@ fn a_panicking_handler_is_a_500_with_its_message_and_its_log_lines_are_kept() {
 #[should_panic(expected = "no such component")]
 fn an_unknown_component_says_so() {
     Harness::new(plugin()).http("nope");
+}
+
+#[test]
+fn a_fallible_handler_answers_its_errors_and_broadcasts_by_name() {
+    let h = Harness::new(plugin());
+    let mut add = h.http("add").route("/add/{a}/{b}");
+    assert_eq!(add.get("/add/2/3").text(), "5\n");
+    let b = &h.take().broadcasts[0];
+    assert_eq!((b.route.as_str(), b.except), ("/ws", 1));
+    let parse = add.get("/add/x/3");
+    assert_eq!(
+        (parse.status, parse.text().as_str()),
+        (500, "internal server error\n")
+    );
+    let logged = h.take().logs;
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.level == "ERROR" && l.message.contains("invalid digit")),
+        "{logged:?}"
+    );
+    assert_eq!(add.get("/add/0/3").status, 404);
+    let bad = add.get("/add/2/0");
+    assert_eq!(
+        (bad.status, bad.text().as_str()),
+        (400, "b must not be 0\n")
+    );
 }
