@@ -8,7 +8,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! plughost-plugin-api = "0.5"
+//! plughost-plugin-api = "0.6"
 //! ```
 //!
 //! ```
@@ -56,6 +56,7 @@
 
 pub mod abi;
 pub mod component;
+pub mod deferred;
 #[doc(hidden)]
 pub mod export;
 pub mod http;
@@ -70,6 +71,7 @@ pub use component::{
     Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
     Plugin, Process, ProcessContext, SocketHandler, TaskHandler, WebSocketHandler,
 };
+pub use deferred::{Closed, ResponseHandle};
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 pub use stats::{ServerPhase, ServerStats};
 pub use table::{Counter, Fields, Numeric, Row, Table};
@@ -82,10 +84,11 @@ pub use log;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Cleaner, Context, Counter, CronJob, Error, EventListener, Fields, Flow,
-        Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind, Middleware,
-        Plugin, Process, ProcessContext, Propagation, Request, Response, Row, Schedule,
-        SocketHandler, Table, TaskHandler, Value, WebSocketHandler, WorkerInfo,
+        export_plugin, log, Cleaner, Closed, Context, Counter, CronJob, Error, EventListener,
+        Fields, Flow, Handshake, Host, HostError, HttpHandler, Lifecycle, Message, MessageKind,
+        Middleware, Plugin, Process, ProcessContext, Propagation, Request, Response,
+        ResponseHandle, Row, Schedule, SocketHandler, Table, TaskHandler, Value, WebSocketHandler,
+        WorkerInfo,
     };
 }
 

@@ -390,7 +390,7 @@ impl Worker {
                     }
                     continue;
                 }
-                Phase::Busy | Phase::WebSocket => continue,
+                Phase::Busy | Phase::WebSocket | Phase::Deferred => continue,
             };
             // A connection another worker took over is let go at once (in case its Released
             // message was lost): `cut` does that too.
@@ -741,9 +741,13 @@ async fn run(
         // Idle connections close now (on a handover, after their next response, so a client
         // never sees a keep-alive connection closed under its request); busy ones close after
         // their response.
+        // A deferred response gets until shortly before the deadline, then its connection's
+        // read side is cut: it answers 503 (a stream ends) and closes.
+        let cut_deferred = Instant::now() + DEFERRED_STOP_MARGIN >= deadline;
         for conn in worker.conns.borrow().values() {
             match conn.phase() {
                 Phase::Idle if close_idle => conn.cut(),
+                Phase::Deferred if cut_deferred && !conn.timed_out() => conn.cut(),
                 Phase::WebSocket => {
                     let _ = worker.connections.close(conn.id, 1001, "server stopping");
                 }
@@ -909,6 +913,9 @@ impl Drop for Listed {
         }
     }
 }
+
+/// How long before a stop's deadline a deferred response still waiting is answered 503.
+const DEFERRED_STOP_MARGIN: Duration = Duration::from_millis(50);
 
 /// The longest an idle worker sleeps before it looks at the others again (while take-over is
 /// on and there are others).
