@@ -303,3 +303,22 @@ fn a_stop_answers_a_waiting_deferred_response_with_503() {
     let _ = conn.stream().read_to_end(&mut rest);
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }
+
+/// A response deferred by one version of a plugin is completed by the next one, after a
+/// reload replaced the first, through its token.
+#[test]
+fn a_response_deferred_before_a_reload_is_completed_after_it() {
+    let server = fixture(1).start();
+    let mut conn = Conn::connect(server.addr());
+    conn.send(get_request("/d/forget"));
+    let token = deferred_token(&server, "/d/forget");
+    server.signal(libc::SIGUSR1);
+    server.wait_for_log("reloaded plugin deferred on 1/1 workers", IO_TIMEOUT);
+    let other = get_close(server.addr(), &format!("/d/complete?token={token}"));
+    assert_eq!(other.text(), "Ok(())\n");
+    let r = conn.read_response();
+    assert_eq!((r.status, r.text().as_str()), (200, "completed by token\n"));
+    // Done: the token completes nothing any more.
+    let again = get_close(server.addr(), &format!("/d/complete?token={token}"));
+    assert_eq!(again.text(), "Err(Closed)\n");
+}
