@@ -12,7 +12,8 @@ use std::{
 
 use crate::{
     common::{
-        artifacts, deferred_fixture, get_close, get_request, Config, Conn, TestServer, IO_TIMEOUT,
+        artifacts, deferred_fixture, get_close, get_request, run_plughost, Config, Conn,
+        TestServer, IO_TIMEOUT,
     },
     ws::chromium_dom,
 };
@@ -162,6 +163,22 @@ fn a_response_nobody_completes_times_out_with_504() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(conn.request(get_request("/d/quick")).text(), "quick\n");
+    // And a dropped one, for `info`, which counts how they ended.
+    assert_eq!(conn.request(get_request("/d/drop")).status, 500);
+    let later = conn.request(get_request("/d/later?ms=1"));
+    assert_eq!(later.text(), "later 1\n");
+    let info = run_plughost([
+        "info".as_ref(),
+        "-c".as_ref(),
+        server.config_path().as_os_str(),
+    ]);
+    assert!(
+        info.stdout.contains(
+            "deferred responses: 0 open, 1 answered, 1 timed out, 1 dropped unfinished, 0 clients gone, 0 cut by a stop"
+        ),
+        "info:\n{}",
+        info.stdout
+    );
 }
 
 /// A client that leaves while its response is deferred (or streamed) closes it: `is_closed`

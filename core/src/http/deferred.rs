@@ -20,7 +20,7 @@ use super::{
     write::{no_body, push_chunk, write_response, write_stream_head, Framing, LAST_CHUNK},
 };
 use crate::{
-    plugin::deferred::{Event, Parts, Waiting},
+    plugin::deferred::{Ended, Event, Parts, Waiting},
     runtime::{
         conn::{Conn, Phase},
         reactor::Timer,
@@ -65,39 +65,42 @@ pub async fn answer<S: Site>(
     conn.set_phase(Phase::Deferred, site.now());
     let token = d.waiting.token();
     let timeout = Duration::from_millis(site.limits().defer_timeout_ms);
-    let parts = match wake(conn, read, &d.waiting, timeout).await {
-        Woke::Event(Event::Complete(parts)) => parts,
+    let (parts, how) = match wake(conn, read, &d.waiting, timeout).await {
+        Woke::Event(Event::Complete(parts)) => (parts, Ended::Answered),
         Woke::Event(Event::Start(parts)) => {
             return stream(site, conn, read, out, resp, d, parts).await
         }
-        Woke::Event(Event::Finish) => Parts {
-            status: 200,
-            ..Parts::default()
-        },
+        Woke::Event(Event::Finish) => (
+            Parts {
+                status: 200,
+                ..Parts::default()
+            },
+            Ended::Answered,
+        ),
         // Chunks arrive only after a start.
         Woke::Event(Event::Dropped | Event::Chunk(_)) => {
             log::warn!(
                 "deferred response {token}: its handle was dropped unfinished; answering 500"
             );
-            plain(500, "internal server error\n")
+            (plain(500, "internal server error\n"), Ended::Dropped)
         }
         Woke::Timeout => {
             log::warn!("deferred response {token}: not answered within {timeout:?}; answering 504");
-            plain(
-                504,
-                "gateway timeout: the deferred response did not come in time\n",
-            )
+            let text = "gateway timeout: the deferred response did not come in time\n";
+            (plain(504, text), Ended::TimedOut)
         }
         Woke::Gone if stopping(site, conn) => {
-            plain(503, "service unavailable: the server is stopping\n")
+            let text = "service unavailable: the server is stopping\n";
+            (plain(503, text), Ended::Stopped)
         }
         Woke::Gone => {
             log::debug!("deferred response {token}: the client went away");
+            d.waiting.end(Ended::ClientGone);
             return Ok(true);
         }
     };
     // The wait is over: from here on every handle reports `Closed`.
-    drop(d.waiting);
+    d.waiting.end(how);
     fill(resp, &parts, &d.extra_head);
     resp.set_body(&parts.body);
     let close = closes(site, resp, d.keep_alive) || stopping(site, conn);
@@ -150,10 +153,12 @@ async fn stream<S: Site>(
             Woke::Gone if stopping(site, conn) => Event::Finish,
             Woke::Gone => {
                 log::debug!("streamed response {token}: the client went away");
+                d.waiting.end(Ended::ClientGone);
                 return Ok(true);
             }
             Woke::Timeout => {
                 log::warn!("streamed response {token}: nothing sent for {idle:?}; cutting it");
+                d.waiting.end(Ended::TimedOut);
                 return Ok(true);
             }
         };
@@ -165,14 +170,20 @@ async fn stream<S: Site>(
                     if body && !http10 {
                         out.extend_from_slice(LAST_CHUNK);
                     }
-                    drop(d.waiting);
+                    let stopped = stopping(site, conn);
+                    d.waiting.end(if stopped {
+                        Ended::Stopped
+                    } else {
+                        Ended::Answered
+                    });
                     flush(site, conn, out).await?;
-                    return Ok(close || stopping(site, conn));
+                    return Ok(close || stopped);
                 }
                 Event::Dropped => {
                     log::warn!(
                         "streamed response {token}: its handle was dropped unfinished; cutting it"
                     );
+                    d.waiting.end(Ended::Dropped);
                     flush(site, conn, out).await?;
                     return Ok(true);
                 }

@@ -74,6 +74,23 @@ struct Entry {
 pub struct Deferrals {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Arc<Entry>>>,
+    /// How the ones that ended ended, for `info`.
+    ended: [AtomicU64; 5],
+}
+
+/// How a deferred response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Completed, or a stream finished.
+    Answered,
+    /// Not answered in time (504), or a stream silent too long (cut).
+    TimedOut,
+    /// Its handle was dropped unfinished (500, or a stream cut short).
+    Dropped,
+    /// The client went away first.
+    ClientGone,
+    /// A stop came first (503, or a stream ended).
+    Stopped,
 }
 
 impl Deferrals {
@@ -84,6 +101,20 @@ impl Deferrals {
     /// How many deferred responses are open now.
     pub fn open(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The `info` line: how many are open, and how the others ended.
+    pub fn info(&self) -> String {
+        let n = |e: Ended| self.ended[e as usize].load(Ordering::Relaxed);
+        format!(
+            "deferred responses: {} open, {} answered, {} timed out, {} dropped unfinished, {} clients gone, {} cut by a stop",
+            self.open(),
+            n(Ended::Answered),
+            n(Ended::TimedOut),
+            n(Ended::Dropped),
+            n(Ended::ClientGone),
+            n(Ended::Stopped)
+        )
     }
 
     /// `host.defer(conn)` on this thread: registers a response for the armed request.
@@ -179,6 +210,12 @@ impl Waiting {
     /// An event already queued, if any.
     pub fn try_recv(&self) -> Option<Event> {
         self.rx.try_recv().ok()
+    }
+
+    /// Counts how the response ended (for `info`), and closes it: every handle reports
+    /// `Closed` from now on.
+    pub fn end(self, how: Ended) {
+        self.deferrals.ended[how as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
