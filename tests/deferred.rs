@@ -321,6 +321,28 @@ fn a_stop_answers_a_waiting_deferred_response_with_503() {
     assert!(server.wait_exit(Duration::from_secs(10)).is_some());
 }
 
+/// A stop ends a started stream at once, with its last chunk (it might never end), and the
+/// writer sees `Closed`.
+#[test]
+fn a_stop_ends_a_stream_at_once() {
+    let mut server = fixture(1).max_wait_time(3).start();
+    let mut conn = Conn::connect(server.addr());
+    conn.send(get_request("/d/gone"));
+    let token = deferred_token(&server, "/d/gone");
+    conn.read_raw_until(b"chunk 1\n").unwrap();
+    let asked = Instant::now();
+    server.signal(libc::SIGTERM);
+    // The rest of the chunked body, up to its last chunk.
+    conn.read_raw_until(b"\r\n0\r\n\r\n").unwrap();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "the stream ended after {took:?}"
+    );
+    server.wait_for_log(&format!("FIXTURE gone token={token} after="), IO_TIMEOUT);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 /// A response deferred by one version of a plugin is completed by the next one, after a
 /// reload replaced the first, through its token.
 #[test]

@@ -354,7 +354,8 @@ impl Host {
     /// handler (and the middleware's `on_response`) left in `resp` is not sent, except its
     /// headers, which go out with the deferred response unless it sets the same ones.
     /// `NotEnabled` anywhere else (another thread, a WebSocket handshake) or when `req` is
-    /// not the request being handled.
+    /// not the request being handled. Deferring the same request again gives a second handle
+    /// to the same response.
     pub fn defer(&self, req: &Request<'_>) -> Result<ResponseHandle, HostError> {
         let token = self.ffi.defer(req.conn_id).into_result()?;
         Ok(ResponseHandle::new(self.ffi.clone(), token))

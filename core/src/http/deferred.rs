@@ -6,8 +6,10 @@
 //!
 //! `limits.defer_timeout_ms` bounds the wait for the response (`504`) and, once a stream
 //! started, the silence between two of its chunks (the stream is cut). A handle dropped
-//! unfinished answers `500`, or cuts a stream short. A graceful stop gives a waiting response
-//! until shortly before `max_wait_time` runs out: then it gets `503`, and a stream is ended.
+//! unfinished answers `500`, or cuts a stream short; a stream whose client reads too slowly
+//! (`MAX_QUEUED` bytes waiting) is closed. A stop gives a waiting response until shortly
+//! before `max_wait_time` runs out, then answers `503`; it ends a started stream at once
+//! (with its last chunk), since a stream such as Server-Sent Events may never end.
 
 use std::{io, time::Duration};
 
@@ -77,8 +79,8 @@ pub async fn answer<S: Site>(
             },
             Ended::Answered,
         ),
-        // Chunks arrive only after a start.
-        Woke::Event(Event::Dropped | Event::Chunk(_)) => {
+        // Chunks (and so an overflow) arrive only after a start.
+        Woke::Event(Event::Dropped | Event::Chunk(_) | Event::Overflow) => {
             log::warn!(
                 "deferred response {token}: its handle was dropped unfinished; answering 500"
             );
@@ -147,7 +149,7 @@ async fn stream<S: Site>(
     let idle = Duration::from_millis(site.limits().defer_timeout_ms);
     loop {
         flush(site, conn, out).await?;
-        conn.set_phase(Phase::Deferred, site.now());
+        conn.set_phase(Phase::Streaming, site.now());
         let mut event = match wake(conn, read, &d.waiting, idle).await {
             Woke::Event(e) => e,
             Woke::Gone if stopping(site, conn) => Event::Finish,
@@ -185,6 +187,11 @@ async fn stream<S: Site>(
                     );
                     d.waiting.end(Ended::Dropped);
                     flush(site, conn, out).await?;
+                    return Ok(true);
+                }
+                Event::Overflow => {
+                    log::warn!("streamed response {token}: the client reads too slowly; closing");
+                    d.waiting.end(Ended::ClientGone);
                     return Ok(true);
                 }
                 // The registry allows neither after a start.

@@ -13,7 +13,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, PoisonError,
     },
 };
@@ -33,7 +33,14 @@ pub enum Event {
     Finish,
     /// The handle went away unfinished: `500`, or a stream cut short.
     Dropped,
+    /// The stream's chunks queued up past [`MAX_QUEUED`] bytes: the client reads too slowly.
+    Overflow,
 }
+
+/// The most bytes of a stream's chunks queued for a connection that has not written them
+/// yet; past it the client is taken to be too slow, the connection closes and the writer gets
+/// `Closed` (as a WebSocket's `send_queue`).
+pub const MAX_QUEUED: usize = 8 << 20;
 
 /// A response as a plugin left it, copied out of the plugin's `Response`.
 #[derive(Debug, Default)]
@@ -67,6 +74,8 @@ enum Stage {
 struct Entry {
     tx: async_channel::Sender<Event>,
     stage: Mutex<Stage>,
+    /// Bytes of chunks sent and not taken by the connection yet.
+    queued: Arc<AtomicUsize>,
 }
 
 /// Every open deferred response, by token.
@@ -130,14 +139,17 @@ impl Deferrals {
             }
             let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
             let (tx, rx) = async_channel::unbounded();
+            let queued = Arc::new(AtomicUsize::new(0));
             let entry = Entry {
                 tx,
                 stage: Mutex::new(Stage::Waiting),
+                queued: queued.clone(),
             };
             self.lock().insert(token, Arc::new(entry));
             a.waiting = Some(Waiting {
                 token,
                 rx,
+                queued,
                 deferrals: self.clone(),
             });
             Ok(token)
@@ -175,6 +187,12 @@ impl Deferrals {
                 (Event::Start(parts), Stage::Streaming)
             }
             (DeferOp::Write(data), Stage::Streaming) => {
+                let queued = entry.queued.fetch_add(data.len(), Ordering::AcqRel) + data.len();
+                if queued > MAX_QUEUED {
+                    *stage = Stage::Done;
+                    let _ = entry.tx.try_send(Event::Overflow);
+                    return Err(HostError::Closed);
+                }
                 (Event::Chunk(data.to_vec()), Stage::Streaming)
             }
             (DeferOp::Finish, _) => (Event::Finish, Stage::Done),
@@ -192,6 +210,7 @@ impl Deferrals {
 pub struct Waiting {
     token: u64,
     rx: async_channel::Receiver<Event>,
+    queued: Arc<AtomicUsize>,
     deferrals: Arc<Deferrals>,
 }
 
@@ -204,12 +223,20 @@ impl Waiting {
     /// The next event; `None` cannot happen while the registry holds the sender, but is
     /// taken as a dropped handle.
     pub async fn recv(&self) -> Event {
-        self.rx.recv().await.unwrap_or(Event::Dropped)
+        let event = self.rx.recv().await.unwrap_or(Event::Dropped);
+        self.taken(event)
     }
 
     /// An event already queued, if any.
     pub fn try_recv(&self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|e| self.taken(e))
+    }
+
+    fn taken(&self, event: Event) -> Event {
+        if let Event::Chunk(data) = &event {
+            self.queued.fetch_sub(data.len(), Ordering::AcqRel);
+        }
+        event
     }
 
     /// Counts how the response ended (for `info`), and closes it: every handle reports
@@ -309,6 +336,34 @@ mod tests {
         drop(waiting);
         assert_eq!(d.open(), 0);
         assert_eq!(d.apply(token, DeferOp::Drop), Err(HostError::Closed));
+    }
+
+    #[test]
+    fn a_stream_queued_past_its_bound_closes() {
+        let d = Arc::new(Deferrals::default());
+        let arming = arm(3);
+        let token = d.defer(3).unwrap();
+        let waiting = arming.take().unwrap();
+        d.apply(token, DeferOp::Start(&Response::new())).unwrap();
+        let mb = vec![b'x'; 1 << 20];
+        for _ in 0..MAX_QUEUED >> 20 {
+            d.apply(token, DeferOp::Write(RSlice::from_slice(&mb)))
+                .unwrap();
+        }
+        // Taking one out makes room for one more.
+        assert!(matches!(waiting.try_recv(), Some(Event::Start(_))));
+        assert!(matches!(waiting.try_recv(), Some(Event::Chunk(_))));
+        d.apply(token, DeferOp::Write(RSlice::from_slice(&mb)))
+            .unwrap();
+        assert_eq!(
+            d.apply(token, DeferOp::Write(RSlice::from_slice(b"x"))),
+            Err(HostError::Closed)
+        );
+        let mut last = None;
+        while let Some(e) = waiting.try_recv() {
+            last = Some(e);
+        }
+        assert!(matches!(last, Some(Event::Overflow)));
     }
 
     #[test]

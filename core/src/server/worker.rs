@@ -390,7 +390,7 @@ impl Worker {
                     }
                     continue;
                 }
-                Phase::Busy | Phase::WebSocket | Phase::Deferred => continue,
+                Phase::Busy | Phase::WebSocket | Phase::Deferred | Phase::Streaming => continue,
             };
             // A connection another worker took over is let go at once (in case its Released
             // message was lost): `cut` does that too.
@@ -742,12 +742,14 @@ async fn run(
         // never sees a keep-alive connection closed under its request); busy ones close after
         // their response.
         // A deferred response gets until shortly before the deadline, then its connection's
-        // read side is cut: it answers 503 (a stream ends) and closes.
+        // read side is cut: it answers 503 and closes. A stream (which may never end, as
+        // Server-Sent Events) is ended at once, and its client reconnects elsewhere.
         let cut_deferred = Instant::now() + DEFERRED_STOP_MARGIN >= deadline;
         for conn in worker.conns.borrow().values() {
             match conn.phase() {
                 Phase::Idle if close_idle => conn.cut(),
                 Phase::Deferred if cut_deferred && !conn.timed_out() => conn.cut(),
+                Phase::Streaming if !conn.timed_out() => conn.cut(),
                 Phase::WebSocket => {
                     let _ = worker.connections.close(conn.id, 1001, "server stopping");
                 }
