@@ -117,6 +117,59 @@ pub async fn answer<S: Site>(
     Ok(close)
 }
 
+/// How a stream's body goes out.
+#[derive(Debug, Clone, Copy)]
+struct Body {
+    /// Not for HEAD or a status without a body.
+    sent: bool,
+    /// HTTP/1.0: raw bytes until the connection closes, no chunks.
+    raw: bool,
+}
+
+impl Body {
+    fn chunk(self, out: &mut Vec<u8>, data: &[u8]) {
+        match (self.sent, self.raw) {
+            (false, _) => {}
+            (true, true) => out.extend_from_slice(data),
+            (true, false) => push_chunk(out, data),
+        }
+    }
+
+    fn end(self, out: &mut Vec<u8>) {
+        if self.sent && !self.raw {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+    }
+}
+
+/// Writes the head of a stream (and its first bytes) into `out`. Returns how its body goes
+/// out, and whether the connection closes after it.
+fn open_stream<S: Site>(
+    site: &S,
+    resp: &mut Response,
+    d: &Deferred,
+    parts: &Parts,
+    out: &mut Vec<u8>,
+) -> (Body, bool) {
+    fill(resp, parts, &d.extra_head);
+    let raw = d.version == HttpVersion::Http10;
+    // HTTP/1.0 has no chunks: the body ends with the connection.
+    let close = raw || closes(site, resp, d.keep_alive);
+    let framing = Framing {
+        version: d.version,
+        is_head: d.is_head,
+        close,
+        asked_keep_alive: d.keep_alive,
+    };
+    site.with_date(|date| write_stream_head(out, resp, framing, date));
+    let body = Body {
+        sent: !d.is_head && !no_body(parts.status),
+        raw,
+    };
+    body.chunk(out, &parts.body);
+    (body, close)
+}
+
 /// Writes a streamed response as its chunks come. Returns whether the connection closes.
 async fn stream<S: Site>(
     site: &S,
@@ -128,24 +181,7 @@ async fn stream<S: Site>(
     parts: Parts,
 ) -> io::Result<bool> {
     let token = d.waiting.token();
-    fill(resp, &parts, &d.extra_head);
-    let http10 = d.version == HttpVersion::Http10;
-    // HTTP/1.0 has no chunks: the body ends with the connection.
-    let close = http10 || closes(site, resp, d.keep_alive);
-    let framing = Framing {
-        version: d.version,
-        is_head: d.is_head,
-        close,
-        asked_keep_alive: d.keep_alive,
-    };
-    site.with_date(|date| write_stream_head(out, resp, framing, date));
-    let body = !d.is_head && !no_body(parts.status);
-    let chunk = |out: &mut Vec<u8>, data: &[u8]| match (body, http10) {
-        (false, _) => {}
-        (true, true) => out.extend_from_slice(data),
-        (true, false) => push_chunk(out, data),
-    };
-    chunk(out, &parts.body);
+    let (body, close) = open_stream(site, resp, &d, &parts, out);
     let idle = Duration::from_millis(site.limits().defer_timeout_ms);
     loop {
         flush(site, conn, out).await?;
@@ -166,36 +202,41 @@ async fn stream<S: Site>(
         };
         // Whatever else is queued goes out in the same write.
         loop {
-            match event {
-                Event::Chunk(data) => chunk(out, &data),
+            let ended = match event {
+                Event::Chunk(data) => {
+                    body.chunk(out, &data);
+                    None
+                }
                 Event::Finish => {
-                    if body && !http10 {
-                        out.extend_from_slice(LAST_CHUNK);
-                    }
+                    body.end(out);
                     let stopped = stopping(site, conn);
-                    d.waiting.end(if stopped {
-                        Ended::Stopped
-                    } else {
-                        Ended::Answered
-                    });
-                    flush(site, conn, out).await?;
-                    return Ok(close || stopped);
+                    Some((
+                        if stopped {
+                            Ended::Stopped
+                        } else {
+                            Ended::Answered
+                        },
+                        close || stopped,
+                    ))
                 }
                 Event::Dropped => {
                     log::warn!(
                         "streamed response {token}: its handle was dropped unfinished; cutting it"
                     );
-                    d.waiting.end(Ended::Dropped);
-                    flush(site, conn, out).await?;
-                    return Ok(true);
+                    Some((Ended::Dropped, true))
                 }
                 Event::Overflow => {
                     log::warn!("streamed response {token}: the client reads too slowly; closing");
-                    d.waiting.end(Ended::ClientGone);
-                    return Ok(true);
+                    out.clear();
+                    Some((Ended::ClientGone, true))
                 }
                 // The registry allows neither after a start.
-                Event::Start(_) | Event::Complete(_) => {}
+                Event::Start(_) | Event::Complete(_) => None,
+            };
+            if let Some((how, close)) = ended {
+                d.waiting.end(how);
+                flush(site, conn, out).await?;
+                return Ok(close);
             }
             if out.len() >= 64 * 1024 {
                 break;
