@@ -153,7 +153,8 @@ fn a_dropped_handle_answers_500() {
     assert_eq!(get_close(server.addr(), "/d/quick").text(), "quick\n");
 }
 
-/// Nobody completes it: 504 after `limits.defer_timeout_ms`, and keep-alive goes on.
+/// Nobody completes it: 504 after `limits.defer_timeout_ms`, and keep-alive goes on; a
+/// stream silent for as long is cut.
 #[test]
 fn a_response_nobody_completes_times_out_with_504() {
     let server = fixture(2).limit("defer_timeout_ms", 300).start();
@@ -163,6 +164,12 @@ fn a_response_nobody_completes_times_out_with_504() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(conn.request(get_request("/d/quick")).text(), "quick\n");
+    // A started stream that then sends nothing for as long is cut: no last chunk.
+    let mut silent = Conn::connect(server.addr());
+    silent.send(get_request("/d/silent"));
+    silent.read_raw_until(b"first\n").unwrap();
+    let cut = silent.read_raw_until(b"0\r\n\r\n").unwrap_err();
+    assert!(cut.starts_with("closed before"), "{cut}");
     // And a dropped one, for `info`, which counts how they ended.
     assert_eq!(conn.request(get_request("/d/drop")).status, 500);
     let later = conn.request(get_request("/d/later?ms=1"));
@@ -174,7 +181,7 @@ fn a_response_nobody_completes_times_out_with_504() {
     ]);
     assert!(
         info.stdout.contains(
-            "deferred responses: 0 open, 1 answered, 1 timed out, 1 dropped unfinished, 0 clients gone, 0 cut by a stop"
+            "deferred responses: 0 open, 1 answered, 2 timed out, 1 dropped unfinished, 0 clients gone, 0 cut by a stop"
         ),
         "info:\n{}",
         info.stdout
