@@ -95,6 +95,16 @@ fn the_demo_config_serves_what_the_readme_shows() {
     );
     assert_eq!(server.get("/health").status, 200);
     assert_eq!(server.get("/ready").status, 200);
+    // The README's "Deferred and streamed responses".
+    let slow = server.get("/hello/slow");
+    assert_eq!(slow.status, 200, "{}", slow.text());
+    assert!(slow.text().starts_with("slept 200 ms on task worker"));
+    let events = server.get("/events?n=2&ms=10");
+    assert!(
+        events.text().ends_with("data: tick 2\n\n"),
+        "{}",
+        events.text()
+    );
 }
 
 /// Keep-alive connections are evened out over the workers, whatever the kernel's hash did:

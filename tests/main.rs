@@ -6,6 +6,7 @@ mod apollo;
 mod cli;
 mod common;
 mod config;
+mod deferred;
 mod http;
 mod limits;
 mod nginx;

@@ -66,6 +66,41 @@ fn api_version() -> String {
         .to_owned()
 }
 
+/// The manifest of a copy of plugin-api at `version`, outside the workspace: its
+/// `X.workspace = true` dependencies spelled out from the workspace's own lines.
+fn api_manifest(version: &str) -> String {
+    let root = &artifacts().root;
+    let workspace = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let api = std::fs::read_to_string(root.join("plugin-api/Cargo.toml")).unwrap();
+    let deps = api
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap()
+        .split("\n[")
+        .next()
+        .unwrap();
+    let mut out = format!(
+        "[package]\nname = \"plughost-plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n[dependencies]\n"
+    );
+    for line in deps
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        match line.strip_suffix(".workspace = true") {
+            Some(name) => {
+                let spelled = workspace
+                    .lines()
+                    .find(|l| l.starts_with(&format!("{name} = ")))
+                    .unwrap_or_else(|| panic!("{name} is not in the workspace's dependencies"));
+                out.push_str(spelled);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Replaces `from` by `to` in a file (panics when `from` is not there).
 fn edit(path: &Path, from: &str, to: &str) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -153,13 +188,8 @@ fn an_incompatible_build_is_refused_and_the_old_version_keeps_serving() {
         let f = f.unwrap().path();
         std::fs::copy(&f, api.join("src").join(f.file_name().unwrap())).unwrap();
     }
-    // The workspace's dependencies of plugin-api, spelled out (the copy is not in the workspace).
     let version = api_version();
-    let manifest = format!(
-        "[package]\nname = \"plughost-plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n\
-        [dependencies]\nabi_stable = \"0.11.3\"\nserde = {{ version = \"1\", features = [\"derive\"] }}\n\
-        ron = \"0.8\"\nlog = {{ version = \"0.4\", features = [\"std\"] }}\n"
-    );
+    let manifest = api_manifest(&version);
     std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
     edit(
         &api.join("src/http.rs"),
@@ -221,9 +251,7 @@ fn a_plugin_built_against_plugin_api_0_2_is_refused() {
         let f = f.unwrap().path();
         std::fs::copy(&f, api.join("src").join(f.file_name().unwrap())).unwrap();
     }
-    let manifest = "[package]\nname = \"plughost-plugin-api\"\nversion = \"0.2.0\"\nedition = \"2021\"\n\n\
-        [dependencies]\nabi_stable = \"0.11.3\"\nserde = { version = \"1\", features = [\"derive\"] }\n\
-        ron = \"0.8\"\nlog = { version = \"0.4\", features = [\"std\"] }\n";
+    let manifest = api_manifest("0.2.0");
     std::fs::write(api.join("Cargo.toml"), manifest).unwrap();
     let old = build(&copy_hello(work.path(), "hello-api-0-2", &api));
     let (status, stderr) = Config::empty()

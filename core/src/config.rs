@@ -483,6 +483,9 @@ pub struct Limits {
     /// A response (or WebSocket write) the client does not take within this long closes the
     /// connection.
     pub send_timeout_ms: u64,
+    /// A deferred response not answered (or a started stream that sends nothing) within this
+    /// long gets 504 (a stream is cut).
+    pub defer_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -495,6 +498,7 @@ impl Default for Limits {
             keepalive_timeout_ms: 60_000,
             max_inflight_body_bytes: 64 << 20,
             send_timeout_ms: 30_000,
+            defer_timeout_ms: 30_000,
         }
     }
 }
@@ -815,6 +819,7 @@ impl Config {
             ("limits.max_headers", l.max_headers as u64, 1),
             ("limits.header_read_timeout_ms", l.header_read_timeout_ms, 1),
             ("limits.keepalive_timeout_ms", l.keepalive_timeout_ms, 1),
+            ("limits.defer_timeout_ms", l.defer_timeout_ms, 1),
         ] {
             if value < min {
                 let name = key.rsplit('.').next().unwrap_or(key);

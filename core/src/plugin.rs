@@ -1,8 +1,10 @@
 //! Plugins: loading `.so` files ([`loader`]), the set of loaded plugins and the components
-//! the config uses from them ([`registry`]), the host API plugins call ([`host`]), and one
-//! thread's instances of components ([`bank`]).
+//! the config uses from them ([`registry`]), the host API plugins call ([`host`]) with the
+//! deferred responses it keeps ([`deferred`]), and one thread's instances of components
+//! ([`bank`]).
 
 pub mod bank;
+pub mod deferred;
 pub mod host;
 pub mod loader;
 pub mod registry;

@@ -209,6 +209,7 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
         connections: host.connections().clone(),
         tables,
         last_reload: Mutex::new(None),
+        deferrals: host.deferrals().clone(),
     });
     let socket = control::socket_path(&config.runtime_dir);
     let control = control::serve(&socket, state.clone()).map_err(StartError::io(format!(

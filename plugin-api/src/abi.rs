@@ -709,8 +709,34 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     fn socket_send_to(&self, peer: u64, data: RSlice<'_, u8>) -> RResult<(), HostError>;
     /// Ids of the open connections of the stream sockets whose configured `listen` or bound
     /// address is `listen` (empty: every socket), on every worker.
-    #[sabi(last_prefix_field)]
     fn socket_connections(&self, listen: RStr<'_>) -> RVec<u64>;
+    /// Defers the response to the request of connection `conn` that is being handled on the
+    /// calling thread; returns the deferred response's token. `NotEnabled` outside a request
+    /// handler or middleware request hook on an HTTP worker, or for another request.
+    fn defer(&self, conn: u64) -> RResult<u64, HostError>;
+    /// Completes, streams, drops or checks the deferred response `token`, from any thread.
+    /// `Closed` once the client went away, the response timed out or was already done.
+    #[sabi(last_prefix_field)]
+    fn deferred(&self, token: u64, op: DeferOp<'_>) -> RResult<(), HostError>;
+}
+
+/// What a [`HostFfi::deferred`] call does to a deferred response.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub enum DeferOp<'a> {
+    /// Answers with this response (status, headers, body) and ends it.
+    Complete(&'a Response),
+    /// Sends the status and headers of a streamed response (and its body so far as the
+    /// first chunk).
+    Start(&'a Response),
+    /// Sends a chunk of a streamed response (starting it as a `200` if it was not).
+    Write(RSlice<'a, u8>),
+    /// Ends a streamed response (an empty `200` if it never started).
+    Finish,
+    /// The handle was dropped without finishing: `500`, or a streamed response cut short.
+    Drop,
+    /// Only says whether the response is still open.
+    Check,
 }
 
 /// The host handle as it crosses the boundary.

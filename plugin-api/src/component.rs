@@ -24,6 +24,7 @@ use crate::{
         ProcessFfi_TO, Propagation, Schedule, SocketFfi, SocketFfi_TO, TaskHandlerFfi,
         TaskHandlerFfi_TO, WebSocketFfi, WebSocketFfi_TO, WorkerInfo, API_VERSION,
     },
+    deferred::ResponseHandle,
     http::{Flow, Request, Response},
     stats::ServerStats,
     table::{Counter, Table},
@@ -354,6 +355,25 @@ impl Host {
             .env_file()
             .into_option()
             .map(|p| std::path::PathBuf::from(p.as_str()))
+    }
+
+    /// Defers the response to `req`: call it in a handler (or a middleware's `on_request`),
+    /// return, and finish the response later from any thread with the handle. What the
+    /// handler (and the middleware's `on_response`) left in `resp` is not sent, except its
+    /// headers, which go out with the deferred response unless it sets the same ones.
+    /// `NotEnabled` anywhere else (another thread, a WebSocket handshake) or when `req` is
+    /// not the request being handled. Deferring the same request again gives a second handle
+    /// to the same response.
+    pub fn defer(&self, req: &Request<'_>) -> Result<ResponseHandle, HostError> {
+        let token = self.ffi.defer(req.conn_id).into_result()?;
+        Ok(ResponseHandle::new(self.ffi.clone(), token))
+    }
+
+    /// A handle for the deferred response `token` (from [`ResponseHandle::into_token`]), on
+    /// any thread: a task worker, a custom process, a thread of the plugin. An unknown or
+    /// finished token gives a handle whose calls return `Err(Closed)`.
+    pub fn resume(&self, token: u64) -> ResponseHandle {
+        ResponseHandle::new(self.ffi.clone(), token)
     }
 
     /// A snapshot of the server's counters: per worker, tasks, events, cron jobs, custom

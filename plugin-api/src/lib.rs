@@ -57,6 +57,7 @@
 pub mod abi;
 pub mod broadcast;
 pub mod component;
+pub mod deferred;
 #[doc(hidden)]
 pub mod export;
 pub mod fallible;
@@ -74,6 +75,7 @@ pub use component::{
     Cleaner, Context, CronJob, Error, EventListener, Host, HttpHandler, Lifecycle, Middleware,
     Plugin, Process, ProcessContext, SocketHandler, TaskHandler, WebSocketHandler,
 };
+pub use deferred::{Closed, ResponseHandle};
 pub use fallible::{HttpError, TryHttpHandler};
 pub use http::{Flow, Header, HttpVersion, Param, Request, Response};
 pub use stats::{ServerPhase, ServerStats};
@@ -88,11 +90,11 @@ pub use log;
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        export_plugin, log, Broadcast, Cleaner, Context, Cookie, Counter, CronJob, Error,
+        export_plugin, log, Broadcast, Cleaner, Closed, Context, Cookie, Counter, CronJob, Error,
         EventListener, Fields, Flow, Handshake, Host, HostError, HttpError, HttpHandler, Lifecycle,
         Message, MessageKind, Middleware, Plugin, Process, ProcessContext, Propagation, Request,
-        Response, Row, SameSite, Schedule, SocketHandler, Table, TaskHandler, TryHttpHandler,
-        Value, WebSocketHandler, WorkerInfo,
+        Response, ResponseHandle, Row, SameSite, Schedule, SocketHandler, Table, TaskHandler,
+        TryHttpHandler, Value, WebSocketHandler, WorkerInfo,
     };
 }
 

@@ -12,8 +12,8 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use plughost::plugin::host::Host as ServerHost;
 use plughost_plugin_api::{
     abi::{
-        CellRef, HostFfi, LogLevel, Message, MessageKind, ScanBatch, TableDesc, Value, ValueRef,
-        WorkerInfo,
+        CellRef, DeferOp, HostFfi, LogLevel, Message, MessageKind, ScanBatch, TableDesc, Value,
+        ValueRef, WorkerInfo,
     },
     HostError, ServerStats,
 };
@@ -79,6 +79,51 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// What happened to a deferred response (`host.defer`), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deferred {
+    /// `defer` gave this token for the request of this connection.
+    Deferred {
+        /// The token.
+        token: u64,
+        /// The request's connection.
+        conn: u64,
+    },
+    /// Completed with this status and body.
+    Completed {
+        /// The token.
+        token: u64,
+        /// The status.
+        status: u16,
+        /// The body.
+        body: Vec<u8>,
+    },
+    /// A stream started with this status.
+    Started {
+        /// The token.
+        token: u64,
+        /// The status.
+        status: u16,
+    },
+    /// A chunk of a stream.
+    Chunk {
+        /// The token.
+        token: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A stream finished.
+    Finished {
+        /// The token.
+        token: u64,
+    },
+    /// The handle was dropped unfinished (the server answers 500).
+    Dropped {
+        /// The token.
+        token: u64,
+    },
+}
+
 /// Everything a plugin asked of the host that a server would have done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
@@ -104,6 +149,8 @@ pub struct Recorded {
     pub reloads: Vec<String>,
     /// Log records, in order.
     pub logs: Vec<LogLine>,
+    /// Deferred responses: what happened to each, in order.
+    pub deferred: Vec<Deferred>,
 }
 
 /// What the host knows and records, shared by every handle of one harness.
@@ -118,6 +165,8 @@ pub(crate) struct State {
     pub(crate) env: Mutex<BTreeMap<String, String>>,
     /// Task handlers and events that exist; empty: any.
     pub(crate) tasks: Mutex<BTreeSet<String>>,
+    /// Deferred responses not finished yet, and the last token given.
+    pub(crate) deferrals: Mutex<(BTreeSet<u64>, u64)>,
     pub(crate) events: Mutex<BTreeSet<String>>,
 }
 
@@ -412,6 +461,56 @@ impl HostFfi for Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         open.iter().copied().collect()
+    }
+
+    fn defer(&self, conn: u64) -> RResult<u64, HostError> {
+        let mut d = self
+            .state
+            .deferrals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        d.1 += 1;
+        let token = d.1;
+        d.0.insert(token);
+        drop(d);
+        self.state
+            .record(|r| r.deferred.push(Deferred::Deferred { token, conn }));
+        ok(token)
+    }
+
+    fn deferred(&self, token: u64, op: DeferOp<'_>) -> RResult<(), HostError> {
+        let mut open = self
+            .state
+            .deferrals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !open.0.contains(&token) {
+            return err(HostError::Closed);
+        }
+        if matches!(op, DeferOp::Complete(_) | DeferOp::Finish | DeferOp::Drop) {
+            open.0.remove(&token);
+        }
+        drop(open);
+        let event = match op {
+            DeferOp::Complete(resp) => Deferred::Completed {
+                token,
+                status: resp.status(),
+                body: resp.body().to_vec(),
+            },
+            DeferOp::Start(resp) => Deferred::Started {
+                token,
+                status: resp.status(),
+            },
+            DeferOp::Write(data) => Deferred::Chunk {
+                token,
+                data: data.to_vec(),
+            },
+            DeferOp::Finish => Deferred::Finished { token },
+            DeferOp::Drop => Deferred::Dropped { token },
+            DeferOp::Check => return ok(()),
+        };
+        self.state.record(|r| r.deferred.push(event));
+        ok(())
     }
 }
 

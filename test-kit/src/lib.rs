@@ -46,7 +46,7 @@ use plughost_plugin_api::{
     Flow, Response,
 };
 
-pub use host::{Broadcast, Job, LogLine, Recorded, Sent};
+pub use host::{Broadcast, Deferred, Job, LogLine, Recorded, Sent};
 pub use request::{TestRequest, TestResponse};
 
 use host::{Capture, Recorder, State};

@@ -1359,3 +1359,22 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     }
     found
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deferred and streamed responses (tests/deferred.rs)
+// ---------------------------------------------------------------------------------------------
+
+static DEFERRED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Builds the server (see [`artifacts`], which has `hello`) and the `fixture-deferred`
+/// plugin; returns `libfixture_deferred.so`.
+pub fn deferred_fixture() -> &'static Path {
+    let built = DEFERRED.get_or_init(|| {
+        let [fixture] = build_plugins(["fixture-deferred"])?;
+        Ok(fixture)
+    });
+    match built {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -73,6 +73,11 @@ impl ReadBuf {
         }
     }
 
+    /// Whether the buffer can take no more bytes (it holds `max`).
+    pub fn is_full(&mut self) -> bool {
+        self.space().is_empty()
+    }
+
     /// Room to read into, moving pending bytes to the front or growing when that makes room.
     pub fn space(&mut self) -> &mut [u8] {
         if self.end == self.data.len() && self.start > 0 {

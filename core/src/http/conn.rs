@@ -22,6 +22,7 @@ use tungstenite::handshake::derive_accept_key;
 
 use super::{
     body::{read_chunked, read_into, read_some, Budget, ReadBuf},
+    deferred::{self, Deferred},
     parse::{
         decode_param, normalize_path, parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal,
     },
@@ -29,6 +30,7 @@ use super::{
 };
 use crate::{
     config::Limits,
+    plugin,
     router::{Match, ParamPos, Router},
     runtime::{
         conn::{Conn, Phase},
@@ -124,6 +126,8 @@ enum Next<'a, S: Site> {
     Close,
     /// Upgraded to a WebSocket (registered, `on_open` ran): send the 101 and serve it.
     Upgrade(Session<'a, S>, Queues),
+    /// The plugins deferred the response: wait for it (see `deferred`).
+    Deferred(Box<Deferred>),
 }
 
 /// Serves one connection until it closes.
@@ -188,10 +192,12 @@ async fn serve_requests<S: Site>(
             // The body came in whole only after its time ran out (see `read_head`).
             return body_cut::<S, ()>(site, conn, b).await.map(|_| ());
         }
-        let close = match respond(site, conn, peer, b, &head, body) {
-            // A body left unread (a refused `Expect: 100-continue`) may still come: close.
-            Next::KeepAlive => matches!(body, Body::Unread),
-            Next::Close => true,
+        // A body left unread (a refused `Expect: 100-continue`) may still come: close.
+        let unread = matches!(body, Body::Unread);
+        let (close, deferred) = match respond(site, conn, peer, b, &head, body) {
+            Next::KeepAlive => (unread, None),
+            Next::Close => (true, None),
+            Next::Deferred(d) => (unread, Some(d)),
             Next::Upgrade(session, queues) => {
                 return switch_to_websocket(session, conn, b, head.len, queues).await;
             }
@@ -206,6 +212,14 @@ async fn serve_requests<S: Site>(
             // A large body's memory goes back; the next one grows its own.
             b.body = Vec::new();
         }
+        let close = match deferred {
+            // The request is consumed: what the client sends while it waits is kept behind.
+            Some(d) => {
+                deferred::answer(site, conn, &mut b.read, &mut b.out, &mut b.resp, *d).await?
+                    || close
+            }
+            None => close,
+        };
         if close {
             flush(site, conn, &mut b.out).await?;
             let _ = conn.stream.get_ref().shutdown(Shutdown::Write);
@@ -473,7 +487,17 @@ fn run_plugins<'a, S: Site>(
     resp: &mut Response,
     out: &mut Vec<u8>,
 ) -> Next<'a, S> {
+    let arming = plugin::deferred::arm(req.conn_id);
     site.dispatch(req, route, resp);
+    if let Some(waiting) = arming.take() {
+        return Next::Deferred(Box::new(Deferred {
+            waiting,
+            version: head.version,
+            is_head: head.is_head,
+            keep_alive: head.keep_alive,
+            extra_head: resp.head_bytes().to_vec(),
+        }));
+    }
     let plugin_close = connection_header(resp.head_bytes())
         .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
     let close = !head.keep_alive || site.draining() || plugin_close;
@@ -588,7 +612,7 @@ async fn switch_to_websocket<S: Site>(
 
 /// Writes what is buffered in `out`; a client that does not take it within
 /// `limits.send_timeout_ms` is cut off by the sweeper.
-async fn flush<S: Site>(site: &S, conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
+pub(super) async fn flush<S: Site>(site: &S, conn: &Conn, out: &mut Vec<u8>) -> io::Result<()> {
     if !out.is_empty() {
         conn.set_phase(Phase::Writing, site.now());
         (&conn.stream).write_all(out).await?;

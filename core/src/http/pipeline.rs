@@ -20,7 +20,7 @@ use crate::{
     plan::Plan,
     plugin::{
         bank::{report_failure, Bank, Hooks},
-        Slot,
+        deferred, Slot,
     },
     router::Match,
     runtime::{calls, stats::WorkerStats},
@@ -419,6 +419,10 @@ impl Instances {
             other => unreachable!("{other} instances do not live on HTTP workers"),
         };
         report_failure(Some(&mut self.hooks), self.worker, kind, slot, error);
+        if matches!(kind, ComponentKind::HttpHandler | ComponentKind::Middleware) {
+            // The request gets this failure's 500, not a response it may have deferred.
+            deferred::cancel_current();
+        }
         resp.reset();
         resp.text(500, "internal server error\n");
         let (host, w) = (&self.host, self.worker);

@@ -106,8 +106,8 @@ pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(resp.head_bytes());
-    let no_body = status < 200 || status == 204 || status == 304;
-    if !no_body {
+    let bodiless = no_body(status);
+    if !bodiless {
         out.extend_from_slice(b"content-length: ");
         push_u64(out, resp.body().len() as u64);
         out.extend_from_slice(b"\r\n");
@@ -123,9 +123,50 @@ pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8
         }
     }
     out.extend_from_slice(b"\r\n");
-    if !f.is_head && !no_body {
+    if !f.is_head && !bodiless {
         out.extend_from_slice(resp.body());
     }
+}
+
+/// Appends the head of a streamed response: no `content-length`; chunked for HTTP/1.1,
+/// delimited by the connection's close for HTTP/1.0 (whatever `f.close` says).
+pub fn write_stream_head(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8]) {
+    let status = resp.status();
+    let http10 = f.version == HttpVersion::Http10;
+    out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    push_u64(out, status as u64);
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(resp.head_bytes());
+    if !http10 && !no_body(status) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\n");
+    if connection_header(resp.head_bytes()).is_none() && (f.close || http10) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk of a chunked body (nothing for an empty one, which would end it).
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Statuses that never have a body.
+pub fn no_body(status: u16) -> bool {
+    status < 200 || status == 204 || status == 304
 }
 
 /// Appends the answer to refused input: a plain-text status, and the connection closes.

@@ -11,6 +11,7 @@ use std::{
     },
 };
 
+use super::deferred::Deferrals;
 use crate::{
     socket::registry::{Close, Sockets},
     table::{Cell, Kind, Layout, Num, TableError, Tables, Value},
@@ -22,8 +23,8 @@ use abi_stable::{
     std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
 };
 use plughost_plugin_api::abi::{
-    self, CellRef, ColumnDesc, ColumnKind, HostBox, HostError, HostFfi, HostFfi_TO, LogLevel,
-    Message, ScanBatch, ScanRow, TableDesc, ValueRef, WorkerInfo,
+    self, CellRef, ColumnDesc, ColumnKind, DeferOp, HostBox, HostError, HostFfi, HostFfi_TO,
+    LogLevel, Message, ScanBatch, ScanRow, TableDesc, ValueRef, WorkerInfo,
 };
 use plughost_plugin_api::stats::ServerStats;
 
@@ -53,6 +54,8 @@ struct Shared {
     tables: Arc<Tables>,
     /// Where `stats` snapshots come from, once the server is up.
     stats: OnceLock<Arc<dyn StatsApi>>,
+    /// The deferred responses waiting for their handles.
+    deferrals: Arc<Deferrals>,
 }
 
 /// What takes the server's stats snapshot for `Host::stats`: the server implements it, so
@@ -121,6 +124,7 @@ impl Host {
                 stray_panics: Arc::default(),
                 tables,
                 stats: OnceLock::new(),
+                deferrals: Arc::default(),
             }),
         }
     }
@@ -128,6 +132,11 @@ impl Host {
     /// The shared tables and counters.
     pub fn tables(&self) -> &Arc<Tables> {
         &self.inner.tables
+    }
+
+    /// The deferred responses of every worker.
+    pub fn deferrals(&self) -> &Arc<Deferrals> {
+        &self.inner.deferrals
     }
 
     /// The WebSocket connections of every worker.
@@ -613,6 +622,14 @@ impl HostFfi for Host {
 
     fn socket_connections(&self, listen: RStr<'_>) -> RVec<u64> {
         self.inner.sockets.connections(listen.as_str()).into()
+    }
+
+    fn defer(&self, conn: u64) -> RResult<u64, HostError> {
+        self.inner.deferrals.defer(conn).into()
+    }
+
+    fn deferred(&self, token: u64, op: DeferOp<'_>) -> RResult<(), HostError> {
+        self.inner.deferrals.apply(token, op).into()
     }
 }
 

@@ -27,6 +27,10 @@ pub enum Phase {
     Busy,
     /// Writing a response the client has not taken yet (send timeout).
     Writing,
+    /// Waiting for a deferred response (its own timeout, `limits.defer_timeout_ms`).
+    Deferred,
+    /// Between two chunks of a streamed response (the same timeout).
+    Streaming,
     /// An upgraded WebSocket (heartbeat timeout, counted from the last frame received).
     WebSocket,
 }

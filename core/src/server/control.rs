@@ -127,6 +127,7 @@ fn info(state: &State) -> String {
         stats.bodies_in_flight.load(Ordering::Relaxed),
         stats.bodies_refused.load(Ordering::Relaxed)
     );
+    let _ = writeln!(s, "{}", state.deferrals.info());
     let _ = writeln!(s, "{}", crate::ws::deflate::TOTALS.line());
     let _ = writeln!(
         s,

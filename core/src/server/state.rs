@@ -32,6 +32,8 @@ pub struct State {
     pub tables: Arc<crate::table::Tables>,
     /// How the last reload went, for `info`.
     pub last_reload: Mutex<Option<String>>,
+    /// The deferred responses, for `info`.
+    pub deferrals: Arc<crate::plugin::deferred::Deferrals>,
 }
 
 impl State {

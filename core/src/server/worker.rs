@@ -391,7 +391,7 @@ impl Worker {
                     }
                     continue;
                 }
-                Phase::Busy | Phase::WebSocket => continue,
+                Phase::Busy | Phase::WebSocket | Phase::Deferred | Phase::Streaming => continue,
             };
             // A connection another worker took over is let go at once (in case its Released
             // message was lost): `cut` does that too.
@@ -747,9 +747,15 @@ async fn run(
         // Idle connections close now (on a handover, after their next response, so a client
         // never sees a keep-alive connection closed under its request); busy ones close after
         // their response.
+        // A deferred response gets until shortly before the deadline, then its connection's
+        // read side is cut: it answers 503 and closes. A stream (which may never end, as
+        // Server-Sent Events) is ended at once, and its client reconnects elsewhere.
+        let cut_deferred = Instant::now() + DEFERRED_STOP_MARGIN >= deadline;
         for conn in worker.conns.borrow().values() {
             match conn.phase() {
                 Phase::Idle if close_idle => conn.cut(),
+                Phase::Deferred if cut_deferred && !conn.timed_out() => conn.cut(),
+                Phase::Streaming if !conn.timed_out() => conn.cut(),
                 Phase::WebSocket => {
                     let _ = worker.connections.close(conn.id, 1001, "server stopping");
                 }
@@ -921,6 +927,9 @@ impl Drop for Listed {
         }
     }
 }
+
+/// How long before a stop's deadline a deferred response still waiting is answered 503.
+const DEFERRED_STOP_MARGIN: Duration = Duration::from_millis(50);
 
 /// The longest an idle worker sleeps before it looks at the others again (while take-over is
 /// on and there are others).
