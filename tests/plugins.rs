@@ -467,3 +467,26 @@ fn a_panic_storm_is_logged_a_few_times_a_second() {
     let info = run_plughost(["info", "-c", &server.config_path().to_string_lossy()]);
     assert!(info.stdout.contains("panics: 2000"), "{}", info.stdout);
 }
+
+/// A middleware sets a typed value for its request; the handler and the response hooks read
+/// it; the next request on the same connection starts without it.
+#[test]
+fn a_middleware_passes_a_typed_context_to_the_handler_of_its_request() {
+    let server = Config::empty()
+        .workers(1)
+        .plugin("context", crate::common::context_fixture())
+        .middleware("context.auth")
+        .route("/whoami", "context.whoami")
+        .start();
+    let mut conn = crate::common::Conn::connect(server.addr());
+    let ada =
+        conn.request("GET /whoami HTTP/1.1\r\nhost: x\r\nx-user: ada\r\nx-admin: yes\r\n\r\n");
+    assert_eq!(
+        (ada.status, ada.text().as_str()),
+        (200, "ada (admin: true)\n")
+    );
+    assert_eq!(ada.header("x-hooks-saw"), Some("ada"));
+    let next = conn.request("GET /whoami HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert_eq!((next.status, next.text().as_str()), (401, "nobody\n"));
+    assert_eq!(next.header("x-hooks-saw"), Some("-"));
+}

@@ -4,6 +4,7 @@
 //! ([`bank`]).
 
 pub mod bank;
+pub mod context;
 pub mod deferred;
 pub mod host;
 pub mod loader;

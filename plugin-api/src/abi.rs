@@ -716,8 +716,14 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     fn defer(&self, conn: u64) -> RResult<u64, HostError>;
     /// Completes, streams, drops or checks the deferred response `token`, from any thread.
     /// `Closed` once the client went away, the response timed out or was already done.
-    #[sabi(last_prefix_field)]
     fn deferred(&self, token: u64, op: DeferOp<'_>) -> RResult<(), HostError>;
+    /// Sets `key` for the rest of the request being handled on the calling thread (its
+    /// handler, the other middleware, the response hooks). `NotEnabled` outside a request;
+    /// `ValueTooLong` past 64 keys or 64 KiB in all.
+    fn context_set(&self, key: RStr<'_>, value: RSlice<'_, u8>) -> RResult<(), HostError>;
+    /// What `context_set` left under `key` for the request being handled on this thread.
+    #[sabi(last_prefix_field)]
+    fn context_get(&self, key: RStr<'_>) -> ROption<RVec<u8>>;
 }
 
 /// What a [`HostFfi::deferred`] call does to a deferred response.

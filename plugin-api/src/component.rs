@@ -369,6 +369,29 @@ impl Host {
         Ok(ResponseHandle::new(self.ffi.clone(), token))
     }
 
+    /// Sets `key` to `value` (any serde type, as JSON) for the rest of the request being
+    /// handled on this thread: a middleware's `on_request` passes it to the handler, the other
+    /// middleware and the response hooks, whichever plugin they are in. Gone once the request
+    /// is answered. `NotEnabled` outside a request (a task, a process, another thread);
+    /// `ValueTooLong` past 64 keys or 64 KiB in all.
+    pub fn set_context<T: serde::Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), HostError> {
+        let bytes = serde_json::to_vec(value).map_err(|_| HostError::WrongType)?;
+        self.ffi
+            .context_set(key.into(), bytes.as_slice().into())
+            .into_result()
+    }
+
+    /// The value [`Host::set_context`] left under `key` for the request being handled on
+    /// this thread, when there is one of type `T`.
+    pub fn context<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let bytes = self.ffi.context_get(key.into()).into_option()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// A handle for the deferred response `token` (from [`ResponseHandle::into_token`]), on
     /// any thread: a task worker, a custom process, a thread of the plugin. An unknown or
     /// finished token gives a handle whose calls return `Err(Closed)`.

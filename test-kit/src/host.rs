@@ -165,6 +165,8 @@ pub(crate) struct State {
     pub(crate) env: Mutex<BTreeMap<String, String>>,
     /// Task handlers and events that exist; empty: any.
     pub(crate) tasks: Mutex<BTreeSet<String>>,
+    /// The request context (`host.set_context`): kept until the harness forgets it.
+    pub(crate) context: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Deferred responses not finished yet, and the last token given.
     pub(crate) deferrals: Mutex<(BTreeSet<u64>, u64)>,
     pub(crate) events: Mutex<BTreeSet<String>>,
@@ -511,6 +513,25 @@ impl HostFfi for Recorder {
         };
         self.state.record(|r| r.deferred.push(event));
         ok(())
+    }
+
+    fn context_set(&self, key: RStr<'_>, value: RSlice<'_, u8>) -> RResult<(), HostError> {
+        let mut c = self
+            .state
+            .context
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.insert(key.as_str().into(), value.to_vec());
+        ok(())
+    }
+
+    fn context_get(&self, key: RStr<'_>) -> ROption<RVec<u8>> {
+        let c = self
+            .state
+            .context
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.get(key.as_str()).map(|v| RVec::from(v.clone())).into()
     }
 }
 

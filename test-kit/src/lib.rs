@@ -137,6 +137,17 @@ impl Harness {
         self
     }
 
+    /// Forgets the request context (`host.set_context`), which the harness otherwise keeps
+    /// across calls, so that a middleware's `on_request` and a handler's `request` share it
+    /// as they would for one request.
+    pub fn forget_context(&self) {
+        self.state
+            .context
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// A copy of what the plugin asked of the host so far.
     pub fn recorded(&self) -> Recorded {
         self.state

@@ -1378,3 +1378,17 @@ pub fn deferred_fixture() -> &'static Path {
         Err(e) => panic!("{e}"),
     }
 }
+
+static CONTEXT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The `fixture-context` plugin (request context: a middleware sets, a handler reads).
+pub fn context_fixture() -> &'static Path {
+    let built = CONTEXT.get_or_init(|| {
+        let [fixture] = build_plugins(["fixture-context"])?;
+        Ok(fixture)
+    });
+    match built {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -488,7 +488,9 @@ fn run_plugins<'a, S: Site>(
     out: &mut Vec<u8>,
 ) -> Next<'a, S> {
     let arming = plugin::deferred::arm(req.conn_id);
+    let context = plugin::context::open();
     site.dispatch(req, route, resp);
+    drop(context);
     if let Some(waiting) = arming.take() {
         return Next::Deferred(Box::new(Deferred {
             waiting,

@@ -631,6 +631,14 @@ impl HostFfi for Host {
     fn deferred(&self, token: u64, op: DeferOp<'_>) -> RResult<(), HostError> {
         self.inner.deferrals.apply(token, op).into()
     }
+
+    fn context_set(&self, key: RStr<'_>, value: RSlice<'_, u8>) -> RResult<(), HostError> {
+        super::context::set(key.as_str(), value.as_slice()).into()
+    }
+
+    fn context_get(&self, key: RStr<'_>) -> ROption<RVec<u8>> {
+        super::context::get(key.as_str()).map(RVec::from).into()
+    }
 }
 
 #[cfg(test)]
