@@ -11,9 +11,12 @@ const MAX_KEYS: usize = 64;
 /// Most bytes (keys and values) one request may hold.
 const MAX_BYTES: usize = 64 << 10;
 
+/// One request's values, by key.
+type Values = Vec<(String, Vec<u8>)>;
+
 thread_local! {
     /// The context of the request whose plugins this thread runs now.
-    static CONTEXT: RefCell<Option<Vec<(String, Vec<u8>)>>> = const { RefCell::new(None) };
+    static CONTEXT: RefCell<Option<Values>> = const { RefCell::new(None) };
 }
 
 /// While this lives, this thread runs one request's plugins, and they share a context.
