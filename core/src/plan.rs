@@ -11,6 +11,7 @@ use crate::{
     error::PluginError,
     plugin::{Registry, Slot},
     router::Router,
+    statics::Statics,
 };
 
 /// Routes and component slots of one config.
@@ -45,6 +46,8 @@ pub struct Plan {
     pub socket_handlers: Vec<Slot>,
     /// The sockets, in config order.
     pub sockets: Vec<SocketPlan>,
+    /// Static files (the `static` section), with the folder held open.
+    pub statics: Option<Statics>,
 }
 
 /// One socket of `sockets`.
@@ -118,6 +121,7 @@ impl Plan {
             max_request: config.max_request,
             steal_after_us: config.steal_after_us,
             services: ServicePlan::build(config, registry)?,
+            statics: config.statics.as_ref().map(Statics::new),
         })
     }
 }

@@ -52,6 +52,7 @@ use crate::{
         Shutdown,
     },
     socket::registry::Sockets,
+    statics::Statics,
     ws::{self, registry::Connections, Binding, WsEvent, WsSettings},
 };
 
@@ -523,6 +524,22 @@ impl http::Site for Worker {
     /// Runs `f` with the current router.
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
         f(&self.plan.borrow().router)
+    }
+
+    /// Runs `f` with the static file settings now in force and the current router.
+    fn with_statics<R>(&self, f: impl FnOnce(Option<&Statics>, &Router) -> R) -> R {
+        let plan = self.plan.borrow();
+        f(plan.statics.as_ref(), &plan.router)
+    }
+
+    fn count_static(&self, sendfile: Option<u64>) {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.static_responses.fetch_add(1, Ordering::Relaxed);
+        if let Some(bytes) = sendfile {
+            stats.sendfile_responses.fetch_add(1, Ordering::Relaxed);
+            stats.sendfile_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// The current `date` header value.
