@@ -177,7 +177,8 @@ impl Statics {
                 Some((f, m))
             })?;
             (file, meta) = found;
-        } else if !meta.is_file() {
+        } else if !meta.is_file() || folder_asked {
+            // `/a.txt/` names a folder, which `a.txt` is not.
             return None;
         }
         name.pop();
