@@ -211,6 +211,30 @@ fn symlinks_leaving_the_root_are_refused_unless_allowed() {
 }
 
 #[test]
+fn a_changed_file_is_served_fresh_and_a_swapped_in_symlink_is_refused() {
+    let dir = site();
+    let server = start(&dir, "");
+    // One keep-alive connection stays on one worker, whose cache holds small files.
+    let mut conn = server.conn();
+    let mut get = |path: &str| conn.request(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert_eq!(get("/a.txt").text(), A_TXT);
+    assert_eq!(get("/a.txt").text(), A_TXT);
+    let a = dir.path().join("public/a.txt");
+    // Same length, new content: the modification time tells.
+    std::fs::write(&a, "HELLO STATIC\n").unwrap();
+    assert_eq!(get("/a.txt").text(), "HELLO STATIC\n");
+    // A symlink leading outside, swapped in under the cached name.
+    std::fs::remove_file(&a).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", &a).unwrap();
+    let resp = get("/a.txt");
+    assert_eq!(resp.status, 404, "{resp:?}");
+    // The same for an index file.
+    assert_eq!(get("/docs/").text(), "<h1>docs</h1>\n");
+    std::fs::write(dir.path().join("public/docs/index.html"), "<h1>new</h1>\n").unwrap();
+    assert_eq!(get("/docs/").text(), "<h1>new</h1>\n");
+}
+
+#[test]
 fn unchanged_files_get_304_by_etag_or_date() {
     let dir = site();
     let server = start(&dir, "");

@@ -12,21 +12,32 @@
 //! ([`headers`]). The connection loop sends the body: small files from memory, large ones
 //! with sendfile ([`send`]).
 
+pub mod cache;
 pub mod fs;
 pub mod headers;
 pub mod mime;
 pub mod send;
 
-use std::{fs::File, io::Write, path::Path, time::SystemTime};
+use std::{
+    ffi::CStr,
+    fs::File,
+    io::{Read, Write},
+    path::Path,
+    rc::Rc,
+    sync::atomic::{AtomicU64, Ordering},
+    time::SystemTime,
+};
 
 use httpdate::HttpDate;
 
 use crate::config::StaticConfig;
+use cache::{Cache, Entry, FileId};
 use headers::{Ask, Span};
 
 /// The static file settings of a plan, with the folder held open.
 #[derive(Debug)]
 pub struct Statics {
+    id: u64,
     /// `None` when the folder could not be opened (gone since the config was checked).
     root: Option<fs::Root>,
     /// Ends with `/`.
@@ -74,17 +85,42 @@ pub struct Reply {
     pub status: u16,
     /// `content-length` (`None`: 304, no length sent).
     pub length: Option<u64>,
-    /// The file and the offset of the body's first byte (`None`: no body).
-    pub body: Option<(File, u64)>,
+    /// The body and the offset of its first byte (`None`: no body).
+    pub body: Option<(Body, u64)>,
+}
+
+/// Where a body comes from.
+#[derive(Debug)]
+pub enum Body {
+    /// An open file (copied, or sent with sendfile when large).
+    File(File),
+    /// A small file's bytes, from the worker's cache.
+    Memory(Rc<[u8]>),
+}
+
+/// What a response says about the file it sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Info {
+    len: u64,
+    mtime: SystemTime,
+    content_type: &'static str,
+    encoding: Option<&'static str>,
 }
 
 /// The file chosen for a request, before the request's conditions are applied.
 struct Chosen {
     file: File,
     meta: std::fs::Metadata,
-    content_type: &'static str,
-    encoding: Option<&'static str>,
+    info: Info,
 }
+
+/// Ids of [`Statics`], so a worker's cache knows when a reload replaced its settings.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// `Accept-Encoding` and the trailing slash, as the last byte of a cache key.
+const FOLDER: u8 = 1;
+const BR: u8 = 2;
+const GZIP: u8 = 4;
 
 impl Statics {
     /// The settings of `config`, with its folder opened (a failure is logged, and nothing is
@@ -100,6 +136,7 @@ impl Statics {
             prefix.push('/');
         }
         Statics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             root,
             prefix,
             index: config.index.iter().map(|s| s.as_bytes().to_vec()).collect(),
@@ -121,13 +158,14 @@ impl Statics {
 
     /// Finds the file for a GET or HEAD of `path` (normalized, still percent-encoded) and
     /// applies the request's conditions. Header lines of the reply go into `head`; `name`
-    /// is scratch space.
+    /// is scratch space; `cache` is the worker's.
     pub fn lookup(
         &self,
         path: &str,
         ask: &Ask<'_>,
         head: &mut Vec<u8>,
         name: &mut Vec<u8>,
+        cache: &mut Cache,
     ) -> Found {
         let rest = match path.strip_prefix(self.prefix.as_str()) {
             Some(rest) => rest,
@@ -136,34 +174,88 @@ impl Statics {
             }
             None => return Found::NotHere,
         };
-        let folder_asked = rest.is_empty() || rest.ends_with('/');
-        if fs::relative(rest, self.hidden, name).is_none() {
+        let (Some(root), Some(())) = (&self.root, fs::relative(rest, self.hidden, name)) else {
             return Found::NotHere;
+        };
+        let mut flags = if rest.is_empty() || rest.ends_with('/') {
+            FOLDER
+        } else {
+            0
+        };
+        if let (true, Some(accept)) = (self.precompressed, ask.accept_encoding) {
+            for (bit, coding) in [(BR, &b"br"[..]), (GZIP, b"gzip")] {
+                if headers::accepts(accept, coding) {
+                    flags |= bit;
+                }
+            }
         }
-        let Some(chosen) = self.choose(name, folder_asked, ask) else {
+        name.push(flags);
+        if let Some(e) = cache.get(self.id, name) {
+            let file = CStr::from_bytes_with_nul(&e.file).ok();
+            if file.and_then(|f| root.stat(f).ok()) == Some(e.id) {
+                let (info, body) = (e.info, Body::Memory(e.body.clone()));
+                return Found::Reply(self.reply(&info, body, ask, head));
+            }
+            cache.remove(name);
+        }
+        let key = name.clone();
+        name.pop();
+        let Some(chosen) = self.choose(root, name, flags) else {
             return Found::NotHere;
         };
         if chosen.meta.is_dir() {
             return Found::Folder;
         }
-        Found::Reply(self.reply(chosen, ask, head))
+        let body = self.remember(chosen.file, &chosen.meta, &chosen.info, name, key, cache);
+        Found::Reply(self.reply(&chosen.info, body, ask, head))
+    }
+
+    /// The body of a chosen file: a small one is read and cached (under `key`; `name` is the
+    /// file's), a large one stays an open file.
+    fn remember(
+        &self,
+        mut file: File,
+        meta: &std::fs::Metadata,
+        info: &Info,
+        name: &[u8],
+        key: Vec<u8>,
+        cache: &mut Cache,
+    ) -> Body {
+        if info.len > cache::FILE_MAX {
+            return Body::File(file);
+        }
+        let mut bytes = Vec::with_capacity(info.len as usize);
+        match file.read_to_end(&mut bytes) {
+            Ok(n) if n as u64 == info.len => {}
+            // Changed while read: send what the file holds now, cache nothing.
+            _ => return Body::File(file),
+        }
+        let body: Rc<[u8]> = bytes.into();
+        let entry = Entry {
+            file: name.to_vec(),
+            id: FileId::of(meta),
+            info: *info,
+            body: body.clone(),
+        };
+        cache.insert(key, entry);
+        Body::Memory(body)
     }
 
     /// Opens the file `name` names (NUL-terminated), its folder's index file, or the
-    /// precompressed sibling the client accepts. A folder asked for without `/` comes back
-    /// as itself (the caller redirects).
-    fn choose(&self, name: &mut Vec<u8>, folder_asked: bool, ask: &Ask<'_>) -> Option<Chosen> {
-        let root = self.root.as_ref()?;
+    /// precompressed sibling the client accepts, leaving that file's name in `name`. A
+    /// folder asked for without `/` comes back as itself (the caller redirects).
+    fn choose(&self, root: &fs::Root, name: &mut Vec<u8>, flags: u8) -> Option<Chosen> {
         let mut file = self.open(root, name)?;
         let mut meta = file.metadata().ok()?;
+        let mut info = Info {
+            len: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+            content_type: "",
+            encoding: None,
+        };
         if meta.is_dir() {
-            if !folder_asked {
-                return Some(Chosen {
-                    file,
-                    meta,
-                    content_type: "",
-                    encoding: None,
-                });
+            if flags & FOLDER == 0 {
+                return Some(Chosen { file, meta, info });
             }
             name.pop();
             let base = name.len();
@@ -177,37 +269,32 @@ impl Statics {
                 Some((f, m))
             })?;
             (file, meta) = found;
-        } else if !meta.is_file() || folder_asked {
+        } else if !meta.is_file() || flags & FOLDER != 0 {
             // `/a.txt/` names a folder, which `a.txt` is not.
             return None;
         }
         name.pop();
         let base = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
-        let content_type = mime::content_type(base);
-        let mut chosen = Chosen {
-            file,
-            meta,
-            content_type,
-            encoding: None,
-        };
-        if let (true, Some(accept)) = (self.precompressed, ask.accept_encoding) {
-            self.precompressed_sibling(root, name, accept, &mut chosen);
-        }
+        info.content_type = mime::content_type(base);
+        let mut chosen = Chosen { file, meta, info };
+        self.precompressed_sibling(root, name, flags, &mut chosen);
+        chosen.info.len = chosen.meta.len();
+        chosen.info.mtime = chosen.meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         Some(chosen)
     }
 
     /// Replaces the file with `name.br` or `name.gz` when one exists and the client accepts
-    /// that encoding (brotli first). `name` is not NUL-terminated here.
+    /// that encoding (brotli first). `name` comes without its NUL and leaves with it.
     fn precompressed_sibling(
         &self,
         root: &fs::Root,
         name: &mut Vec<u8>,
-        accept: &[u8],
+        flags: u8,
         chosen: &mut Chosen,
     ) {
         let base = name.len();
-        for (coding, ext) in [("br", &b".br\0"[..]), ("gzip", &b".gz\0"[..])] {
-            if !headers::accepts(accept, coding.as_bytes()) {
+        for (bit, coding, ext) in [(BR, "br", &b".br\0"[..]), (GZIP, "gzip", b".gz\0")] {
+            if flags & bit == 0 {
                 continue;
             }
             name.truncate(base);
@@ -216,14 +303,16 @@ impl Statics {
                 continue;
             };
             if let Some(m) = f.metadata().ok().filter(|m| m.is_file()) {
-                (chosen.file, chosen.meta, chosen.encoding) = (f, m, Some(coding));
+                (chosen.file, chosen.meta, chosen.info.encoding) = (f, m, Some(coding));
                 return;
             }
         }
+        name.truncate(base);
+        name.push(0);
     }
 
     fn open(&self, root: &fs::Root, name: &[u8]) -> Option<File> {
-        let name = std::ffi::CStr::from_bytes_with_nul(name).ok()?;
+        let name = CStr::from_bytes_with_nul(name).ok()?;
         match root.open(name, self.follow_symlinks) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -235,9 +324,8 @@ impl Statics {
     }
 
     /// Applies the conditions of the request to the chosen file, and writes the header lines.
-    fn reply(&self, chosen: Chosen, ask: &Ask<'_>, head: &mut Vec<u8>) -> Reply {
-        let len = chosen.meta.len();
-        let mtime = chosen.meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    fn reply(&self, info: &Info, body: Body, ask: &Ask<'_>, head: &mut Vec<u8>) -> Reply {
+        let (len, mtime) = (info.len, info.mtime);
         let secs = headers::unix_secs(mtime);
         let mut tag = [0u8; 40];
         let tag = {
@@ -256,7 +344,7 @@ impl Statics {
         head.extend_from_slice(b"\r\ncache-control: ");
         head.extend_from_slice(self.cache_control.as_bytes());
         head.extend_from_slice(b"\r\n");
-        if let Some(coding) = chosen.encoding {
+        if let Some(coding) = info.encoding {
             head.extend_from_slice(b"content-encoding: ");
             head.extend_from_slice(coding.as_bytes());
             head.extend_from_slice(b"\r\nvary: accept-encoding\r\n");
@@ -274,7 +362,7 @@ impl Statics {
             };
         }
         head.extend_from_slice(b"content-type: ");
-        head.extend_from_slice(chosen.content_type.as_bytes());
+        head.extend_from_slice(info.content_type.as_bytes());
         head.extend_from_slice(b"\r\naccept-ranges: bytes\r\n");
         let span = match (ask.range, ask.if_range) {
             (Some(_), Some(cond))
@@ -289,14 +377,14 @@ impl Statics {
             Span::Whole => Reply {
                 status: 200,
                 length: Some(len),
-                body: Some((chosen.file, 0)),
+                body: Some((body, 0)),
             },
             Span::Part(first, last) => {
                 let _ = write!(head, "content-range: bytes {first}-{last}/{len}\r\n");
                 Reply {
                     status: 206,
                     length: Some(last - first + 1),
-                    body: Some((chosen.file, first)),
+                    body: Some((body, first)),
                 }
             }
             Span::Unsatisfiable => {

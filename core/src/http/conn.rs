@@ -39,7 +39,7 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    statics::{headers::Ask, send::send_file, Found, Statics},
+    statics::{self, cache::Cache, headers::Ask, send::send_file, Found, Statics},
     ws::{self, deflate, registry::Queues, Binding, Session},
 };
 
@@ -66,7 +66,7 @@ pub trait Site: ws::Site {
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R;
     /// Runs `f` with the static file settings now in force (`None`: no `static` section)
     /// and the current router.
-    fn with_statics<R>(&self, f: impl FnOnce(Option<&Statics>, &Router) -> R) -> R;
+    fn with_statics<R>(&self, f: impl FnOnce(Option<&Statics>, &Router, &mut Cache) -> R) -> R;
     /// Counts a static file response; `sendfile` is the bytes of it sent with sendfile.
     fn count_static(&self, sendfile: Option<u64>);
     /// Runs `f` with the current `date` header value.
@@ -469,17 +469,17 @@ async fn serve_static<S: Site>(
     } else {
         text(buf, head.path)
     };
-    let mut ask = Ask::default();
-    for h in &b.header_pos {
-        ask.note(slice(buf, h.name), slice(buf, h.value));
-    }
     let (lines, name, params) = (&mut b.static_head, &mut b.static_name, &mut b.params);
-    let found = site.with_statics(|statics, router| {
+    let found = site.with_statics(|statics, router, cache| {
         let statics = statics?;
         if !statics.before_routes && !matches!(router.find(method, path, params), Match::NotFound) {
             return None;
         }
-        Some(statics.lookup(path, &ask, lines, name))
+        let mut ask = Ask::default();
+        for h in &b.header_pos {
+            ask.note(slice(buf, h.name), slice(buf, h.value));
+        }
+        Some(statics.lookup(path, &ask, lines, name, cache))
     });
     let close = !head.keep_alive || site.draining();
     let framing = Framing {
@@ -509,7 +509,12 @@ async fn serve_static<S: Site>(
     };
     site.with_date(|d| write_head(&mut b.out, reply.status, lines, reply.length, framing, d));
     let sent = match reply.body {
-        Some((file, offset)) if !head.is_head => {
+        Some((statics::Body::Memory(bytes), offset)) if !head.is_head => {
+            let (start, len) = (offset as usize, reply.length.unwrap_or(0) as usize);
+            b.out.extend_from_slice(&bytes[start..start + len]);
+            None
+        }
+        Some((statics::Body::File(file), offset)) if !head.is_head => {
             let len = reply.length.unwrap_or(0);
             send_body(site, conn, &mut b.out, &file, offset, len).await?
         }

@@ -11,6 +11,8 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use super::cache::FileId;
+
 /// `struct open_how` of openat2(2).
 #[repr(C)]
 struct OpenHow {
@@ -95,6 +97,19 @@ impl Root {
         } else {
             Err(io::Error::from(io::ErrorKind::PermissionDenied))
         }
+    }
+
+    /// The identity of the file `rel` leads to now (following symlinks: only compared with
+    /// the identity of a file opened safely, see `cache`).
+    pub fn stat(&self, rel: &CStr) -> io::Result<FileId> {
+        // SAFETY: all-zero is a valid `stat`; fstatat writes it and reads the NUL-terminated
+        // path under a directory descriptor we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::fstatat(self.fd.as_raw_fd(), rel.as_ptr(), &mut st, 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileId::of_stat(&st))
     }
 
     fn openat(&self, rel: &CStr) -> io::Result<File> {
