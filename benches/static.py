@@ -195,12 +195,19 @@ def write(o, runs):
     for f, (_, size, conns) in FILES.items():
         p = [med("plughost", f, i) for i in range(3)]
         n = [med("nginx", f, i) for i in range(3)]
-        per = "req" if size < 65536 else "GB"
-        scale = 1e6 if per == "req" else (1 << 30) / size
-        unit = "µs" if per == "req" else "s"
+        # The two servers of one round ran back to back: their ratio is less exposed to the
+        # load other work puts on the machine than the ratio of the medians.
+        paired = statistics.median(a[0] / b[0] for a, b in zip(runs[("plughost", f)],
+                                                                runs[("nginx", f)]))
+        busy = lambda s: statistics.median(r[0] * r[2] * 100 for r in runs[(s, f)])
+        if size < 65536:
+            cpu = f"{p[2] * 1e6:.2f} / {n[2] * 1e6:.2f} µs per request"
+        else:
+            per_gb = (1 << 30) / size
+            cpu = f"{p[2] * per_gb:.2f} / {n[2] * per_gb:.2f} s per GiB"
         rows.append(f"| {f} ({conns} conns) | {p[0]:,.0f} | {n[0]:,.0f} | **{p[0] / n[0]:.2f}x** "
-                    f"| {p[1] / 1e6:,.0f} | {n[1] / 1e6:,.0f} | {p[1] / n[1]:.2f}x "
-                    f"| {p[2] * scale:.2f} / {n[2] * scale:.2f} {unit} per {per} |")
+                    f"| {paired:.2f}x | {p[1] / 1e6:,.0f} | {n[1] / 1e6:,.0f} | {cpu} "
+                    f"| {busy('plughost'):.0f}% / {busy('nginx'):.0f}% |")
         fmt = lambda xs: ", ".join(f"{x[0]:,.0f}" for x in xs)
         lines.append(f"- {f} req/s per round: plughost {fmt(runs[('plughost', f)])}; "
                      f"nginx {fmt(runs[('nginx', f)])}")
@@ -214,11 +221,14 @@ server, after a 1 s warm-up; both servers up at once, 2 workers each, release bu
 plughost's `static` section with its defaults. This machine has {os.cpu_count()} cores shared
 with wrk and other work: compare the columns of one run, not runs.)
 
-| file | plughost req/s | nginx req/s | ratio | plughost MB/s | nginx MB/s | ratio | server CPU, plughost / nginx |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
+| file | plughost req/s | nginx req/s | ratio of medians | median of per-round ratios | plughost MB/s | nginx MB/s | server CPU, plughost / nginx | servers busy (% of one core) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |
 {nl.join(rows)}
 
 {nl.join(lines)}
+
+"Busy" is the server's CPU time over the run's wall time: a server far below 100% per worker
+is not what limits the rate; wrk (one thread, receiving and parsing) and the loopback are.
 """
     with open(os.path.join(ROOT, "benches/STATIC_RESULTS.md"), "w") as f:
         f.write(text)

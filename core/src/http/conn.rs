@@ -39,7 +39,13 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    statics::{self, cache::Cache, headers::Ask, send::send_file, Found, Statics},
+    statics::{
+        self,
+        cache::Cache,
+        headers::Ask,
+        send::{send_file, send_head},
+        Found, Statics,
+    },
     ws::{self, deflate, registry::Queues, Binding, Session},
 };
 
@@ -541,8 +547,8 @@ async fn send_body<S: Site>(
         out.resize(start + len as usize, 0);
         return file.read_exact_at(&mut out[start..], offset).map(|()| None);
     }
-    flush(site, conn, out).await?;
     conn.set_phase(Phase::Writing, site.now());
+    send_head(&conn.stream, out).await?;
     send_file(&conn.stream, file, offset, len, || conn.touch(site.now())).await?;
     Ok(Some(len))
 }

@@ -9,6 +9,35 @@ use crate::runtime::reactor::Async;
 /// Bytes handed to one sendfile call; between two, other connections of the worker run.
 const CHUNK: u64 = 1 << 20;
 
+/// Writes `out` (a response head, and responses before it) flagged `MSG_MORE`, so that the
+/// kernel sends it in one segment with the start of the file that follows. Clears `out`.
+pub async fn send_head(stream: &Async<TcpStream>, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        let rest = &out[done..];
+        done += stream
+            .write_with(rest.len(), |socket| {
+                // SAFETY: `rest` is valid for its length during the call.
+                let n = unsafe {
+                    libc::send(
+                        socket.as_raw_fd(),
+                        rest.as_ptr().cast(),
+                        rest.len(),
+                        libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })
+            .await?;
+    }
+    out.clear();
+    Ok(())
+}
+
 /// Sends `len` bytes of `file` from `offset`. `progress` runs after every call that sent
 /// something (the send timeout counts from the last progress). A file that ends early (cut
 /// while being sent) is an error: the length was promised, the connection must close.
