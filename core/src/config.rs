@@ -1038,6 +1038,44 @@ impl Config {
         Ok(())
     }
 
+    fn resolve_paths(mut self, base: &Path) -> Config {
+        let abs = |p: &Path| -> PathBuf {
+            // Lexically, without touching the file system: `config/../target` -> `target`.
+            let mut out = PathBuf::new();
+            for part in base.join(p).components() {
+                match part {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => out.push(other),
+                }
+            }
+            out
+        };
+        self.runtime_dir = abs(&self.runtime_dir);
+        self.log.file = self.log.file.as_deref().map(abs);
+        self.env_file = self.env_file.as_deref().map(abs);
+        for p in self.plugins.values_mut() {
+            p.path = abs(&p.path);
+        }
+        for w in self.reload.watch.iter_mut() {
+            *w = abs(w);
+        }
+        if let Some(p) = unix_path(&self.listen) {
+            self.listen = format!("unix:{}", abs(p).display());
+        }
+        for s in self.sockets.iter_mut() {
+            if let Some(p) = unix_path(&s.listen) {
+                s.listen = format!("unix:{}", abs(p).display());
+            }
+        }
+        if let Some(s) = self.statics.as_mut() {
+            s.root = abs(&s.root);
+        }
+        self
+    }
+
     /// The prefix and the index names of `static`.
     fn validate_static(
         &self,
@@ -1096,44 +1134,6 @@ impl Config {
             key: "static.root".into(),
             message: format!("{} {why}", s.root.display()),
         })
-    }
-
-    fn resolve_paths(mut self, base: &Path) -> Config {
-        let abs = |p: &Path| -> PathBuf {
-            // Lexically, without touching the file system: `config/../target` -> `target`.
-            let mut out = PathBuf::new();
-            for part in base.join(p).components() {
-                match part {
-                    std::path::Component::ParentDir => {
-                        out.pop();
-                    }
-                    std::path::Component::CurDir => {}
-                    other => out.push(other),
-                }
-            }
-            out
-        };
-        self.runtime_dir = abs(&self.runtime_dir);
-        self.log.file = self.log.file.as_deref().map(abs);
-        self.env_file = self.env_file.as_deref().map(abs);
-        for p in self.plugins.values_mut() {
-            p.path = abs(&p.path);
-        }
-        for w in self.reload.watch.iter_mut() {
-            *w = abs(w);
-        }
-        if let Some(p) = unix_path(&self.listen) {
-            self.listen = format!("unix:{}", abs(p).display());
-        }
-        for s in self.sockets.iter_mut() {
-            if let Some(p) = unix_path(&s.listen) {
-                s.listen = format!("unix:{}", abs(p).display());
-            }
-        }
-        if let Some(s) = self.statics.as_mut() {
-            s.root = abs(&s.root);
-        }
-        self
     }
 
     /// The number of worker threads to run.
