@@ -9,8 +9,9 @@
 //! Responses carry `etag` (`"<mtime hex>-<length hex>"`, as nginx) and `last-modified`,
 //! answer `If-None-Match` / `If-Modified-Since` with 304, a single `Range` with 206 or 416,
 //! and prefer a `FILE.br` or `FILE.gz` beside the file for clients that accept it
-//! ([`headers`]). The connection loop sends the body: small files from memory, large ones
-//! with sendfile ([`send`]).
+//! ([`headers`]). Small files (up to 32 KiB) come from each worker's [`cache`], checked
+//! with one `fstatat` per request; the connection loop copies them behind the head, and
+//! sends larger ones with sendfile ([`send`]).
 
 pub mod cache;
 pub mod fs;
