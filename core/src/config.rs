@@ -73,6 +73,49 @@ pub struct Config {
     pub tables: BTreeMap<String, TableConfig>,
     /// Extra listeners (TCP, UDP) with socket handler components of their own.
     pub sockets: Vec<SocketConfig>,
+    /// Static files served from a folder (`static: (root: "public")`); off when absent.
+    #[serde(rename = "static", deserialize_with = "present")]
+    pub statics: Option<StaticConfig>,
+}
+
+/// Static files: a folder served under a path prefix, before or after the routes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticConfig {
+    /// The folder (relative to the config file's folder); it must exist.
+    pub root: PathBuf,
+    /// The URL path the folder is served under (`/`, `/assets/`).
+    pub prefix: String,
+    /// Files tried, in order, for a request for a folder (its path ending in `/`).
+    pub index: Vec<String>,
+    /// True: a file that exists wins over the routes; false: files are served only for
+    /// requests no route matches.
+    pub before_routes: bool,
+    /// Serve through symbolic links that lead outside `root` (those inside are followed
+    /// either way).
+    pub follow_symlinks: bool,
+    /// Serve files and folders whose name starts with a dot.
+    pub hidden: bool,
+    /// `cache-control: public, max-age=N`; 0 sends `no-cache` (browsers revalidate with
+    /// the `etag` and get a 304).
+    pub max_age: u64,
+    /// Serve `FILE.br` or `FILE.gz` beside `FILE` to clients that accept that encoding.
+    pub precompressed: bool,
+}
+
+impl Default for StaticConfig {
+    fn default() -> Self {
+        StaticConfig {
+            root: "public".into(),
+            prefix: "/".into(),
+            index: vec!["index.html".into()],
+            before_routes: true,
+            follow_symlinks: false,
+            hidden: false,
+            max_age: 0,
+            precompressed: true,
+        }
+    }
 }
 
 /// One extra listener and the socket handler that serves it.
@@ -440,6 +483,7 @@ impl Default for Config {
             processes: BTreeMap::new(),
             tables: BTreeMap::new(),
             sockets: Vec::new(),
+            statics: None,
         }
     }
 }
@@ -626,11 +670,9 @@ impl Config {
         })?;
         let config = Config::parse(&text, &path)?;
         let base = path.parent().unwrap_or(Path::new("/"));
-        Ok(Loaded {
-            config: config.resolve_paths(base),
-            path,
-            text,
-        })
+        let config = config.resolve_paths(base);
+        config.check_static_root(&text, &path)?;
+        Ok(Loaded { config, path, text })
     }
 
     /// For `stop`, `reload` and `info`: the config, or, when it does not validate (say an
@@ -745,6 +787,7 @@ impl Config {
         self.validate_services(&invalid, &check_ref)?;
         self.validate_tables(&invalid)?;
         self.validate_sockets(&invalid, &check_ref)?;
+        self.validate_static(&invalid)?;
         for (list, name) in [
             (&self.middleware, "middleware"),
             (&self.cleaners, "cleaners"),
@@ -1102,7 +1145,70 @@ impl Config {
                 s.listen = format!("unix:{}", abs(p).display());
             }
         }
+        if let Some(s) = self.statics.as_mut() {
+            s.root = abs(&s.root);
+        }
         self
+    }
+
+    /// The prefix and the index names of `static`.
+    fn validate_static(
+        &self,
+        invalid: &impl Fn(String, &str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let Some(s) = &self.statics else {
+            return Ok(());
+        };
+        if !s.prefix.starts_with('/') || s.prefix.contains(['?', '#', '%', '\\']) {
+            return Err(invalid(
+                "static.prefix".into(),
+                &s.prefix,
+                format!(
+                    "{:?} must be a path such as \"/\" or \"/assets/\"",
+                    s.prefix
+                ),
+            ));
+        }
+        for (i, name) in s.index.iter().enumerate() {
+            if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+                return Err(invalid(
+                    format!("static.index[{i}]"),
+                    name,
+                    format!("{name:?} must be a file name such as \"index.html\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the paths are resolved: the static root must be a folder that exists (the
+    /// error names the line of `root`).
+    fn check_static_root(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let Some(s) = &self.statics else {
+            return Ok(());
+        };
+        let why = match std::fs::metadata(&s.root) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => "is not a folder".to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                "does not exist (a relative root is relative to the config file's folder)".into()
+            }
+            Err(e) => format!("cannot be used: {e}"),
+        };
+        // The `root:` inside the `static:` section, else the section itself.
+        let section = text
+            .match_indices("static")
+            .map(|(i, _)| i)
+            .find(|&i| text[i + 6..].trim_start().starts_with(':'));
+        let at = section.map(|i| i + text[i..].find("root").unwrap_or(0));
+        let (line, column) = at.map_or((0, 0), |i| line_col(text, i));
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column,
+            key: "static.root".into(),
+            message: format!("{} {why}", s.root.display()),
+        })
     }
 
     /// The number of worker threads to run.
@@ -1249,15 +1355,15 @@ fn locate_nth(text: &str, needle: &str, n: usize) -> (usize, usize) {
         .map(|(i, _)| i)
         .or_else(|| text.find(&quoted))
         .or_else(|| text.find(needle));
-    match at {
-        Some(i) => {
-            let before = &text[..i];
-            let line = before.matches('\n').count() + 1;
-            let column = i - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-            (line, column)
-        }
-        None => (0, 0),
-    }
+    at.map_or((0, 0), |i| line_col(text, i))
+}
+
+/// Line and column (1-based) of byte `i` of `text`.
+fn line_col(text: &str, i: usize) -> (usize, usize) {
+    let before = &text[..i];
+    let line = before.matches('\n').count() + 1;
+    let column = i - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+    (line, column)
 }
 
 #[cfg(test)]
@@ -1518,5 +1624,42 @@ mod tests {
         assert!(err.contains("processes.p.num"), "{err}");
         let off = r#"processes: { "p": (component: "hello.p", num: 0, enable: false) }"#;
         assert!(parse(&format!("({PLUGIN} {off})")).is_ok());
+    }
+
+    #[test]
+    fn static_section_takes_defaults_and_checks_prefix_and_index() {
+        let c = parse("(static: (root: \"www\", before_routes: false))").unwrap();
+        let s = c.statics.unwrap();
+        assert_eq!(s.root, PathBuf::from("www"));
+        assert_eq!(s.prefix, "/");
+        assert_eq!(s.index, vec!["index.html".to_owned()]);
+        assert!(!s.before_routes && s.precompressed && !s.follow_symlinks);
+        assert_eq!(parse("()").unwrap().statics, None);
+        let err = parse("(\n  static: (prefix: \"assets\"),\n)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("server.ron:2:") && err.contains("static.prefix"),
+            "{err}"
+        );
+        let err = parse("(static: (index: [\"../x\"]))")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("static.index[0]"), "{err}");
+    }
+
+    #[test]
+    fn missing_static_root_names_its_line() {
+        let dir = std::env::temp_dir().join(format!("plughost-static-root-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("public")).unwrap();
+        let path = dir.join("server.ron");
+        std::fs::write(&path, "(\n  static: (\n    root: \"public\",\n  ),\n)").unwrap();
+        let loaded = Config::load(&path, None).unwrap();
+        assert_eq!(loaded.config.statics.unwrap().root, dir.join("public"));
+        std::fs::write(&path, "(\n  static: (\n    root: \"nope\",\n  ),\n)").unwrap();
+        let err = Config::load(&path, None).unwrap_err().to_string();
+        assert!(err.contains("server.ron:3:5: static.root:"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,8 @@
 //! - [`runtime`]: each worker's epoll, the connection record, take-over, shared counters;
 //! - [`plugin`]: loading `.so` files, the host API, instances of components;
 //! - [`table`]: shared tables and counters, for every thread;
+//! - [`statics`]: static files (the `static` section): safe paths, validators, ranges,
+//!   precompressed siblings, sendfile;
 //! - [`plan`]: what a config says to run, resolved against the loaded plugins;
 //! - [`ws`], [`http`]: the WebSocket and HTTP connection loops and the middleware onion;
 //! - [`socket`]: the TCP connections of `sockets`, their framing and their registry;
@@ -28,5 +30,6 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod socket;
+pub mod statics;
 pub mod table;
 pub mod ws;

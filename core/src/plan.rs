@@ -11,6 +11,7 @@ use crate::{
     error::PluginError,
     plugin::{Registry, Slot},
     router::Router,
+    statics::Statics,
 };
 
 /// Routes and component slots of one config.
@@ -47,6 +48,8 @@ pub struct Plan {
     pub socket_handlers: Vec<Slot>,
     /// The sockets, in config order.
     pub sockets: Vec<SocketPlan>,
+    /// Static files (the `static` section), with the folder held open.
+    pub statics: Option<Statics>,
 }
 
 /// One socket of `sockets`.
@@ -125,6 +128,7 @@ impl Plan {
             steal_after_us: config.steal_after_us,
             unix_socket_mode: config.unix_socket_mode,
             services: ServicePlan::build(config, registry)?,
+            statics: config.statics.as_ref().map(Statics::new),
         })
     }
 }

@@ -176,6 +176,9 @@ pub fn run(loaded: Loaded, options: Options, ready: impl FnOnce(&str)) -> Result
     );
     let registry = Arc::new(Registry::load(config)?);
     let plan = Arc::new(Plan::build(config, &registry).map_err(|e| loaded.locate(e))?);
+    if let Some(statics) = &plan.statics {
+        log::info!("static files: {statics}");
+    }
     // A unix socket file this process bound is removed when this goes, however `run` ends.
     let (listeners, _http_file) = match options.listeners {
         Some(inherited) => (inherited, None),

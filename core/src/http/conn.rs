@@ -5,12 +5,17 @@
 //! Buffers belong to the connection and are reused, so a request allocates nothing once they
 //! have grown.
 //!
+//! A GET or HEAD of a file of the `static` folder is answered here, before the plugins (or
+//! when no route matches: `static.before_routes`), without the middleware.
+//!
 //! Malformed input gets a 4xx and the connection closes (after a short lingering read, so the
 //! client sees the answer and not a reset).
 
 use std::{
+    fs::File,
     io,
     net::{Shutdown, SocketAddr, TcpStream},
+    os::unix::fs::FileExt,
     sync::{atomic::AtomicUsize, Arc},
     time::Duration,
 };
@@ -26,7 +31,7 @@ use super::{
     parse::{
         decode_param, normalize_path, parse_head, slice, text, BodyKind, Head, HeaderPos, Refusal,
     },
-    write::{connection_header, write_refusal, write_response, Framing},
+    write::{connection_header, write_head, write_refusal, write_response, Framing},
 };
 use crate::{
     config::Limits,
@@ -36,8 +41,19 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
+    statics::{
+        self,
+        cache::Cache,
+        headers::Ask,
+        send::{send_file, send_head},
+        Found, Statics,
+    },
     ws::{self, deflate, registry::Queues, Binding, Session},
 };
+
+/// Static file bodies up to this size are copied into the output buffer (one write with
+/// the head, and pipelined); larger ones go out with sendfile.
+const COPY_MAX: u64 = 32 * 1024;
 
 /// What the connection loop needs from the worker that runs it.
 pub trait Site: ws::Site {
@@ -56,6 +72,11 @@ pub trait Site: ws::Site {
     fn body_refused(&self);
     /// Runs `f` with the current router.
     fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R;
+    /// Runs `f` with the static file settings now in force (`None`: no `static` section)
+    /// and the current router.
+    fn with_statics<R>(&self, f: impl FnOnce(Option<&Statics>, &Router, &mut Cache) -> R) -> R;
+    /// Counts a static file response; `sendfile` is the bytes of it sent with sendfile.
+    fn count_static(&self, sendfile: Option<u64>);
     /// Runs `f` with the current `date` header value.
     fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R;
     /// Runs the plugin pipeline for one request.
@@ -90,6 +111,9 @@ struct Buffers {
     /// Percent-decoded path parameter values, and their ranges in it.
     param_text: String,
     param_ranges: Vec<Option<(u32, u32)>>,
+    /// A static file response's header lines, and the file's relative name.
+    static_head: Vec<u8>,
+    static_name: Vec<u8>,
 }
 
 impl Buffers {
@@ -106,6 +130,8 @@ impl Buffers {
         self.path = String::new();
         self.param_text = String::new();
         self.param_ranges = Vec::new();
+        self.static_head = Vec::new();
+        self.static_name = Vec::new();
     }
 }
 
@@ -149,6 +175,8 @@ pub async fn serve<S: Site>(site: &S, conn: &Conn, peer: SocketAddr) {
         normalized: false,
         param_text: String::new(),
         param_ranges: Vec::new(),
+        static_head: Vec::new(),
+        static_name: Vec::new(),
     };
     let peer = peer.to_string();
     if let Err(e) = serve_requests(site, conn, &peer, &mut b).await {
@@ -192,9 +220,14 @@ async fn serve_requests<S: Site>(
             // The body came in whole only after its time ran out (see `read_head`).
             return body_cut::<S, ()>(site, conn, b).await.map(|_| ());
         }
+        let next = match serve_static(site, conn, b, &head).await? {
+            Some(true) => Next::Close,
+            Some(false) => Next::KeepAlive,
+            None => respond(site, conn, peer, b, &head, body),
+        };
         // A body left unread (a refused `Expect: 100-continue`) may still come: close.
         let unread = matches!(body, Body::Unread);
-        let (close, deferred) = match respond(site, conn, peer, b, &head, body) {
+        let (close, deferred) = match next {
             Next::KeepAlive => (unread, None),
             Next::Close => (true, None),
             Next::Deferred(d) => (unread, Some(d)),
@@ -441,6 +474,103 @@ fn respond<'a, S: Site>(
         b.param_views = recycle(params);
         next
     })
+}
+
+/// Answers a GET or HEAD from the static folder when it has a file for the path (before
+/// the routes, or when none matches). `Some(close)` when it answered; `None`: the routes
+/// answer.
+async fn serve_static<S: Site>(
+    site: &S,
+    conn: &Conn,
+    b: &mut Buffers,
+    head: &Head,
+) -> io::Result<Option<bool>> {
+    let buf = b.read.pending();
+    let method = text(buf, head.method);
+    if head.upgrade || !(head.is_head || method == "GET") {
+        return Ok(None);
+    }
+    let path = if b.normalized {
+        b.path.as_str()
+    } else {
+        text(buf, head.path)
+    };
+    let (lines, name, params) = (&mut b.static_head, &mut b.static_name, &mut b.params);
+    let found = site.with_statics(|statics, router, cache| {
+        let statics = statics?;
+        if !statics.before_routes && !matches!(router.find(method, path, params), Match::NotFound) {
+            return None;
+        }
+        let mut ask = Ask::default();
+        for h in &b.header_pos {
+            ask.note(slice(buf, h.name), slice(buf, h.value));
+        }
+        Some(statics.lookup(path, &ask, lines, name, cache))
+    });
+    let close = !head.keep_alive || site.draining();
+    let framing = Framing {
+        version: head.version,
+        is_head: head.is_head,
+        close,
+        asked_keep_alive: head.keep_alive,
+    };
+    let reply = match found {
+        None | Some(Found::NotHere) => return Ok(None),
+        Some(Found::Folder) => {
+            // `/docs` is a folder: `/docs/`, so that its index's relative links work.
+            lines.clear();
+            lines.extend_from_slice(b"location: ");
+            lines.extend_from_slice(path.as_bytes());
+            lines.push(b'/');
+            if head.query.1 > 0 {
+                lines.push(b'?');
+                lines.extend_from_slice(slice(buf, head.query));
+            }
+            lines.extend_from_slice(b"\r\n");
+            site.with_date(|d| write_head(&mut b.out, 301, lines, Some(0), framing, d));
+            site.count_static(None);
+            return Ok(Some(close));
+        }
+        Some(Found::Reply(reply)) => reply,
+    };
+    site.with_date(|d| write_head(&mut b.out, reply.status, lines, reply.length, framing, d));
+    let sent = match reply.body {
+        Some((statics::Body::Memory(bytes), offset)) if !head.is_head => {
+            let (start, len) = (offset as usize, reply.length.unwrap_or(0) as usize);
+            b.out.extend_from_slice(&bytes[start..start + len]);
+            None
+        }
+        Some((statics::Body::File(file), offset)) if !head.is_head => {
+            let len = reply.length.unwrap_or(0);
+            send_body(site, conn, &mut b.out, &file, offset, len).await?
+        }
+        _ => None,
+    };
+    site.count_static(sent);
+    Ok(Some(close))
+}
+
+/// Sends `len` bytes of a static file from `offset`, after the head in `out`: a small body
+/// is copied behind it; a large one follows it with sendfile. Returns the bytes sent with
+/// sendfile. The send timeout counts from the last progress, so a large file to a slow but
+/// reading client is not cut, and one that reads nothing is.
+async fn send_body<S: Site>(
+    site: &S,
+    conn: &Conn,
+    out: &mut Vec<u8>,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> io::Result<Option<u64>> {
+    if len <= COPY_MAX {
+        let start = out.len();
+        out.resize(start + len as usize, 0);
+        return file.read_exact_at(&mut out[start..], offset).map(|()| None);
+    }
+    conn.set_phase(Phase::Writing, site.now());
+    send_head(&conn.stream, out).await?;
+    send_file(&conn.stream, file, offset, len, || conn.touch(site.now())).await?;
+    Ok(Some(len))
 }
 
 /// Percent-decodes the values of the captured parameters into `text`; `ranges` says, per

@@ -66,6 +66,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         409 => "Conflict",
         413 => "Content Too Large",
+        416 => "Range Not Satisfiable",
         415 => "Unsupported Media Type",
         422 => "Unprocessable Content",
         429 => "Too Many Requests",
@@ -97,6 +98,24 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 /// Appends a response to `out`.
 pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8]) {
     let status = resp.status();
+    let bodiless = no_body(status);
+    let length = (!bodiless).then_some(resp.body().len() as u64);
+    write_head(out, status, resp.head_bytes(), length, f, date);
+    if !f.is_head && !bodiless {
+        out.extend_from_slice(resp.body());
+    }
+}
+
+/// Appends a response head: the status line, the serialized header lines `head`, then
+/// `content-length` (when given), `date` and `connection` as `f` needs.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    head: &[u8],
+    length: Option<u64>,
+    f: Framing,
+    date: &[u8],
+) {
     out.extend_from_slice(match f.version {
         HttpVersion::Http10 => b"HTTP/1.0 ",
         HttpVersion::Http11 => b"HTTP/1.1 ",
@@ -105,17 +124,16 @@ pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(resp.head_bytes());
-    let bodiless = no_body(status);
-    if !bodiless {
+    out.extend_from_slice(head);
+    if let Some(length) = length {
         out.extend_from_slice(b"content-length: ");
-        push_u64(out, resp.body().len() as u64);
+        push_u64(out, length);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"date: ");
     out.extend_from_slice(date);
     out.extend_from_slice(b"\r\n");
-    if connection_header(resp.head_bytes()).is_none() {
+    if connection_header(head).is_none() {
         if f.close && f.version == HttpVersion::Http11 {
             out.extend_from_slice(b"connection: close\r\n");
         } else if !f.close && f.version == HttpVersion::Http10 && f.asked_keep_alive {
@@ -123,9 +141,6 @@ pub fn write_response(out: &mut Vec<u8>, resp: &Response, f: Framing, date: &[u8
         }
     }
     out.extend_from_slice(b"\r\n");
-    if !f.is_head && !bodiless {
-        out.extend_from_slice(resp.body());
-    }
 }
 
 /// Appends the head of a streamed response: no `content-length`; chunked for HTTP/1.1,

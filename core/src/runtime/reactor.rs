@@ -421,6 +421,21 @@ impl<T: AsFd> Async<T> {
         }
     }
 
+    /// Runs a write-like `op` (sendfile, say) that tries to write `want` bytes and returns
+    /// how many it wrote, waiting for writability while it would block. A short write
+    /// means the send buffer is full: the next call waits for the edge that says it drained.
+    pub async fn write_with(
+        &self,
+        want: usize,
+        mut op: impl FnMut(&T) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let n = std::future::poll_fn(|cx| self.poll_write_with(cx, &mut op)).await?;
+        if n < want {
+            self.source.writable.set(false);
+        }
+        Ok(n)
+    }
+
     fn poll_write_with<R>(
         &self,
         cx: &Context<'_>,

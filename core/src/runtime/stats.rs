@@ -15,6 +15,12 @@ use std::{
 pub struct WorkerStats {
     /// Requests answered.
     pub requests: AtomicU64,
+    /// Of those, answered from the static folder (any status).
+    pub static_responses: AtomicU64,
+    /// Static file responses whose body went out with sendfile, and their bytes.
+    pub sendfile_responses: AtomicU64,
+    /// See `sendfile_responses`.
+    pub sendfile_bytes: AtomicU64,
     /// Panics caught in plugin code.
     pub panics: AtomicU64,
     /// Connections open now.

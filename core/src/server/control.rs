@@ -114,6 +114,13 @@ fn info(state: &State) -> String {
     let _ = writeln!(s, "requests: {}", stats.sum(|w| &w.requests));
     let _ = writeln!(s, "connections: {}", stats.sum(|w| &w.connections));
     workers_info(&mut s, state);
+    let _ = writeln!(
+        s,
+        "static files: {} responses, {} sent with sendfile ({} bytes)",
+        stats.sum(|w| &w.static_responses),
+        stats.sum(|w| &w.sendfile_responses),
+        stats.sum(|w| &w.sendfile_bytes)
+    );
     let _ = writeln!(s, "panics: {}", stats.sum(|w| &w.panics));
     let _ = writeln!(
         s,

@@ -52,6 +52,7 @@ use crate::{
         Shutdown,
     },
     socket::registry::Sockets,
+    statics::{cache::Cache, Statics},
     ws::{self, registry::Connections, Binding, WsEvent, WsSettings},
 };
 
@@ -116,6 +117,8 @@ pub struct Worker {
     socket_of: RefCell<HashMap<u64, Rc<str>>>,
     /// The accept (or receive) loop of each socket, by key.
     socket_loops: RefCell<HashMap<String, async_executor::Task<()>>>,
+    /// Small static files this worker served.
+    static_cache: RefCell<Cache>,
 }
 
 /// The handler slot that serves `b` in `plan`: its route must still lead to its component.
@@ -526,6 +529,26 @@ impl http::Site for Worker {
         f(&self.plan.borrow().router)
     }
 
+    /// Runs `f` with the static file settings now in force and the current router.
+    fn with_statics<R>(&self, f: impl FnOnce(Option<&Statics>, &Router, &mut Cache) -> R) -> R {
+        let plan = self.plan.borrow();
+        f(
+            plan.statics.as_ref(),
+            &plan.router,
+            &mut self.static_cache.borrow_mut(),
+        )
+    }
+
+    fn count_static(&self, sendfile: Option<u64>) {
+        let stats = self.my_stats();
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        stats.static_responses.fetch_add(1, Ordering::Relaxed);
+        if let Some(bytes) = sendfile {
+            stats.sendfile_responses.fetch_add(1, Ordering::Relaxed);
+            stats.sendfile_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// The current `date` header value.
     fn with_date<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         // The sweeper refreshes it every tick, but a slow handler blocks the sweeper: check
@@ -655,6 +678,7 @@ pub fn spawn(setup: Setup) -> std::io::Result<thread::JoinHandle<()>> {
                 socket_conns: Cell::new(0),
                 socket_of: RefCell::new(HashMap::new()),
                 socket_loops: RefCell::new(HashMap::new()),
+                static_cache: RefCell::new(Cache::new()),
             });
             worker.refresh_clock();
             let ex = Rc::new(LocalExecutor::new());
