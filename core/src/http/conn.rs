@@ -34,7 +34,7 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    ws::{self, deflate, registry::Queues, Binding, Session},
+    ws::{self, deflate, registry::Mailbox, Binding, Session},
 };
 
 /// What the connection loop needs from the worker that runs it.
@@ -123,7 +123,7 @@ enum Next<'a, S: Site> {
     KeepAlive,
     Close,
     /// Upgraded to a WebSocket (registered, `on_open` ran): send the 101 and serve it.
-    Upgrade(Session<'a, S>, Queues),
+    Upgrade(Session<'a, S>, std::sync::Arc<Mailbox>),
 }
 
 /// Serves one connection until it closes.
@@ -186,8 +186,8 @@ async fn serve_requests<S: Site>(
             // A body left unread (a refused `Expect: 100-continue`) may still come: close.
             Next::KeepAlive => matches!(body, Body::Unread),
             Next::Close => true,
-            Next::Upgrade(session, queues) => {
-                return switch_to_websocket(session, conn, b, head.len, queues).await;
+            Next::Upgrade(session, mailbox) => {
+                return switch_to_websocket(session, conn, b, head.len, mailbox).await;
             }
         };
         // A body read into `b.body` is already gone from the read buffer.
@@ -549,8 +549,8 @@ fn upgrade<'a, S: Site>(
     }
     out.extend_from_slice(resp.head_bytes());
     out.extend_from_slice(b"\r\n");
-    let (session, queues) = ws::open(site, conn.id, ws, req, deflate);
-    Next::Upgrade(session, queues)
+    let (session, mailbox) = ws::open(site, conn.id, ws, req, deflate);
+    Next::Upgrade(session, mailbox)
 }
 
 /// The values of the request's `Sec-WebSocket-Extensions` headers.
@@ -568,7 +568,7 @@ async fn switch_to_websocket<S: Site>(
     conn: &Conn,
     b: &mut Buffers,
     head_len: usize,
-    queues: Queues,
+    mailbox: std::sync::Arc<Mailbox>,
 ) -> io::Result<()> {
     conn.leave_lobby();
     flush(session.site(), conn, &mut b.out).await?;
@@ -576,7 +576,7 @@ async fn switch_to_websocket<S: Site>(
     let part = b.read.pending()[head_len..].to_vec();
     // The HTTP buffers are not needed any more: a WebSocket may stay open for days.
     b.release();
-    ws::serve(session, conn, part, queues).await;
+    ws::serve(session, conn, part, mailbox).await;
     Ok(())
 }
 

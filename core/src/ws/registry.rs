@@ -3,11 +3,13 @@
 //! owns the connection, on its worker's executor, writes it out.
 
 use std::{
-    collections::HashMap,
+    cell::{Cell, RefCell},
+    collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, RwLock,
     },
+    task::{Context, Poll, Waker},
 };
 
 use plughost_plugin_api::{HostError, Message, MessageKind};
@@ -51,25 +53,160 @@ impl Outgoing {
 /// A close request: code and reason.
 pub type CloseRequest = (u16, String);
 
+/// What other threads queue to one connection, and the one waker of the connection's task.
+/// A push wakes the task only if it is waiting and nobody woke it since: a burst of pushes
+/// costs one wake-up, and the task takes the whole burst at once.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    state: Mutex<Mail>,
+    /// Messages queued, readable without the lock (a direct push needs it to be 0).
+    len: AtomicUsize,
+    /// A close request waits, readable without the lock (checked every loop turn).
+    control: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Mail {
+    queue: VecDeque<Outgoing>,
+    control: Option<CloseRequest>,
+    /// The task's waker while it waits and has not been woken.
+    waker: Option<Waker>,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Mail> {
+        // A panic while holding the lock leaves the queue consistent: go on with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `message`, waking the task if it waits.
+    fn put(&self, message: Outgoing) {
+        let mut mail = self.lock();
+        mail.queue.push_back(message);
+        self.len.store(mail.queue.len(), Ordering::Release);
+        let waker = mail.waker.take();
+        drop(mail);
+        if let Some(w) = waker {
+            wake(w);
+        }
+    }
+
+    /// Asks the task to close, unless it was asked already.
+    fn request_close(&self, request: CloseRequest) {
+        let mut mail = self.lock();
+        if mail.control.is_some() {
+            return;
+        }
+        mail.control = Some(request);
+        self.control.store(true, Ordering::Release);
+        let waker = mail.waker.take();
+        drop(mail);
+        if let Some(w) = waker {
+            wake(w);
+        }
+    }
+
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is queued and no close request waits.
+    pub fn is_idle(&self) -> bool {
+        self.len() == 0 && !self.control.load(Ordering::Acquire)
+    }
+
+    /// Takes the close request, if one waits.
+    pub fn take_control(&self) -> Option<CloseRequest> {
+        if !self.control.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut mail = self.lock();
+        self.control.store(false, Ordering::Release);
+        mail.control.take()
+    }
+
+    /// Moves up to `max` queued messages to the end of `into`, with one lock.
+    pub fn take(&self, into: &mut Vec<Outgoing>, max: usize) {
+        if self.len() == 0 {
+            return;
+        }
+        let mut mail = self.lock();
+        let n = mail.queue.len().min(max);
+        into.extend(mail.queue.drain(..n));
+        self.len.store(mail.queue.len(), Ordering::Release);
+    }
+
+    /// Ready when a message or a close request waits (`control_only`: a close request);
+    /// else keeps the task's waker for the next push.
+    pub fn poll_ready(&self, cx: &mut Context<'_>, control_only: bool) -> Poll<()> {
+        let mut mail = self.lock();
+        if mail.control.is_some() || (!control_only && !mail.queue.is_empty()) {
+            return Poll::Ready(());
+        }
+        match &mail.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => mail.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+thread_local! {
+    /// Whether this thread holds wake-ups back ([`HoldWakes`]), and those it holds.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+    static HELD: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wakes a connection's task now, or when this thread's [`HoldWakes`] ends.
+fn wake(waker: Waker) {
+    if HOLDING.with(Cell::get) {
+        HELD.with(|h| h.borrow_mut().push(waker));
+    } else {
+        waker.wake();
+    }
+}
+
+/// Holds back the wake-ups of the connections this thread queues to, until it is dropped: a
+/// connection's task, on another worker too, then finds all that a burst of messages
+/// queued to it (a fan-out of several broadcasts goes out in one write per receiver).
+/// Must not be held across an await.
+#[derive(Debug)]
+pub struct HoldWakes(());
+
+impl HoldWakes {
+    /// Starts holding (a nested hold ends with the outer one).
+    pub fn new() -> Option<HoldWakes> {
+        (!HOLDING.with(|h| h.replace(true))).then_some(HoldWakes(()))
+    }
+}
+
+impl Drop for HoldWakes {
+    fn drop(&mut self) {
+        HOLDING.with(|h| h.set(false));
+        let mut held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
+        for w in held.drain(..) {
+            w.wake();
+        }
+        // Keep the capacity for the next burst.
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.capacity() == 0 {
+                *h = held;
+            }
+        });
+    }
+}
+
 /// The handle other threads hold to one connection.
 #[derive(Debug)]
 pub struct Handle {
     /// The route path the connection was opened on.
     pub route: String,
     /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
-    data: async_channel::Sender<Outgoing>,
+    mailbox: Arc<Mailbox>,
     capacity: usize,
-    control: async_channel::Sender<CloseRequest>,
     closing: AtomicBool,
-}
-
-/// The receiving ends, for the connection's own task.
-#[derive(Debug)]
-pub struct Queues {
-    /// Messages to send.
-    pub data: async_channel::Receiver<Outgoing>,
-    /// Close requests (heartbeat, a full send queue, `close`).
-    pub control: async_channel::Receiver<CloseRequest>,
 }
 
 /// Shards of the registry: one per worker id (mod this), each on its own cache line, so a
@@ -116,21 +253,19 @@ impl Connections {
         &self.shards[(id >> 48) as usize % SHARDS].0
     }
 
-    /// Registers a connection with a send queue of `capacity` messages.
-    pub fn open(&self, id: u64, route: &str, capacity: usize) -> Queues {
-        let (data_tx, data) = async_channel::unbounded();
-        let (control_tx, control) = async_channel::bounded(1);
+    /// Registers a connection with a send queue of `capacity` messages; returns its mailbox.
+    pub fn open(&self, id: u64, route: &str, capacity: usize) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox::default());
         let handle = Handle {
             route: route.to_owned(),
-            data: data_tx,
+            mailbox: mailbox.clone(),
             capacity: capacity.max(1),
-            control: control_tx,
             closing: AtomicBool::new(false),
         };
         if let Ok(mut map) = self.shard(id).write() {
             map.insert(id, handle);
         }
-        Queues { data, control }
+        mailbox
     }
 
     /// Forgets a connection.
@@ -152,15 +287,16 @@ impl Connections {
         if handle.closing.load(Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
-        if handle.data.len() >= handle.capacity {
+        if handle.mailbox.len() >= handle.capacity {
             // A reader this slow would cost unbounded memory: close it.
             handle.closing.store(true, Ordering::Relaxed);
-            let _ = handle
-                .control
-                .try_send((1008, "send queue full: the client reads too slowly".into()));
+            handle
+                .mailbox
+                .request_close((1008, "send queue full: the client reads too slowly".into()));
             return Err(HostError::QueueFull);
         }
-        handle.data.try_send(message).map_err(|_| HostError::Closed)
+        handle.mailbox.put(message);
+        Ok(())
     }
 
     /// Sends `message` to connection `id`: straight into its outbox when it is the
@@ -199,7 +335,7 @@ impl Connections {
         if handle.closing.swap(true, Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
-        let _ = handle.control.try_send((code, reason.to_owned()));
+        handle.mailbox.request_close((code, reason.to_owned()));
         Ok(())
     }
 
@@ -221,7 +357,7 @@ impl Connections {
             for (id, h) in map.iter() {
                 if let Some(w) = out.get_mut((id >> 48) as usize) {
                     w.0 += 1;
-                    w.1 += h.data.len() as u64;
+                    w.1 += h.mailbox.len() as u64;
                 }
             }
         }
@@ -257,11 +393,11 @@ mod tests {
         assert_eq!(c.push(1, &Message::text("hi")), Ok(()));
         assert_eq!(c.push(9, &Message::text("hi")), Err(HostError::NotFound));
         assert_eq!(c.broadcast(&Message::text("all"), "/chat", 2), 1);
-        assert_eq!(a.data.len(), 2);
+        assert_eq!(a.len(), 2);
         // The queue of 1 is full now: the next push closes it.
         assert_eq!(c.push(1, &Message::text("x")), Err(HostError::QueueFull));
         assert!(!c.is_established(1));
-        assert_eq!(a.control.try_recv().unwrap().0, 1008);
+        assert_eq!(a.take_control().unwrap().0, 1008);
         assert_eq!(c.push(1, &Message::text("x")), Err(HostError::Closed));
         let mut ids = c.ids("");
         ids.sort();
