@@ -13,7 +13,7 @@ use tungstenite::Message;
 use crate::common::{artifacts, run_plughost, Config, TestServer, IO_TIMEOUT};
 use crate::ws::ws_echo;
 
-/// The panicky fixture's `order` and `fanout` handlers, and ws-echo.
+/// The panicky fixture's `order`, `fanout` and `fanecho` handlers, and ws-echo.
 fn config(ws_settings: &str) -> Config {
     Config::hello()
         .workers(2)
@@ -23,6 +23,7 @@ fn config(ws_settings: &str) -> Config {
             r#"websocket: (enable: true, routes: [
                 (path: "/ws/order", handler: "panicky.order"),
                 (path: "/ws/fanout", handler: "panicky.fanout"),
+                (path: "/ws/fanecho", handler: "panicky.fanecho"),
                 (path: "/ws/echo", handler: "ws-echo.echo"),
             ]{ws_settings})"#
         ))
@@ -98,6 +99,72 @@ fn a_broadcast_reaches_1000_clients_intact() {
             Ok(Message::Binary(b)) => assert!(b[..] == payload[..], "client {i}: payload differs"),
             other => panic!("client {i}: {other:?}"),
         }
+    }
+}
+
+/// Three senders among 120 connections over both workers each send 200 messages at once,
+/// which `fanecho` broadcasts to all and echoes to its sender directly: every connection
+/// gets every broadcast once, each sender's in the order sent, and a sender gets each echo
+/// after its own broadcast's copy (the direct push waits behind what is queued to it).
+#[test]
+fn broadcasts_from_several_workers_arrive_once_each_in_order_with_the_echoes() {
+    const CONNS: usize = 120;
+    const SENDERS: usize = 3;
+    const N: usize = 200;
+    let server = TestServer::start(&config(", max_connections: 2000, send_queue: 4096").render());
+    let mut clients: Vec<_> = (0..CONNS)
+        .map(|_| connect(&server, "/ws/fanecho"))
+        .collect();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) < CONNS as u64 {
+        assert!(Instant::now() < deadline, "connections not all registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Three connections far apart (accepted on either worker), all sending before any reads.
+    let senders: Vec<usize> = (0..SENDERS).map(|s| s * CONNS / SENDERS).collect();
+    for i in 0..N {
+        for (s, &c) in senders.iter().enumerate() {
+            clients[c].write(Message::text(format!("{s}:{i}"))).unwrap();
+        }
+    }
+    for &c in &senders {
+        clients[c].flush().unwrap();
+    }
+    for (c, ws) in clients.iter_mut().enumerate() {
+        let sender = senders.iter().position(|&x| x == c);
+        let want = SENDERS * N + if sender.is_some() { N } else { 0 };
+        // Per sender, the next broadcast expected; for this one's echoes, the next echo.
+        let mut next = [0; SENDERS];
+        let mut echoed = 0;
+        for _ in 0..want {
+            let text = match ws.read() {
+                Ok(Message::Text(t)) => t.to_string(),
+                other => panic!("client {c}: {other:?}"),
+            };
+            if let Some(body) = text.strip_suffix(".echo") {
+                let s = sender.expect("an echo reaches only its sender");
+                assert_eq!(
+                    body,
+                    format!("{s}:{echoed}"),
+                    "client {c}: echo out of order"
+                );
+                assert!(
+                    next[s] > echoed,
+                    "client {c}: echo of {body} before its broadcast"
+                );
+                echoed += 1;
+                continue;
+            }
+            let (s, i) = text.split_once(':').expect("s:i");
+            let (s, i): (usize, usize) = (s.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(
+                i, next[s],
+                "client {c}: from sender {s}, got {i}, want {}",
+                next[s]
+            );
+            next[s] += 1;
+        }
+        assert_eq!(next, [N; SENDERS], "client {c}");
     }
 }
 

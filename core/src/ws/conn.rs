@@ -192,6 +192,9 @@ impl Outbox {
 
     /// Encodes up to [`WRITE_BURST`] queued messages, taken with one lock.
     fn encode_queued(&mut self) {
+        if self.mailbox.len() == 0 {
+            return;
+        }
         let mut taken = std::mem::take(&mut self.taken);
         self.mailbox.take(&mut taken, WRITE_BURST);
         for message in taken.drain(..) {

@@ -405,4 +405,67 @@ mod tests {
         c.remove(1);
         assert_eq!(c.count(), 2);
     }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_burst_wakes_the_task_once_and_it_takes_the_burst_in_order() {
+        let c = Connections::default();
+        let m = c.open(1, "/chat", 100);
+        let (count, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(m.poll_ready(&mut cx, false).is_pending());
+        for i in 0..5 {
+            c.push(1, &Message::text(&i.to_string())).unwrap();
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(m.poll_ready(&mut cx, false).is_ready());
+        let mut taken = Vec::new();
+        m.take(&mut taken, 3);
+        m.take(&mut taken, 64);
+        let payloads: Vec<&[u8]> = taken.iter().map(|o| o.payload()).collect();
+        assert_eq!(payloads, [b"0", b"1", b"2", b"3", b"4"]);
+        assert!(m.is_idle());
+        // Waiting for a close request only: a message does not make it ready.
+        assert!(m.poll_ready(&mut cx, true).is_pending());
+        c.push(1, &Message::text("x")).unwrap();
+        assert!(m.poll_ready(&mut cx, true).is_pending());
+        assert_eq!(c.close(1, 1000, "bye"), Ok(()));
+        assert!(m.poll_ready(&mut cx, true).is_ready());
+        assert_eq!(m.take_control(), Some((1000, "bye".into())));
+        assert!(m.take_control().is_none());
+    }
+
+    #[test]
+    fn held_wake_ups_go_out_when_the_hold_ends() {
+        let c = Connections::default();
+        let (a, b) = (c.open(1, "/chat", 100), c.open(2, "/chat", 100));
+        let (count, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(a.poll_ready(&mut cx, false).is_pending());
+        assert!(b.poll_ready(&mut cx, false).is_pending());
+        let hold = HoldWakes::new().expect("not holding yet");
+        assert!(
+            HoldWakes::new().is_none(),
+            "a nested hold ends with the outer one"
+        );
+        assert_eq!(c.broadcast(&Message::text("1"), "/chat", 0), 2);
+        assert_eq!(c.broadcast(&Message::text("2"), "/chat", 0), 2);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        drop(hold);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!((a.len(), b.len()), (2, 2));
+    }
 }
