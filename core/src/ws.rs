@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod deflate;
 pub mod frame;
+pub mod mailbox;
 pub mod registry;
 
 use std::cell::Cell;

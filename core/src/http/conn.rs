@@ -34,7 +34,7 @@ use crate::{
         conn::{Conn, Phase},
         reactor::{Async, Timer},
     },
-    ws::{self, deflate, registry::Mailbox, Binding, Session},
+    ws::{self, deflate, mailbox::Mailbox, Binding, Session},
 };
 
 /// What the connection loop needs from the worker that runs it.

@@ -25,12 +25,13 @@ use plughost_plugin_api::{HostError, Message};
 use super::{
     deflate::{Agreed, Codec},
     frame::{self, Decoder, Event, Fault, Kind},
-    registry::{kind_of, Connections, HoldWakes, Mailbox, Outgoing},
+    mailbox::{HoldWakes, Mailbox},
+    registry::{kind_of, Connections, Outgoing},
     Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
     conn::{Conn, Phase},
-    reactor::{Async, Timer},
+    reactor::{self, Async, Timer},
 };
 
 /// What the connection loop needs from the worker that runs it.
@@ -411,11 +412,18 @@ pub async fn serve<S: Site>(
     let site = session.site;
     let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate, &mailbox);
     conn.set_phase(Phase::WebSocket, site.now());
+    // Uncompressed, what is queued can be written as it is, by whichever thread queued it.
+    let lent = wire.outbox.codec.is_none().then(|| {
+        use std::os::fd::AsRawFd;
+        mailbox.lend(conn.stream.get_ref().as_raw_fd(), reactor::pulse())
+    });
     let ending = if session.opened {
         run(site, conn, &mut wire, &session.binding, &mailbox).await
     } else {
         Ending::send(1011, "internal error")
     };
+    // From here on only this task writes (the socket closes after this returns).
+    drop(lent);
     site.connections().remove(conn.id);
     if ending.send {
         send_close(&mut wire, &ending).await;
@@ -506,6 +514,7 @@ async fn wait(wire: &mut Wire<'_>, mailbox: &Mailbox) -> Option<Ending> {
         async { Wake::Read(wire.read().await) },
     )
     .await;
+    mailbox.busy();
     match wake {
         Wake::Mail => {
             // Let the tasks already scheduled run first: a broadcast in progress there adds

@@ -3,18 +3,19 @@
 //! owns the connection, on its worker's executor, writes it out.
 
 use std::{
-    cell::{Cell, RefCell},
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
     },
-    task::{Context, Poll, Waker},
 };
 
 use plughost_plugin_api::{HostError, Message, MessageKind};
 
-use super::frame::{self, Kind};
+use super::{
+    frame::{self, Kind},
+    mailbox::Mailbox,
+};
 
 /// A message queued to a connection, framed once: a broadcast shares the one frame among
 /// all its receivers (those that compress it build their own).
@@ -39,6 +40,16 @@ impl Outgoing {
         }
     }
 
+    /// Bytes already framed (the part of a write the socket did not take): written as they
+    /// are.
+    pub(super) fn raw(bytes: &[u8]) -> Outgoing {
+        Outgoing {
+            kind: Kind::Binary,
+            frame: bytes.into(),
+            header: 0,
+        }
+    }
+
     /// The payload.
     pub fn payload(&self) -> &[u8] {
         &self.frame[self.header..]
@@ -47,154 +58,6 @@ impl Outgoing {
     /// The whole uncompressed frame.
     pub fn frame(&self) -> &[u8] {
         &self.frame
-    }
-}
-
-/// A close request: code and reason.
-pub type CloseRequest = (u16, String);
-
-/// What other threads queue to one connection, and the one waker of the connection's task.
-/// A push wakes the task only if it is waiting and nobody woke it since: a burst of pushes
-/// costs one wake-up, and the task takes the whole burst at once.
-#[derive(Debug, Default)]
-pub struct Mailbox {
-    state: Mutex<Mail>,
-    /// Messages queued, readable without the lock (a direct push needs it to be 0).
-    len: AtomicUsize,
-    /// A close request waits, readable without the lock (checked every loop turn).
-    control: AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct Mail {
-    queue: VecDeque<Outgoing>,
-    control: Option<CloseRequest>,
-    /// The task's waker while it waits and has not been woken.
-    waker: Option<Waker>,
-}
-
-impl Mailbox {
-    fn lock(&self) -> MutexGuard<'_, Mail> {
-        // A panic while holding the lock leaves the queue consistent: go on with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues `message`, waking the task if it waits.
-    fn put(&self, message: Outgoing) {
-        let mut mail = self.lock();
-        mail.queue.push_back(message);
-        self.len.store(mail.queue.len(), Ordering::Release);
-        let waker = mail.waker.take();
-        drop(mail);
-        if let Some(w) = waker {
-            wake(w);
-        }
-    }
-
-    /// Asks the task to close, unless it was asked already.
-    fn request_close(&self, request: CloseRequest) {
-        let mut mail = self.lock();
-        if mail.control.is_some() {
-            return;
-        }
-        mail.control = Some(request);
-        self.control.store(true, Ordering::Release);
-        let waker = mail.waker.take();
-        drop(mail);
-        if let Some(w) = waker {
-            wake(w);
-        }
-    }
-
-    /// Messages queued.
-    pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
-    }
-
-    /// Whether nothing is queued and no close request waits.
-    pub fn is_idle(&self) -> bool {
-        self.len() == 0 && !self.control.load(Ordering::Acquire)
-    }
-
-    /// Takes the close request, if one waits.
-    pub fn take_control(&self) -> Option<CloseRequest> {
-        if !self.control.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut mail = self.lock();
-        self.control.store(false, Ordering::Release);
-        mail.control.take()
-    }
-
-    /// Moves up to `max` queued messages to the end of `into`, with one lock.
-    pub fn take(&self, into: &mut Vec<Outgoing>, max: usize) {
-        if self.len() == 0 {
-            return;
-        }
-        let mut mail = self.lock();
-        let n = mail.queue.len().min(max);
-        into.extend(mail.queue.drain(..n));
-        self.len.store(mail.queue.len(), Ordering::Release);
-    }
-
-    /// Ready when a message or a close request waits (`control_only`: a close request);
-    /// else keeps the task's waker for the next push.
-    pub fn poll_ready(&self, cx: &mut Context<'_>, control_only: bool) -> Poll<()> {
-        let mut mail = self.lock();
-        if mail.control.is_some() || (!control_only && !mail.queue.is_empty()) {
-            return Poll::Ready(());
-        }
-        match &mail.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => mail.waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
-}
-
-thread_local! {
-    /// Whether this thread holds wake-ups back ([`HoldWakes`]), and those it holds.
-    static HOLDING: Cell<bool> = const { Cell::new(false) };
-    static HELD: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Wakes a connection's task now, or when this thread's [`HoldWakes`] ends.
-fn wake(waker: Waker) {
-    if HOLDING.with(Cell::get) {
-        HELD.with(|h| h.borrow_mut().push(waker));
-    } else {
-        waker.wake();
-    }
-}
-
-/// Holds back the wake-ups of the connections this thread queues to, until it is dropped: a
-/// connection's task, on another worker too, then finds all that a burst of messages
-/// queued to it (a fan-out of several broadcasts goes out in one write per receiver).
-/// Must not be held across an await.
-#[derive(Debug)]
-pub struct HoldWakes(());
-
-impl HoldWakes {
-    /// Starts holding (a nested hold ends with the outer one).
-    pub fn new() -> Option<HoldWakes> {
-        (!HOLDING.with(|h| h.replace(true))).then_some(HoldWakes(()))
-    }
-}
-
-impl Drop for HoldWakes {
-    fn drop(&mut self) {
-        HOLDING.with(|h| h.set(false));
-        let mut held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
-        for w in held.drain(..) {
-            w.wake();
-        }
-        // Keep the capacity for the next burst.
-        HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            if h.capacity() == 0 {
-                *h = held;
-            }
-        });
     }
 }
 
@@ -382,6 +245,12 @@ impl Connections {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        sync::atomic::AtomicUsize,
+        task::{Context, Waker},
+    };
+
+    use super::super::mailbox::HoldWakes;
     use super::*;
 
     #[test]
