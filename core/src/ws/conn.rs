@@ -193,7 +193,7 @@ impl Outbox {
 
     /// Encodes up to [`WRITE_BURST`] queued messages, taken with one lock.
     fn encode_queued(&mut self) {
-        if self.mailbox.len() == 0 {
+        if self.mailbox.is_empty() {
             return;
         }
         let mut taken = std::mem::take(&mut self.taken);

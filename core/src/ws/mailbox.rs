@@ -103,9 +103,14 @@ impl Mailbox {
         self.len.load(Ordering::Acquire)
     }
 
+    /// Whether no message is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Whether nothing is queued and no close request waits.
     pub fn is_idle(&self) -> bool {
-        self.len() == 0 && !self.control.load(Ordering::Acquire)
+        self.is_empty() && !self.control.load(Ordering::Acquire)
     }
 
     /// Takes the close request, if one waits.
@@ -120,7 +125,7 @@ impl Mailbox {
 
     /// Moves up to `max` queued messages to the end of `into`, with one lock.
     pub fn take(&self, into: &mut Vec<Outgoing>, max: usize) {
-        if self.len() == 0 {
+        if self.is_empty() {
             return;
         }
         let mut mail = self.lock();

@@ -1,6 +1,7 @@
 //! The WebSocket connections of every worker, by global id, so that any thread can push to
-//! any connection: a push goes into the connection's bounded send queue, and the task that
-//! owns the connection, on its worker's executor, writes it out.
+//! any connection: a push goes into the connection's bounded send queue (its
+//! [`Mailbox`](super::mailbox::Mailbox)), and the task that owns the connection, on its
+//! worker's executor, writes it out.
 
 use std::{
     collections::HashMap,
