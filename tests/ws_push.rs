@@ -13,7 +13,8 @@ use tungstenite::Message;
 use crate::common::{artifacts, run_plughost, Config, TestServer, IO_TIMEOUT};
 use crate::ws::ws_echo;
 
-/// The panicky fixture's `order`, `fanout` and `fanecho` handlers, and ws-echo.
+/// The panicky fixture's `order`, `fanout` and `fanecho` handlers, and ws-echo (whose
+/// `fanout` on `/ws/shout` broadcasts to `/ws/fanout`).
 fn config(ws_settings: &str) -> Config {
     Config::hello()
         .workers(2)
@@ -25,6 +26,7 @@ fn config(ws_settings: &str) -> Config {
                 (path: "/ws/fanout", handler: "panicky.fanout"),
                 (path: "/ws/fanecho", handler: "panicky.fanecho"),
                 (path: "/ws/echo", handler: "ws-echo.echo"),
+                (path: "/ws/shout", handler: "ws-echo.fanout"),
             ]{ws_settings})"#
         ))
 }
@@ -166,6 +168,57 @@ fn broadcasts_from_several_workers_arrive_once_each_in_order_with_the_echoes() {
         }
         assert_eq!(next, [N; SENDERS], "client {c}");
     }
+}
+
+/// A client on the fan-out route that never reads, while another (on `/ws/shout`, which
+/// broadcasts to `/ws/fanout`) sends 64 KiB messages: once its socket is full and its send
+/// queue (8 messages) overflows, it is cut (closed with 1008, whose frame cannot get through
+/// a full socket), well before it got them all, and the server goes on serving.
+#[test]
+fn a_broadcast_to_a_client_that_never_reads_cuts_it_when_its_queue_fills() {
+    const SENT: usize = 400;
+    let server = TestServer::start(&config(", send_queue: 8").render());
+    let mut idle = connect(&server, "/ws/fanout");
+    let mut sender = connect(&server, "/ws/shout");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) < 2 {
+        assert!(Instant::now() < deadline, "connections not registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Far more than the socket buffers hold.
+    let payload = vec![7u8; 64 << 10];
+    for _ in 0..SENT {
+        sender.send(Message::binary(payload.clone())).unwrap();
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the client that never reads was not cut"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut got = 0;
+    loop {
+        match idle.read() {
+            Ok(Message::Binary(b)) => {
+                assert!(b[..] == payload[..], "payload differs");
+                got += 1;
+            }
+            Ok(Message::Close(frame)) => {
+                let frame = frame.expect("a close code");
+                assert_eq!(u16::from(frame.code), 1008);
+                assert!(frame.reason.contains("send queue full"), "{}", frame.reason);
+                break;
+            }
+            Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Io(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(got < SENT, "all {SENT} messages arrived: nothing was cut");
+    let mut echo = connect(&server, "/ws/echo");
+    echo.send(Message::text("still serving")).unwrap();
+    assert_eq!(echo.read().unwrap(), Message::text("still serving"));
 }
 
 /// A client that sends to the echo handler and never reads: the echoes (direct pushes)
