@@ -13,7 +13,8 @@ use tungstenite::Message;
 use crate::common::{artifacts, run_plughost, Config, TestServer, IO_TIMEOUT};
 use crate::ws::ws_echo;
 
-/// The panicky fixture's `order` and `fanout` handlers, and ws-echo.
+/// The panicky fixture's `order`, `fanout` and `fanecho` handlers, and ws-echo (whose
+/// `fanout` on `/ws/shout` broadcasts to `/ws/fanout`).
 fn config(ws_settings: &str) -> Config {
     Config::hello()
         .workers(2)
@@ -23,7 +24,9 @@ fn config(ws_settings: &str) -> Config {
             r#"websocket: (enable: true, routes: [
                 (path: "/ws/order", handler: "panicky.order"),
                 (path: "/ws/fanout", handler: "panicky.fanout"),
+                (path: "/ws/fanecho", handler: "panicky.fanecho"),
                 (path: "/ws/echo", handler: "ws-echo.echo"),
+                (path: "/ws/shout", handler: "ws-echo.fanout"),
             ]{ws_settings})"#
         ))
 }
@@ -99,6 +102,123 @@ fn a_broadcast_reaches_1000_clients_intact() {
             other => panic!("client {i}: {other:?}"),
         }
     }
+}
+
+/// Three senders among 120 connections over both workers each send 200 messages at once,
+/// which `fanecho` broadcasts to all and echoes to its sender directly: every connection
+/// gets every broadcast once, each sender's in the order sent, and a sender gets each echo
+/// after its own broadcast's copy (the direct push waits behind what is queued to it).
+#[test]
+fn broadcasts_from_several_workers_arrive_once_each_in_order_with_the_echoes() {
+    const CONNS: usize = 120;
+    const SENDERS: usize = 3;
+    const N: usize = 200;
+    let server = TestServer::start(&config(", max_connections: 2000, send_queue: 4096").render());
+    let mut clients: Vec<_> = (0..CONNS)
+        .map(|_| connect(&server, "/ws/fanecho"))
+        .collect();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) < CONNS as u64 {
+        assert!(Instant::now() < deadline, "connections not all registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Three connections far apart (accepted on either worker), all sending before any reads.
+    let senders: Vec<usize> = (0..SENDERS).map(|s| s * CONNS / SENDERS).collect();
+    for i in 0..N {
+        for (s, &c) in senders.iter().enumerate() {
+            clients[c].write(Message::text(format!("{s}:{i}"))).unwrap();
+        }
+    }
+    for &c in &senders {
+        clients[c].flush().unwrap();
+    }
+    for (c, ws) in clients.iter_mut().enumerate() {
+        let sender = senders.iter().position(|&x| x == c);
+        let want = SENDERS * N + if sender.is_some() { N } else { 0 };
+        // Per sender, the next broadcast expected; for this one's echoes, the next echo.
+        let mut next = [0; SENDERS];
+        let mut echoed = 0;
+        for _ in 0..want {
+            let text = match ws.read() {
+                Ok(Message::Text(t)) => t.to_string(),
+                other => panic!("client {c}: {other:?}"),
+            };
+            if let Some(body) = text.strip_suffix(".echo") {
+                let s = sender.expect("an echo reaches only its sender");
+                assert_eq!(
+                    body,
+                    format!("{s}:{echoed}"),
+                    "client {c}: echo out of order"
+                );
+                assert!(
+                    next[s] > echoed,
+                    "client {c}: echo of {body} before its broadcast"
+                );
+                echoed += 1;
+                continue;
+            }
+            let (s, i) = text.split_once(':').expect("s:i");
+            let (s, i): (usize, usize) = (s.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(
+                i, next[s],
+                "client {c}: from sender {s}, got {i}, want {}",
+                next[s]
+            );
+            next[s] += 1;
+        }
+        assert_eq!(next, [N; SENDERS], "client {c}");
+    }
+}
+
+/// A client on the fan-out route that never reads, while another (on `/ws/shout`, which
+/// broadcasts to `/ws/fanout`) sends 64 KiB messages: once its socket is full and its send
+/// queue (8 messages) overflows, it is cut (closed with 1008, whose frame cannot get through
+/// a full socket), well before it got them all, and the server goes on serving.
+#[test]
+fn a_broadcast_to_a_client_that_never_reads_cuts_it_when_its_queue_fills() {
+    const SENT: usize = 400;
+    let server = TestServer::start(&config(", send_queue: 8").render());
+    let mut idle = connect(&server, "/ws/fanout");
+    let mut sender = connect(&server, "/ws/shout");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) < 2 {
+        assert!(Instant::now() < deadline, "connections not registered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Far more than the socket buffers hold.
+    let payload = vec![7u8; 64 << 10];
+    for _ in 0..SENT {
+        sender.send(Message::binary(payload.clone())).unwrap();
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while websocket_connections(&server) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the client that never reads was not cut"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut got = 0;
+    loop {
+        match idle.read() {
+            Ok(Message::Binary(b)) => {
+                assert!(b[..] == payload[..], "payload differs");
+                got += 1;
+            }
+            Ok(Message::Close(frame)) => {
+                let frame = frame.expect("a close code");
+                assert_eq!(u16::from(frame.code), 1008);
+                assert!(frame.reason.contains("send queue full"), "{}", frame.reason);
+                break;
+            }
+            Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Io(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(got < SENT, "all {SENT} messages arrived: nothing was cut");
+    let mut echo = connect(&server, "/ws/echo");
+    echo.send(Message::text("still serving")).unwrap();
+    assert_eq!(echo.read().unwrap(), Message::text("still serving"));
 }
 
 /// A client that sends to the echo handler and never reads: the echoes (direct pushes)

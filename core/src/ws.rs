@@ -1,9 +1,11 @@
-//! WebSocket on the HTTP port: the connection loop after an upgrade ([`conn`]) and the
-//! registry of every worker's connections, through which any thread pushes ([`registry`]).
+//! WebSocket on the HTTP port: the connection loop after an upgrade ([`conn`]), the
+//! registry of every worker's connections, through which any thread pushes ([`registry`]),
+//! and each connection's mailbox, where those pushes wait for it ([`mailbox`]).
 
 pub mod conn;
 pub mod deflate;
 pub mod frame;
+pub mod mailbox;
 pub mod registry;
 
 use std::cell::Cell;

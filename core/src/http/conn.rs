@@ -48,7 +48,7 @@ use crate::{
         send::{send_file, send_head},
         Found, Statics,
     },
-    ws::{self, deflate, registry::Queues, Binding, Session},
+    ws::{self, deflate, mailbox::Mailbox, Binding, Session},
 };
 
 /// Static file bodies up to this size are copied into the output buffer (one write with
@@ -151,7 +151,7 @@ enum Next<'a, S: Site> {
     KeepAlive,
     Close,
     /// Upgraded to a WebSocket (registered, `on_open` ran): send the 101 and serve it.
-    Upgrade(Session<'a, S>, Queues),
+    Upgrade(Session<'a, S>, std::sync::Arc<Mailbox>),
     /// The plugins deferred the response: wait for it (see `deferred`).
     Deferred(Box<Deferred>),
 }
@@ -231,8 +231,8 @@ async fn serve_requests<S: Site>(
             Next::KeepAlive => (unread, None),
             Next::Close => (true, None),
             Next::Deferred(d) => (unread, Some(d)),
-            Next::Upgrade(session, queues) => {
-                return switch_to_websocket(session, conn, b, head.len, queues).await;
+            Next::Upgrade(session, mailbox) => {
+                return switch_to_websocket(session, conn, b, head.len, mailbox).await;
             }
         };
         // A body read into `b.body` is already gone from the read buffer.
@@ -711,8 +711,8 @@ fn upgrade<'a, S: Site>(
     }
     out.extend_from_slice(resp.head_bytes());
     out.extend_from_slice(b"\r\n");
-    let (session, queues) = ws::open(site, conn.id, ws, req, deflate);
-    Next::Upgrade(session, queues)
+    let (session, mailbox) = ws::open(site, conn.id, ws, req, deflate);
+    Next::Upgrade(session, mailbox)
 }
 
 /// The values of the request's `Sec-WebSocket-Extensions` headers.
@@ -730,7 +730,7 @@ async fn switch_to_websocket<S: Site>(
     conn: &Conn,
     b: &mut Buffers,
     head_len: usize,
-    queues: Queues,
+    mailbox: std::sync::Arc<Mailbox>,
 ) -> io::Result<()> {
     conn.leave_lobby();
     flush(session.site(), conn, &mut b.out).await?;
@@ -738,7 +738,7 @@ async fn switch_to_websocket<S: Site>(
     let part = b.read.pending()[head_len..].to_vec();
     // The HTTP buffers are not needed any more: a WebSocket may stay open for days.
     b.release();
-    ws::serve(session, conn, part, queues).await;
+    ws::serve(session, conn, part, mailbox).await;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::{
     pin::Pin,
     ptr::NonNull,
     rc::Rc,
+    sync::Arc,
     task::Poll,
     time::{Duration, Instant},
 };
@@ -24,12 +25,13 @@ use plughost_plugin_api::{HostError, Message};
 use super::{
     deflate::{Agreed, Codec},
     frame::{self, Decoder, Event, Fault, Kind},
-    registry::{kind_of, CloseRequest, Connections, Outgoing, Queues},
+    mailbox::{HoldWakes, Mailbox},
+    registry::{kind_of, Connections, Outgoing},
     Binding, WsEvent, WsSettings,
 };
 use crate::runtime::{
     conn::{Conn, Phase},
-    reactor::{Async, Timer},
+    reactor::{self, Async, Timer},
 };
 
 /// What the connection loop needs from the worker that runs it.
@@ -92,15 +94,15 @@ impl<S: Site> Drop for Session<'_, S> {
 }
 
 /// Registers connection `id` (so `on_open` can already push to it), then runs `on_open`.
-/// Returns the session, whose drop undoes both, and the connection's queues.
+/// Returns the session, whose drop undoes both, and the connection's mailbox.
 pub fn open<'a, S: Site>(
     site: &'a S,
     id: u64,
     binding: Binding,
     req: &plughost_plugin_api::Request<'_>,
     deflate: Option<Agreed>,
-) -> (Session<'a, S>, Queues) {
-    let queues = site
+) -> (Session<'a, S>, Arc<Mailbox>) {
+    let mailbox = site
         .connections()
         .open(id, &binding.route, site.ws_settings().send_queue);
     let binding = Rc::new(binding);
@@ -118,7 +120,7 @@ pub fn open<'a, S: Site>(
         // `on_open` panicked: the instance was made anew, and it never saw this connection.
         session.ending = (1011, "internal error".into());
     }
-    (session, queues)
+    (session, mailbox)
 }
 
 /// Messages handled in a row before what is queued to send goes out, and before the task
@@ -162,10 +164,11 @@ pub(super) struct Outbox {
     codec: Option<Codec>,
     /// Compressed payloads, before framing.
     packed: Vec<u8>,
-    /// The connection's queues: a direct write waits its turn behind what is queued, and a
-    /// connection asked to close takes no more.
-    data: async_channel::Receiver<Outgoing>,
-    control: async_channel::Receiver<CloseRequest>,
+    /// What other threads queue: a direct write waits its turn behind it, and a connection
+    /// asked to close takes no more.
+    mailbox: Arc<Mailbox>,
+    /// Messages taken from the mailbox, to encode (kept for its capacity).
+    taken: Vec<Outgoing>,
     /// Direct writes during the current event, and how many one event may make (the send
     /// queue's length: past it, pushes take the queue, which closes a runaway).
     direct: usize,
@@ -188,14 +191,17 @@ impl Outbox {
         }
     }
 
-    /// Encodes up to [`WRITE_BURST`] queued messages.
+    /// Encodes up to [`WRITE_BURST`] queued messages, taken with one lock.
     fn encode_queued(&mut self) {
-        for _ in 0..WRITE_BURST {
-            let Ok(message) = self.data.try_recv() else {
-                break;
-            };
+        if self.mailbox.is_empty() {
+            return;
+        }
+        let mut taken = std::mem::take(&mut self.taken);
+        self.mailbox.take(&mut taken, WRITE_BURST);
+        for message in taken.drain(..) {
             self.encode(message.kind, message.payload(), Some(message.frame()));
         }
+        self.taken = taken;
     }
 }
 
@@ -239,7 +245,7 @@ pub(super) fn push_direct(id: u64, message: &Message<'_>) -> Option<Result<(), H
     // it, on this thread, around a synchronous call into the handler; nothing else touches
     // the outbox meanwhile, and a push is not reentrant.
     let outbox = unsafe { outbox.as_mut() };
-    if outbox.direct >= outbox.cap || !outbox.data.is_empty() || !outbox.control.is_empty() {
+    if outbox.direct >= outbox.cap || !outbox.mailbox.is_idle() {
         return None;
     }
     let kind = match kind_of(message) {
@@ -257,7 +263,7 @@ impl<'a> Wire<'a> {
         part: Vec<u8>,
         settings: &WsSettings,
         agreed: Option<Agreed>,
-        queues: &Queues,
+        mailbox: &Arc<Mailbox>,
     ) -> Self {
         let max = settings.max_message_size;
         Wire {
@@ -272,8 +278,8 @@ impl<'a> Wire<'a> {
                 out: Vec::new(),
                 codec: agreed.map(|a| Codec::new(a, &settings.deflate)),
                 packed: Vec::new(),
-                data: queues.data.clone(),
-                control: queues.control.clone(),
+                mailbox: mailbox.clone(),
+                taken: Vec::new(),
                 direct: 0,
                 cap: settings.send_queue.max(1),
             },
@@ -401,16 +407,23 @@ pub async fn serve<S: Site>(
     mut session: Session<'_, S>,
     conn: &Conn,
     part: Vec<u8>,
-    queues: Queues,
+    mailbox: Arc<Mailbox>,
 ) {
     let site = session.site;
-    let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate, &queues);
+    let mut wire = Wire::new(conn, part, &site.ws_settings(), session.deflate, &mailbox);
     conn.set_phase(Phase::WebSocket, site.now());
+    // Uncompressed, what is queued can be written as it is, by whichever thread queued it.
+    let lent = wire.outbox.codec.is_none().then(|| {
+        use std::os::fd::AsRawFd;
+        mailbox.lend(conn.stream.get_ref().as_raw_fd(), reactor::pulse())
+    });
     let ending = if session.opened {
-        run(site, conn, &mut wire, &session.binding, &queues).await
+        run(site, conn, &mut wire, &session.binding, &mailbox).await
     } else {
         Ending::send(1011, "internal error")
     };
+    // From here on only this task writes (the socket closes after this returns).
+    drop(lent);
     site.connections().remove(conn.id);
     if ending.send {
         send_close(&mut wire, &ending).await;
@@ -422,8 +435,8 @@ pub async fn serve<S: Site>(
 
 /// What woke a connection that had nothing to do.
 enum Wake {
-    Control(Option<(u16, String)>),
-    Outgoing(Option<Outgoing>),
+    /// A message or a close request is in the mailbox.
+    Mail,
     Read(io::Result<usize>),
 }
 
@@ -433,7 +446,7 @@ async fn run<S: Site>(
     conn: &Conn,
     wire: &mut Wire<'_>,
     ws: &Binding,
-    queues: &Queues,
+    mailbox: &Mailbox,
 ) -> Ending {
     // Messages handled in a row without writing: a client that keeps sending cannot hold
     // back what is queued for it for long.
@@ -442,12 +455,16 @@ async fn run<S: Site>(
     // of small frames must not keep its worker from the rest (its readers among them).
     let mut since_yield = 0;
     let mut rate = Rate::default();
+    // The wake-ups of the connections the handler queues to during a burst of messages,
+    // held until the burst ends.
+    let mut held = None;
     loop {
         if since_yield >= READ_BURST {
             since_yield = 0;
+            held = None;
             future::yield_now().await;
         }
-        if let Ok((code, reason)) = queues.control.try_recv() {
+        if let Some((code, reason)) = mailbox.take_control() {
             return Ending::send(code, &reason);
         }
         if reads < READ_BURST {
@@ -455,6 +472,12 @@ async fn run<S: Site>(
                 Ok(Some(event)) => {
                     reads += 1;
                     since_yield += 1;
+                    // Handling a message does not await; the other events may.
+                    if matches!(event, Event::Message { .. }) {
+                        held = held.or_else(HoldWakes::new);
+                    } else {
+                        held = None;
+                    }
                     if let Some(ending) = on_event(site, conn, wire, ws, event, &mut rate).await {
                         return ending;
                     }
@@ -467,42 +490,40 @@ async fn run<S: Site>(
                 }
             }
         }
+        held = None;
         let burst = reads >= READ_BURST;
         reads = 0;
         wire.outbox.encode_queued();
         if !wire.outbox.out.is_empty() {
-            if let Some(ending) = write_out(site, wire, queues).await {
+            if let Some(ending) = write_out(site, wire, mailbox).await {
                 return ending;
             }
         } else if !burst {
             wire.report(site.ws_buffered(), false);
-            if let Some(ending) = wait(wire, queues).await {
+            if let Some(ending) = wait(wire, mailbox).await {
                 return ending;
             }
         }
     }
 }
 
-/// Waits for input, a message to send or a close request.
-async fn wait(wire: &mut Wire<'_>, queues: &Queues) -> Option<Ending> {
+/// Waits for input, a message to send or a close request (the loop then takes them).
+async fn wait(wire: &mut Wire<'_>, mailbox: &Mailbox) -> Option<Ending> {
     let wake = future::or(
-        async { Wake::Control(queues.control.recv().await.ok()) },
-        future::or(
-            async { Wake::Outgoing(queues.data.recv().await.ok()) },
-            async { Wake::Read(wire.read().await) },
-        ),
+        future::poll_fn(|cx| mailbox.poll_ready(cx, false).map(|()| Wake::Mail)),
+        async { Wake::Read(wire.read().await) },
     )
     .await;
+    mailbox.busy();
     match wake {
-        Wake::Control(Some((code, reason))) => Some(Ending::send(code, &reason)),
-        Wake::Control(None) | Wake::Outgoing(None) => Some(Ending::send(1001, "going away")),
-        Wake::Outgoing(Some(message)) => {
-            wire.outbox
-                .encode(message.kind, message.payload(), Some(message.frame()));
+        Wake::Mail => {
+            // Let the tasks already scheduled run first: a broadcast in progress there adds
+            // its messages to this write.
+            future::yield_now().await;
             None
         }
+        Wake::Read(Ok(1..)) => None,
         Wake::Read(Ok(0)) | Wake::Read(Err(_)) => Some(Ending::quiet(1006, "connection lost")),
-        Wake::Read(Ok(_)) => None,
     }
 }
 
@@ -617,7 +638,7 @@ impl Rate {
 
 /// Writes what is encoded. A client that stops reading must not stall us forever: a close
 /// request (send queue full, heartbeat, stop) or the send timeout wins over a blocked write.
-async fn write_out<S: Site>(site: &S, wire: &mut Wire<'_>, queues: &Queues) -> Option<Ending> {
+async fn write_out<S: Site>(site: &S, wire: &mut Wire<'_>, mailbox: &Mailbox) -> Option<Ending> {
     let timeout = site.ws_settings().send_timeout;
     let mut send = std::pin::pin!(wire.flush());
     // Almost always the socket takes it at once: no timer for that.
@@ -625,14 +646,9 @@ async fn write_out<S: Site>(site: &S, wire: &mut Wire<'_>, queues: &Queues) -> O
         Some(sent) => Some(sent),
         None => {
             future::or(async { Some(send.await) }, async {
-                future::or(
-                    async {
-                        let _ = queues.control.recv().await;
-                    },
-                    async {
-                        Timer::after(timeout).await;
-                    },
-                )
+                future::or(future::poll_fn(|cx| mailbox.poll_ready(cx, true)), async {
+                    Timer::after(timeout).await;
+                })
                 .await;
                 None
             })

@@ -1,6 +1,7 @@
 //! The WebSocket connections of every worker, by global id, so that any thread can push to
-//! any connection: a push goes into the connection's bounded send queue, and the task that
-//! owns the connection, on its worker's executor, writes it out.
+//! any connection: a push goes into the connection's bounded send queue (its
+//! [`Mailbox`](super::mailbox::Mailbox)), and the task that owns the connection, on its
+//! worker's executor, writes it out.
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,10 @@ use std::{
 
 use plughost_plugin_api::{HostError, Message, MessageKind};
 
-use super::frame::{self, Kind};
+use super::{
+    frame::{self, Kind},
+    mailbox::Mailbox,
+};
 
 /// A message queued to a connection, framed once: a broadcast shares the one frame among
 /// all its receivers (those that compress it build their own).
@@ -37,6 +41,16 @@ impl Outgoing {
         }
     }
 
+    /// Bytes already framed (the part of a write the socket did not take): written as they
+    /// are.
+    pub(super) fn raw(bytes: &[u8]) -> Outgoing {
+        Outgoing {
+            kind: Kind::Binary,
+            frame: bytes.into(),
+            header: 0,
+        }
+    }
+
     /// The payload.
     pub fn payload(&self) -> &[u8] {
         &self.frame[self.header..]
@@ -48,28 +62,15 @@ impl Outgoing {
     }
 }
 
-/// A close request: code and reason.
-pub type CloseRequest = (u16, String);
-
 /// The handle other threads hold to one connection.
 #[derive(Debug)]
 pub struct Handle {
     /// The route path the connection was opened on.
     pub route: String,
     /// Unbounded, so an idle connection holds no queue memory; `capacity` bounds it.
-    data: async_channel::Sender<Outgoing>,
+    mailbox: Arc<Mailbox>,
     capacity: usize,
-    control: async_channel::Sender<CloseRequest>,
     closing: AtomicBool,
-}
-
-/// The receiving ends, for the connection's own task.
-#[derive(Debug)]
-pub struct Queues {
-    /// Messages to send.
-    pub data: async_channel::Receiver<Outgoing>,
-    /// Close requests (heartbeat, a full send queue, `close`).
-    pub control: async_channel::Receiver<CloseRequest>,
 }
 
 /// Shards of the registry: one per worker id (mod this), each on its own cache line, so a
@@ -116,21 +117,19 @@ impl Connections {
         &self.shards[(id >> 48) as usize % SHARDS].0
     }
 
-    /// Registers a connection with a send queue of `capacity` messages.
-    pub fn open(&self, id: u64, route: &str, capacity: usize) -> Queues {
-        let (data_tx, data) = async_channel::unbounded();
-        let (control_tx, control) = async_channel::bounded(1);
+    /// Registers a connection with a send queue of `capacity` messages; returns its mailbox.
+    pub fn open(&self, id: u64, route: &str, capacity: usize) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox::default());
         let handle = Handle {
             route: route.to_owned(),
-            data: data_tx,
+            mailbox: mailbox.clone(),
             capacity: capacity.max(1),
-            control: control_tx,
             closing: AtomicBool::new(false),
         };
         if let Ok(mut map) = self.shard(id).write() {
             map.insert(id, handle);
         }
-        Queues { data, control }
+        mailbox
     }
 
     /// Forgets a connection.
@@ -152,15 +151,16 @@ impl Connections {
         if handle.closing.load(Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
-        if handle.data.len() >= handle.capacity {
+        if handle.mailbox.len() >= handle.capacity {
             // A reader this slow would cost unbounded memory: close it.
             handle.closing.store(true, Ordering::Relaxed);
-            let _ = handle
-                .control
-                .try_send((1008, "send queue full: the client reads too slowly".into()));
+            handle
+                .mailbox
+                .request_close((1008, "send queue full: the client reads too slowly".into()));
             return Err(HostError::QueueFull);
         }
-        handle.data.try_send(message).map_err(|_| HostError::Closed)
+        handle.mailbox.put(message);
+        Ok(())
     }
 
     /// Sends `message` to connection `id`: straight into its outbox when it is the
@@ -199,7 +199,7 @@ impl Connections {
         if handle.closing.swap(true, Ordering::Relaxed) {
             return Err(HostError::Closed);
         }
-        let _ = handle.control.try_send((code, reason.to_owned()));
+        handle.mailbox.request_close((code, reason.to_owned()));
         Ok(())
     }
 
@@ -221,7 +221,7 @@ impl Connections {
             for (id, h) in map.iter() {
                 if let Some(w) = out.get_mut((id >> 48) as usize) {
                     w.0 += 1;
-                    w.1 += h.data.len() as u64;
+                    w.1 += h.mailbox.len() as u64;
                 }
             }
         }
@@ -246,6 +246,12 @@ impl Connections {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        sync::atomic::AtomicUsize,
+        task::{Context, Waker},
+    };
+
+    use super::super::mailbox::HoldWakes;
     use super::*;
 
     #[test]
@@ -257,16 +263,79 @@ mod tests {
         assert_eq!(c.push(1, &Message::text("hi")), Ok(()));
         assert_eq!(c.push(9, &Message::text("hi")), Err(HostError::NotFound));
         assert_eq!(c.broadcast(&Message::text("all"), "/chat", 2), 1);
-        assert_eq!(a.data.len(), 2);
+        assert_eq!(a.len(), 2);
         // The queue of 1 is full now: the next push closes it.
         assert_eq!(c.push(1, &Message::text("x")), Err(HostError::QueueFull));
         assert!(!c.is_established(1));
-        assert_eq!(a.control.try_recv().unwrap().0, 1008);
+        assert_eq!(a.take_control().unwrap().0, 1008);
         assert_eq!(c.push(1, &Message::text("x")), Err(HostError::Closed));
         let mut ids = c.ids("");
         ids.sort();
         assert_eq!(ids, [1, 2, 3]);
         c.remove(1);
         assert_eq!(c.count(), 2);
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_burst_wakes_the_task_once_and_it_takes_the_burst_in_order() {
+        let c = Connections::default();
+        let m = c.open(1, "/chat", 100);
+        let (count, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(m.poll_ready(&mut cx, false).is_pending());
+        for i in 0..5 {
+            c.push(1, &Message::text(&i.to_string())).unwrap();
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(m.poll_ready(&mut cx, false).is_ready());
+        let mut taken = Vec::new();
+        m.take(&mut taken, 3);
+        m.take(&mut taken, 64);
+        let payloads: Vec<&[u8]> = taken.iter().map(|o| o.payload()).collect();
+        assert_eq!(payloads, [b"0", b"1", b"2", b"3", b"4"]);
+        assert!(m.is_idle());
+        // Waiting for a close request only: a message does not make it ready.
+        assert!(m.poll_ready(&mut cx, true).is_pending());
+        c.push(1, &Message::text("x")).unwrap();
+        assert!(m.poll_ready(&mut cx, true).is_pending());
+        assert_eq!(c.close(1, 1000, "bye"), Ok(()));
+        assert!(m.poll_ready(&mut cx, true).is_ready());
+        assert_eq!(m.take_control(), Some((1000, "bye".into())));
+        assert!(m.take_control().is_none());
+    }
+
+    #[test]
+    fn held_wake_ups_go_out_when_the_hold_ends() {
+        let c = Connections::default();
+        let (a, b) = (c.open(1, "/chat", 100), c.open(2, "/chat", 100));
+        let (count, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        assert!(a.poll_ready(&mut cx, false).is_pending());
+        assert!(b.poll_ready(&mut cx, false).is_pending());
+        let hold = HoldWakes::new().expect("not holding yet");
+        assert!(
+            HoldWakes::new().is_none(),
+            "a nested hold ends with the outer one"
+        );
+        assert_eq!(c.broadcast(&Message::text("1"), "/chat", 0), 2);
+        assert_eq!(c.broadcast(&Message::text("2"), "/chat", 0), 2);
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        drop(hold);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!((a.len(), b.len()), (2, 2));
     }
 }

@@ -53,7 +53,7 @@ const USAGE: &str = "\
 usage: ws_bench [--mode pipelined|pingpong|fanout|all] [--duration SECS] [--rounds N]
                 [--conns N] [--window N] [--pingpong-conns N] [--fanout-conns N]
                 [--fanout-window N] [--size BYTES] [--threads N] [--binary] [--quick]
-                [--no-build] [--out FILE]
+                [--no-build] [--syscalls] [--out FILE]
 
   --mode MODE          what to measure (default all: pipelined, pingpong, fanout)
   --duration SECS      measured length of each run (default 5)
@@ -68,6 +68,8 @@ usage: ws_bench [--mode pipelined|pingpong|fanout|all] [--duration SECS] [--roun
   --binary             send binary messages (default: text)
   --quick              smoke test: 2 s runs, 1 round
   --no-build           use the binaries already in target/ (skip the cargo builds)
+  --syscalls           count the server's syscalls and context switches in each measured
+                       window with `perf stat -p` (logged per message, not in the report)
   --out FILE           where to write the report (default benches/WS_RESULTS.md)
 ";
 
@@ -119,6 +121,7 @@ pub struct Opts {
     threads: usize,
     binary: bool,
     build: bool,
+    syscalls: bool,
     out: PathBuf,
     args: Vec<String>,
 }
@@ -138,6 +141,7 @@ impl Default for Opts {
             threads: 4,
             binary: false,
             build: true,
+            syscalls: false,
             out: root().join("benches/WS_RESULTS.md"),
             args: Vec::new(),
         }
@@ -175,6 +179,7 @@ fn parse_args() -> Result<Opts> {
             "--binary" => o.binary = true,
             "--quick" => quick = true,
             "--no-build" => o.build = false,
+            "--syscalls" => o.syscalls = true,
             "--out" => o.out = PathBuf::from(value(&a)?),
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -405,6 +410,9 @@ fn load(o: &Opts, mode: Mode, server: &Server, secs: f64) -> Result<Run> {
         }
     };
     measuring(true);
+    let perf = o
+        .syscalls
+        .then(|| [PerfStat::start(pid), PerfStat::start(std::process::id())]);
     let s0 = snapshot(&clients, shared.as_ref(), pid);
     let t0 = Instant::now();
     let mut rss_max = rss_kb(pid);
@@ -418,6 +426,10 @@ fn load(o: &Opts, mode: Mode, server: &Server, secs: f64) -> Result<Run> {
         rss_max = rss_max.max(rss_kb(pid));
     }
     let s1 = snapshot(&clients, shared.as_ref(), pid);
+    if let Some([server_perf, client_perf]) = perf {
+        server_perf.finish(server.name, s1.msgs - s0.msgs);
+        client_perf.finish("client", s1.msgs - s0.msgs);
+    }
     let elapsed = t0.elapsed().as_secs_f64();
     measuring(false);
     let errors = clients.finish();
@@ -448,6 +460,60 @@ fn load(o: &Opts, mode: Mode, server: &Server, secs: f64) -> Result<Run> {
             .map_or(f64::NAN, |h| h.quantile(0.99) / 1e3),
         threads,
     })
+}
+
+/// `perf stat` of the server's syscalls over a measured window (`--syscalls`).
+struct PerfStat {
+    child: Option<std::process::Child>,
+    out: PathBuf,
+}
+
+/// The events `--syscalls` counts.
+const PERF_EVENTS: &str = "raw_syscalls:sys_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_poll,syscalls:sys_enter_futex,context-switches";
+
+impl PerfStat {
+    fn start(pid: u32) -> PerfStat {
+        let out = std::env::temp_dir().join(format!("ws-bench-perf-{pid}.csv"));
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                PERF_EVENTS,
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| log(format!("--syscalls: cannot run perf: {e}")))
+            .ok();
+        // perf attaches to every thread before the window starts.
+        thread::sleep(Duration::from_millis(200));
+        PerfStat { child, out }
+    }
+
+    /// Stops perf and logs each event per message.
+    fn finish(self, name: &str, msgs: u64) {
+        let Some(mut child) = self.child else { return };
+        // SAFETY: kill(2) on our own child; SIGINT makes perf stat write its counts.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        let _ = fs::remove_file(&self.out);
+        let per: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let n: f64 = f.first()?.trim().parse().ok()?;
+                let event = f.get(2)?.rsplit(['_', ':']).next()?;
+                Some(format!("{event} {:.3}", n / msgs.max(1) as f64))
+            })
+            .collect();
+        log(format!("{name} per message: {}", per.join(", ")));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
