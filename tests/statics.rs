@@ -468,7 +468,15 @@ fn a_client_that_reads_nothing_is_cut_off_by_the_send_timeout() {
             .and_then(|n| n.trim().parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no connections line:\n{}", info.stdout))
     };
+    // The download has begun (the connection is counted) before the client stops reading.
     let start = Instant::now();
+    while connections(&server) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the download never began"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     while connections(&server) != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
