@@ -303,3 +303,41 @@ pub fn cargo(args: &[&str]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The baselines' `main`: binds the address given as the first argument (default
+/// `127.0.0.1:0`), prints `listening on http://ADDR` on stdout once it accepts (what
+/// [`Server::start`] waits for), and runs `serve` for each connection on a tokio runtime with
+/// 2 worker threads; `runtime` may add to the runtime's builder. Stops on SIGTERM (the
+/// default action).
+pub fn serve_tokio<F, Fut>(runtime: impl FnOnce(&mut tokio::runtime::Builder), serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let addr: std::net::SocketAddr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:0".into())
+        .parse()
+        .expect("an address such as 127.0.0.1:0");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_io();
+    runtime(&mut builder);
+    let runtime = builder.build().expect("a tokio runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let local = listener.local_addr().expect("local address");
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("listening on http://{local}\n"));
+        let _ = std::io::Write::flush(&mut out);
+        drop(out);
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve(stream));
+                }
+                Err(e) => eprintln!("accept: {e}"),
+            }
+        }
+    });
+}

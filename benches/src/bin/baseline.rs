@@ -9,8 +9,6 @@
 use std::{
     cell::Cell,
     convert::Infallible,
-    io::Write,
-    net::SocketAddr,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -24,7 +22,6 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 const BODY: &[u8] = b"hello from plughost\n";
 
@@ -61,39 +58,13 @@ async fn hello(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 }
 
 fn main() {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into())
-        .parse()
-        .expect("an address such as 127.0.0.1:0");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_io()
-        .on_thread_start(|| WORKER.with(|w| w.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed))))
-        .build()
-        .expect("a tokio runtime");
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(addr).await.expect("bind");
-        let local = listener.local_addr().expect("local address");
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{local}");
-        let _ = out.flush();
-        drop(out);
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("accept: {e}");
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let _ = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service_fn(hello))
-                    .await;
-            });
-        }
+    let numbered = |b: &mut tokio::runtime::Builder| {
+        b.on_thread_start(|| WORKER.with(|w| w.set(NEXT_THREAD.fetch_add(1, Ordering::Relaxed))));
+    };
+    plughost_benches::serve_tokio(numbered, |stream| async move {
+        let _ = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service_fn(hello))
+            .await;
     });
 }

@@ -10,17 +10,14 @@
 //! `listening on http://ADDR` on stdout once it accepts (the benchmark harness waits for
 //! that line). Stops on SIGTERM (default action).
 
-use std::{io::Write, net::SocketAddr};
-
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const MAX_LINE: usize = 2 << 20;
 
 async fn serve(mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
     let mut input = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -54,30 +51,5 @@ async fn serve(mut stream: TcpStream) {
 }
 
 fn main() {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into())
-        .parse()
-        .expect("an address such as 127.0.0.1:0");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_io()
-        .build()
-        .expect("a tokio runtime");
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(addr).await.expect("bind");
-        let local = listener.local_addr().expect("local address");
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{local}");
-        let _ = out.flush();
-        drop(out);
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream));
-                }
-                Err(e) => eprintln!("accept: {e}"),
-            }
-        }
-    });
+    plughost_benches::serve_tokio(|_| {}, serve);
 }

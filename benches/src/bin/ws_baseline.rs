@@ -15,13 +15,8 @@
 //! Binds 127.0.0.1:0 (or the address given as the first argument) and prints
 //! `listening on http://ADDR` on stdout once it accepts. Stops on SIGTERM (default action).
 
-use std::{io::Write, net::SocketAddr};
-
 use futures_util::{SinkExt, StreamExt};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::broadcast,
-};
+use tokio::{net::TcpStream, sync::broadcast};
 use tokio_tungstenite::{
     accept_hdr_async_with_config,
     tungstenite::{
@@ -139,31 +134,6 @@ async fn forward(ws: &mut Ws, rx: &mut broadcast::Receiver<Message>, first: Mess
 }
 
 fn main() {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into())
-        .parse()
-        .expect("an address such as 127.0.0.1:0");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_io()
-        .build()
-        .expect("a tokio runtime");
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(addr).await.expect("bind");
-        let local = listener.local_addr().expect("local address");
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{local}");
-        let _ = out.flush();
-        drop(out);
-        let (fanout, _) = broadcast::channel(FANOUT_QUEUE);
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, fanout.clone()));
-                }
-                Err(e) => eprintln!("accept: {e}"),
-            }
-        }
-    });
+    let (fanout, _) = broadcast::channel(FANOUT_QUEUE);
+    plughost_benches::serve_tokio(|_| {}, move |stream| serve(stream, fanout.clone()));
 }
