@@ -486,10 +486,12 @@ async fn serve_static<S: Site>(
     head: &Head,
 ) -> io::Result<Option<bool>> {
     let buf = b.read.pending();
-    let method = text(buf, head.method);
-    if head.upgrade || !(head.is_head || method == "GET") {
+    // Most servers have no `static` section: they pay one look at the plan, no more.
+    let get = head.is_head || slice(buf, head.method) == b"GET";
+    if head.upgrade || !get || !site.with_statics(|statics, _, _| statics.is_some()) {
         return Ok(None);
     }
+    let method = text(buf, head.method);
     let path = if b.normalized {
         b.path.as_str()
     } else {
