@@ -106,11 +106,7 @@ fn nginx_proxies_http_and_websocket_to_a_unix_listen() {
         t.contains("ready: listening on unix:") || t.contains("plughost: ")
     });
     assert!(ready && socket.exists(), "{}", stderr.text());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let proxy = Nginx::start(&nginx, dir.path(), port, &socket);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
 

@@ -667,24 +667,16 @@ fn http_sockets_refuse_a_handler_and_websocket_sockets_need_websocket() {
     );
 }
 
-/// A free port on 127.0.0.1 (bound and let go: another process could take it meanwhile,
-/// which a test on loopback does not meet in practice).
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    } else {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }
-}
-
 /// `plughost restart` starts a new server beside the old one: it takes over the fixed-port
 /// TCP, UDP and HTTP sockets and the unix socket (which the old one, draining, must not
 /// remove), and they serve on.
 #[test]
 fn a_restart_takes_over_fixed_port_and_unix_sockets() {
-    let (tcp, udp, http) = (free_port(false), free_port(true), free_port(false));
+    let udp = {
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        taken.local_addr().unwrap().port()
+    };
+    let (tcp, http) = (crate::common::free_port(), crate::common::free_port());
     let config = Config::empty()
         .workers(2)
         .plugin("echo", echo_artifact())

@@ -1392,3 +1392,10 @@ pub fn context_fixture() -> &'static Path {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A free TCP port on 127.0.0.1: bound and let go, for a server that must be told its port
+/// (another process could take it meanwhile, which a test on loopback does not meet).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}

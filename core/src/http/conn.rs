@@ -632,9 +632,7 @@ fn run_plugins<'a, S: Site>(
             extra_head: resp.head_bytes().to_vec(),
         }));
     }
-    let plugin_close = connection_header(resp.head_bytes())
-        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
-    let close = !head.keep_alive || site.draining() || plugin_close;
+    let close = closes(site, resp, head.keep_alive);
     let framing = Framing {
         version: head.version,
         is_head: head.is_head,
@@ -647,6 +645,14 @@ fn run_plugins<'a, S: Site>(
     } else {
         Next::KeepAlive
     }
+}
+
+/// Whether the connection closes after `resp`: the client did not ask to keep it, the
+/// server is draining, or the plugin said `connection: close`.
+pub(super) fn closes<S: Site>(site: &S, resp: &Response, keep_alive: bool) -> bool {
+    let plugin_close = connection_header(resp.head_bytes())
+        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
+    !keep_alive || site.draining() || plugin_close
 }
 
 /// Reuses a vector's allocation for borrowed views of another lifetime.

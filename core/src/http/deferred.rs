@@ -18,7 +18,7 @@ use plughost_plugin_api::{HttpVersion, Response};
 
 use super::{
     body::{read_some, ReadBuf},
-    conn::{flush, Site},
+    conn::{closes, flush, Site},
     write::{no_body, push_chunk, write_response, write_stream_head, Framing, LAST_CHUNK},
 };
 use crate::{
@@ -280,13 +280,6 @@ async fn watch_client(conn: &Conn, read: &mut ReadBuf) {
 /// A stop cut the connection's read side while it waited (see the worker's stop).
 fn stopping<S: Site>(site: &S, conn: &Conn) -> bool {
     site.draining() && conn.timed_out()
-}
-
-/// Whether the connection closes after a response with these headers.
-fn closes<S: Site>(site: &S, resp: &Response, keep_alive: bool) -> bool {
-    let asked_close = super::write::connection_header(resp.head_bytes())
-        .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"close"));
-    !keep_alive || site.draining() || asked_close
 }
 
 /// A plain-text answer of the server's own.
